@@ -1,0 +1,51 @@
+import pytest
+
+from tinylm_jax.config import EXPERIMENT_NAMES, UserError, config_from_dict, load_config
+
+
+def test_the_three_experiments_are_the_seeds():
+    baseline, medium, wider = (load_config(name) for name in EXPERIMENT_NAMES)
+    assert (baseline.seq_len, baseline.d_model, baseline.n_heads, baseline.lr) == (64, 128, 4, 3e-4)
+    assert medium.replace(seq_len=64, name=baseline.name) == baseline
+    assert (wider.d_model, wider.n_heads, wider.d_ff, wider.lr) == (256, 8, 512, 1e-4)
+    for cfg in (baseline, medium, wider):
+        assert (cfg.batch_size, cfg.num_epochs, cfg.early_stop_patience) == (512, 20, 1)
+        assert (cfg.weight_decay, cfg.grad_clip_norm, cfg.vocab_size) == (0.01, 1.0, 500)
+
+
+def test_a_toml_path_loads(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\nseq_len = 32\nlr = 1\n')
+    cfg = load_config(str(path))
+    assert (cfg.name, cfg.seq_len, cfg.lr) == ("mine", 32, 1.0)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"d_modle": 128}, "unknown key.*d_modle"),
+    ({"d_model": 100, "n_heads": 3}, "divisible by n_heads"),
+    ({"lr": 0}, "'lr' must be positive"),
+    ({"lr": -1e-3}, "'lr' must be positive"),
+    ({"lr": float("nan")}, "'lr' must be finite"),
+    ({"batch_size": 0}, "'batch_size' must be positive"),
+    ({"seq_len": -4}, "'seq_len' must be positive"),
+    ({"seq_len": 6.5}, "'seq_len' must be an integer"),
+    ({"n_heads": "4"}, "'n_heads' must be a number"),
+    ({"n_layers": True}, "'n_layers' must be a number"),
+    ({"train_fraction": 1.0}, "'train_fraction' must lie in"),
+    ({"name": ""}, "'name' must be a non-empty string"),
+])
+def test_invalid_values_name_the_field(values, message):
+    with pytest.raises(UserError, match=message):
+        config_from_dict(values)
+
+
+def test_unknown_experiment_lists_the_valid_ones():
+    with pytest.raises(UserError, match="baseline, medium, wider"):
+        load_config("widest")
+
+
+def test_broken_toml_is_a_user_error(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("seq_len = = 3")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_config(str(path))

@@ -1,0 +1,135 @@
+"""Experiment configuration: one frozen dataclass, read from human-editable TOML files.
+
+An experiment is data, not a code path: `experiments/<name>.toml` sets the fields below that differ
+from their defaults, and everything else (model, data, training loop) reads only this object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+# The three experiments of the seed report, in the order `all` runs them.
+EXPERIMENT_NAMES = ("baseline", "medium", "wider")
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line on stderr, exit code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "custom"  # label printed in logs and tables (the seed's experiment name)
+    # --- data ---
+    vocab_size: int = 500  # BPE vocabulary size, special tokens [PAD] and [UNK] included
+    seq_len: int = 64  # tokens per training window; also the model's max_seq_len
+    train_fraction: float = 0.8  # leading share of the windows used for training; the rest validate
+    # --- model ---
+    d_model: int = 128  # width of the residual stream and of the token embedding
+    n_layers: int = 2  # number of pre-norm Transformer blocks
+    n_heads: int = 4  # attention heads per block; d_model must divide evenly among them
+    d_ff: int = 256  # hidden width of each block's feed-forward network
+    # --- optimiser (AdamW with torch's defaults, as the seed) ---
+    lr: float = 3e-4  # initial learning rate
+    batch_size: int = 512  # windows per optimiser step
+    weight_decay: float = 0.01  # decoupled weight decay, applied to all parameters
+    adam_b1: float = 0.9  # AdamW first-moment decay
+    adam_b2: float = 0.999  # AdamW second-moment decay
+    adam_eps: float = 1e-8  # AdamW denominator epsilon
+    grad_clip_norm: float = 1.0  # gradients are clipped to this global L2 norm before AdamW
+    # --- protocol ---
+    num_epochs: int = 20  # upper bound on training epochs
+    early_stop_patience: int = 1  # stop after this many epochs without a strictly better val PPL
+    plateau_factor: float = 0.5  # learning rate multiplier when validation loss plateaus
+    plateau_patience: int = 1  # bad epochs tolerated before a cut (torch ReduceLROnPlateau's sense)
+    plateau_threshold: float = 1e-4  # relative improvement that counts as better (torch 'rel' mode)
+    seed: int = 0  # seeds parameter init and the per-epoch shuffling of training windows
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        return config_from_dict({**self.to_dict(), **changes}, source="overrides")
+
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
+_POSITIVE_INTS = ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff",
+                  "batch_size", "num_epochs", "early_stop_patience")
+_POSITIVE_FLOATS = ("lr", "adam_eps", "grad_clip_norm", "plateau_threshold")
+
+
+def _check_type(key: str, value: Any, source: str) -> Any:
+    kind = _FIELD_TYPES[key]
+    if kind == "str":
+        if not isinstance(value, str) or not value:
+            raise UserError(f"{source}: '{key}' must be a non-empty string, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{source}: '{key}' must be a number, got {value!r}")
+    if kind == "int":
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise UserError(f"{source}: '{key}' must be an integer, got {value!r}")
+            value = int(value)
+        return value
+    value = float(value)
+    if not math.isfinite(value):
+        raise UserError(f"{source}: '{key}' must be finite, got {value!r}")
+    return value
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate `values` (unknown keys, types, ranges) and build the config."""
+    unknown = sorted(set(values) - set(_FIELD_TYPES))
+    if unknown:
+        raise UserError(f"{source}: unknown key(s) {', '.join(unknown)}; "
+                        f"valid keys: {', '.join(_FIELD_TYPES)}")
+    checked = {key: _check_type(key, value, source) for key, value in values.items()}
+    cfg = ExperimentConfig(**checked)
+    for key in _POSITIVE_INTS + _POSITIVE_FLOATS:
+        if getattr(cfg, key) <= 0:
+            raise UserError(f"{source}: '{key}' must be positive, got {getattr(cfg, key)!r}")
+    if cfg.seed < 0:
+        raise UserError(f"{source}: 'seed' must be non-negative, got {cfg.seed!r}")
+    if cfg.plateau_patience < 0:
+        raise UserError(f"{source}: 'plateau_patience' must be non-negative")
+    for key in ("train_fraction", "plateau_factor", "adam_b1", "adam_b2", "weight_decay"):
+        value = getattr(cfg, key)
+        low_ok = value >= 0 if key in ("adam_b1", "weight_decay") else value > 0
+        if not (low_ok and value < 1):
+            raise UserError(f"{source}: '{key}' must lie in (0, 1), got {value!r}")
+    if cfg.d_model % cfg.n_heads:
+        raise UserError(f"{source}: d_model ({cfg.d_model}) must be divisible by "
+                        f"n_heads ({cfg.n_heads})")
+    if cfg.d_model % 2:
+        raise UserError(f"{source}: d_model ({cfg.d_model}) must be even for the sinusoidal "
+                        "positions")
+    if cfg.vocab_size < 3:
+        raise UserError(f"{source}: 'vocab_size' must be at least 3 (two special tokens + one)")
+    return cfg
+
+
+def load_config(name_or_path: str) -> ExperimentConfig:
+    """An experiment by name (`baseline`, `medium`, `wider`) or a path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        if name_or_path not in EXPERIMENT_NAMES:
+            raise UserError(f"unknown experiment '{name_or_path}'; choose one of "
+                            f"{', '.join(EXPERIMENT_NAMES)}, all, or a path to a .toml file")
+        path = EXPERIMENTS_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise UserError(f"{path}: no such experiment file")
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid TOML ({err})") from None
+    return config_from_dict(values, source=str(path))
