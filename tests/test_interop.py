@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from tinylm_jax.config import ExperimentConfig
+from tinylm_jax.interop import params_from_torch_state_dict
+from tinylm_jax.model import build_model
+
+torch = pytest.importorskip("torch")
+from torch_reference import TinyTransformerLM as TorchLM  # noqa: E402
+
+
+@pytest.fixture
+def cfg():
+    return ExperimentConfig(vocab_size=50, seq_len=12, d_model=32, n_layers=2, n_heads=4,
+                            d_ff=48)
+
+
+def _torch_model(cfg):
+    torch.manual_seed(0)
+    model = TorchLM(cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.seq_len,
+                    cfg.n_layers)
+    with torch.no_grad():  # norms start at 1: perturb them so a swapped norm cannot pass
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_logits_and_attention_match_the_pytorch_model(cfg):
+    reference = _torch_model(cfg)
+    params = params_from_torch_state_dict(reference.state_dict(), cfg)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, cfg.seq_len))
+    with torch.no_grad():
+        want_logits, want_attention = reference(torch.as_tensor(ids))
+    logits, attention = build_model(cfg).apply({"params": params}, ids, return_attention=True)
+    np.testing.assert_allclose(logits, want_logits.numpy(), atol=1e-5, rtol=0)
+    for got, want in zip(attention, want_attention, strict=True):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0)
+
+
+def test_numpy_values_are_accepted(cfg):
+    state = {k: v.numpy() for k, v in _torch_model(cfg).state_dict().items()}
+    params = params_from_torch_state_dict(state, cfg)
+    assert params["head"]["kernel"].shape == (cfg.d_model, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("head.weight"), "missing key head.weight"),
+    (lambda s: s.update({"layers.9.norm1.weight": s["norm.weight"]}),
+     "unexpected key layers.9.norm1.weight"),
+    (lambda s: s.update({"norm.weight": s["norm.weight"][:-1]}), "norm.weight has shape"),
+])
+def test_bad_state_dicts_are_refused_by_name(cfg, edit, message):
+    state = dict(_torch_model(cfg).state_dict())
+    edit(state)
+    with pytest.raises(ValueError, match=message):
+        params_from_torch_state_dict(state, cfg)

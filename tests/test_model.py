@@ -1,0 +1,79 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tinylm_jax.config import load_config
+from tinylm_jax.model import build_model, count_params, init_params, sinusoidal_positions
+
+
+@pytest.mark.parametrize("name, expected", [("baseline", 391_552), ("medium", 391_552),
+                                            ("wider", 1_307_392)])
+def test_parameter_counts_match_the_seed(name, expected):
+    cfg = load_config(name)
+    params = jax.eval_shape(lambda: init_params(build_model(cfg), cfg.seed))
+    assert count_params(params) == expected
+
+
+def test_attention_is_causal_and_normalised(tiny_cfg):
+    model = build_model(tiny_cfg)
+    params = init_params(model, 0)
+    ids = jax.random.randint(jax.random.key(1), (3, tiny_cfg.seq_len), 0, tiny_cfg.vocab_size)
+    logits, attention = model.apply({"params": params}, ids, return_attention=True)
+    assert logits.shape == (3, tiny_cfg.seq_len, tiny_cfg.vocab_size)
+    assert len(attention) == tiny_cfg.n_layers
+    for weights in attention:
+        assert weights.shape == (3, tiny_cfg.n_heads, tiny_cfg.seq_len, tiny_cfg.seq_len)
+        assert weights.dtype == jnp.float32
+        np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+        upper = np.triu(np.ones((tiny_cfg.seq_len,) * 2, dtype=bool), k=1)
+        assert np.all(np.asarray(weights)[..., upper] == 0.0)
+
+
+def test_future_tokens_do_not_change_past_logits(tiny_cfg):
+    model = build_model(tiny_cfg)
+    params = init_params(model, 0)
+    ids = jax.random.randint(jax.random.key(2), (2, tiny_cfg.seq_len), 0, tiny_cfg.vocab_size)
+    cut = 7
+    changed = ids.at[:, cut:].set((ids[:, cut:] + 1) % tiny_cfg.vocab_size)
+    before = model.apply({"params": params}, ids)
+    after = model.apply({"params": params}, changed)
+    np.testing.assert_array_equal(before[:, :cut], after[:, :cut])
+    assert not np.allclose(before[:, cut:], after[:, cut:])
+
+
+def test_attention_is_opt_in(tiny_cfg):
+    model = build_model(tiny_cfg)
+    params = init_params(model, 0)
+    out = model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32))
+    assert isinstance(out, jax.Array)
+
+
+def test_initialisation_follows_pytorch_defaults():
+    cfg = load_config("wider")
+    params = init_params(build_model(cfg), 0)
+    emb = np.asarray(params["token_embedding"]["embedding"])
+    assert abs(emb.std() - 1.0) < 0.02 and abs(emb.mean()) < 0.02  # N(0, 1)
+    ff_in = params["layers_0"]["ff_in"]
+    for leaf in (ff_in["kernel"], ff_in["bias"]):  # U(+-1/sqrt(d_model))
+        bound = 1 / np.sqrt(cfg.d_model)
+        assert np.abs(leaf).max() <= bound and np.abs(leaf).max() > 0.95 * bound
+    ff_out = np.asarray(params["layers_0"]["ff_out"]["kernel"])  # fan_in is d_ff
+    assert np.abs(ff_out).max() <= 1 / np.sqrt(cfg.d_ff)
+    np.testing.assert_array_equal(params["norm"]["weight"], 1.0)
+
+
+def test_sinusoidal_table_alternates_sin_and_cos():
+    table = sinusoidal_positions(10, 8)
+    np.testing.assert_allclose(table[:, 0], np.sin(np.arange(10)), rtol=1e-6)
+    np.testing.assert_allclose(table[:, 1], np.cos(np.arange(10)), rtol=1e-6)
+    np.testing.assert_allclose(table[3, 2], np.sin(3 / 10000 ** (2 / 8)), rtol=1e-6)
+
+
+def test_bf16_compute_keeps_float32_params_and_outputs(tiny_cfg):
+    model = build_model(tiny_cfg, jnp.bfloat16)
+    params = init_params(model, 0)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+    logits, attention = model.apply({"params": params}, jnp.zeros((1, 8), jnp.int32),
+                                    return_attention=True)
+    assert logits.dtype == jnp.float32 and attention[0].dtype == jnp.float32
