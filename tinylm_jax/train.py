@@ -1,0 +1,170 @@
+"""Train state, optimiser, the jitted train/eval steps and one-epoch loops.
+
+`train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> metrics` are pure,
+module-level and jitted once per model; `train_step` donates its state. A batch is a dict:
+  inputs (B, L) int32, targets (B, L) int32, weights (B,) float32 (0 marks a padding window).
+Metrics are sums, `loss_sum` over real target tokens and `tokens` their count, so that means over
+a split are token-weighted however its last batch is padded.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from flax.training import train_state
+from tqdm import tqdm
+
+from tinylm_jax.config import ExperimentConfig, UserError
+from tinylm_jax.data import Dataset, batches, gather_windows, num_batches, train_order
+from tinylm_jax.model import build_model, init_params
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+class TrainState(train_state.TrainState):
+    """flax's TrainState plus the plateau schedule, whose scale multiplies every update."""
+
+    plateau_state: optax.contrib.ReduceLROnPlateauState
+    plateau: optax.GradientTransformationExtraArgs = struct.field(pytree_node=False)
+    base_lr: float = struct.field(pytree_node=False)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.base_lr * float(self.plateau_state.scale)
+
+    def step_plateau(self, val_loss: float) -> TrainState:
+        """Advance the plateau schedule by one epoch's validation loss."""
+        _, plateau_state = self.plateau.update({}, self.plateau_state, value=jnp.float32(val_loss))
+        return self.replace(plateau_state=plateau_state)
+
+
+def compute_dtype(precision: str) -> jnp.dtype:
+    """`auto` is bfloat16 on GPU/TPU and float32 on CPU (the seed autocasts only on CUDA)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "fp32" if jax.default_backend() == "cpu" else "bf16"
+    return jnp.bfloat16 if precision == "bf16" else jnp.float32
+
+
+def make_optimizer(cfg: ExperimentConfig) -> optax.GradientTransformation:
+    """Clip, then AdamW with torch's defaults (optax's default weight decay differs)."""
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip_norm),
+        optax.adamw(cfg.lr, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                    weight_decay=cfg.weight_decay),
+    )
+
+
+def make_plateau(cfg: ExperimentConfig) -> optax.GradientTransformationExtraArgs:
+    """torch's ReduceLROnPlateau(mode="min", threshold_mode="rel") in optax.
+
+    torch cuts the rate once the count of bad epochs *exceeds* its patience; optax cuts when the
+    count *reaches* its own, hence the +1.
+    """
+    return optax.contrib.reduce_on_plateau(factor=cfg.plateau_factor,
+                                           patience=cfg.plateau_patience + 1,
+                                           rtol=cfg.plateau_threshold, atol=0.0)
+
+
+def create_train_state(cfg: ExperimentConfig, precision: str = "auto") -> TrainState:
+    model = build_model(cfg, compute_dtype(precision))
+    params = init_params(model, cfg.seed)
+    plateau = make_plateau(cfg)
+    return TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(cfg),
+                             plateau=plateau, plateau_state=plateau.init(params), base_lr=cfg.lr)
+
+
+def weighted_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Summed cross-entropy over the real windows' tokens (float32) and the token count."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    token_weights = jnp.broadcast_to(weights[:, None], ce.shape)  # (B, L)
+    return jnp.sum(ce * token_weights), jnp.sum(token_weights)
+
+
+def _train_step(state: TrainState, batch: dict[str, jax.Array]
+                ) -> tuple[TrainState, dict[str, jax.Array]]:
+    def loss_fn(params):
+        logits = state.apply_fn({"params": params}, batch["inputs"])
+        loss_sum, tokens = weighted_loss(logits, batch["targets"], batch["weights"])
+        return loss_sum / tokens, (loss_sum, tokens)
+
+    (_, (loss_sum, tokens)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    updates = optax.tree.scale(state.plateau_state.scale, updates)
+    params = optax.apply_updates(state.params, updates)
+    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return state, {"loss_sum": loss_sum, "tokens": tokens}
+
+
+def _eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    logits = state.apply_fn({"params": state.params}, batch["inputs"])
+    loss_sum, tokens = weighted_loss(logits, batch["targets"], batch["weights"])
+    return {"loss_sum": loss_sum, "tokens": tokens}
+
+
+train_step = jax.jit(_train_step, donate_argnums=0)
+eval_step = jax.jit(_eval_step)
+
+
+@functools.partial(jax.jit, static_argnames="seq_len")
+def make_batch(tokens: jax.Array, starts: jax.Array, weights: jax.Array, seq_len: int
+               ) -> dict[str, jax.Array]:
+    inputs, targets = gather_windows(tokens, starts, seq_len)
+    return {"inputs": inputs, "targets": targets, "weights": weights}
+
+
+def _mean_loss(metrics: list[dict[str, jax.Array]]) -> tuple[float, int]:
+    """Token-weighted mean loss over step metrics (summed in float64 on the host)."""
+    host = jax.device_get(metrics)
+    loss_sum = float(np.sum([m["loss_sum"] for m in host], dtype=np.float64))
+    tokens = int(np.sum([m["tokens"] for m in host], dtype=np.float64))
+    return loss_sum / tokens, tokens
+
+
+def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig, epoch: int,
+                max_steps: int | None = None, progress: bool = True
+                ) -> tuple[TrainState, dict[str, Any]]:
+    """One pass over the training windows in the order of (seed, epoch); `max_steps` cuts it."""
+    starts = train_order(cfg.seed, epoch, data.splits.num_train)
+    total = num_batches(len(starts), cfg.batch_size)
+    if max_steps is not None:
+        total = min(total, max_steps)
+    metrics: list[dict[str, jax.Array]] = []
+    began = time.perf_counter()
+    with tqdm(total=total, desc=f"epoch {epoch}", unit="step", disable=not progress or None,
+              leave=False, dynamic_ncols=True) as bar:
+        for batch in batches(starts, cfg.batch_size):
+            if len(metrics) == total:
+                break
+            device_batch = make_batch(data.tokens, batch["starts"], batch["weights"],
+                                      seq_len=cfg.seq_len)
+            state, step_metrics = train_step(state, device_batch)
+            metrics.append(step_metrics)
+            bar.update()
+            if len(metrics) % 10 == 0 or len(metrics) == total:
+                loss = float(step_metrics["loss_sum"] / step_metrics["tokens"])  # syncs
+                tokens_per_s = bar.n * cfg.batch_size * cfg.seq_len / (time.perf_counter() - began)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+    loss, tokens = _mean_loss(metrics)
+    seconds = time.perf_counter() - began
+    return state, {"train_loss": loss, "steps": len(metrics), "train_tokens": tokens,
+                   "epoch_seconds": seconds, "train_tokens_per_s": tokens / seconds}
+
+
+def evaluate(state: TrainState, data: Dataset, cfg: ExperimentConfig) -> float:
+    """Token-weighted mean loss over every validation window, in order."""
+    starts = np.arange(data.splits.num_train, data.splits.num_train + data.splits.num_val,
+                       dtype=np.int32)
+    metrics = [eval_step(state, make_batch(data.tokens, b["starts"], b["weights"],
+                                           seq_len=cfg.seq_len))
+               for b in batches(starts, cfg.batch_size)]
+    return _mean_loss(metrics)[0]
