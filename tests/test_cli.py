@@ -1,0 +1,153 @@
+"""The command line end to end, on a tiny experiment and a slice of the corpus."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tinylm_jax.checkpoint import load_run
+from tinylm_jax.cli import main
+from tinylm_jax.experiment import comparison_table
+
+TINY_TOML = """name = "tiny"
+vocab_size = 120
+seq_len = 16
+d_model = 32
+n_heads = 4
+d_ff = 64
+batch_size = 32
+lr = 3e-3
+num_epochs = 3
+"""
+
+
+@pytest.fixture
+def tiny_toml(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_TOML)
+    return path
+
+
+def _run(toml, corpus, out, *extra):
+    return main([str(toml), "--data", str(corpus), "--out", str(out), "--no-progress", *extra])
+
+
+def _history(run_dir):
+    with (run_dir / "history.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_then_resume_equals_a_straight_run(tmp_path, tiny_toml, tiny_corpus, capsys):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _run(tiny_toml, tiny_corpus, straight, "--max-epochs", "2") == 0
+    assert _run(tiny_toml, tiny_corpus, split, "--max-epochs", "1") == 0
+    assert [row["epoch"] for row in _history(split)] == ["1"]
+    assert (split / "checkpoints" / "1").is_dir()
+    assert _run(tiny_toml, tiny_corpus, split, "--max-epochs", "2", "--resume") == 0
+    assert "resumed" in capsys.readouterr().out
+    for a, b in zip(_history(straight), _history(split), strict=True):
+        for key in ("train_loss", "val_loss", "lr"):
+            assert a[key] == b[key]
+    one, two = load_run(straight, "latest"), load_run(split, "latest")
+    assert one.epoch == two.epoch == 2
+    for x, y in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
+        np.testing.assert_array_equal(x, y)
+    summary = json.loads((split / "summary.json").read_text())
+    assert summary["epochs_run"] == 2 and summary["param_count"] > 0
+    assert summary["best_val_ppl"] == pytest.approx(min(float(r["val_ppl"])
+                                                        for r in _history(split)))
+
+
+def test_best_and_latest_are_both_kept(tmp_path, tiny_toml, tiny_corpus):
+    out = tmp_path / "run"
+    # lr 0.3 makes validation worse after the first epoch: best 1, latest 2 (early stop).
+    tiny_toml.write_text(TINY_TOML.replace("lr = 3e-3", "lr = 0.3"))
+    assert _run(tiny_toml, tiny_corpus, out) == 0
+    history = _history(out)
+    best = min(history, key=lambda row: float(row["val_loss"]))
+    best_run, latest_run = load_run(out, "best"), load_run(out, "latest")
+    assert best_run.epoch == int(best["epoch"])
+    assert latest_run.epoch == len(history)
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == \
+        sorted({best_run.epoch, latest_run.epoch})
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_epoch"] == best_run.epoch
+    assert summary["stopped_early"] == (len(history) < 3)
+
+
+def test_an_existing_run_folder_is_never_silently_overwritten(tmp_path, tiny_toml, tiny_corpus,
+                                                             capsys):
+    out = tmp_path / "run"
+    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1") == 0
+    before = (out / "history.csv").read_bytes()
+    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1") == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (out / "history.csv").read_bytes() == before
+    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1", "--overwrite") == 0
+
+
+def test_resuming_with_another_config_is_refused(tmp_path, tiny_toml, tiny_corpus, capsys):
+    out = tmp_path / "run"
+    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1") == 0
+    assert _run(tiny_toml, tiny_corpus, out, "--resume", "--seed", "7") == 2
+    assert "seed (0 -> 7)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda toml, corpus: ("nosuch", corpus), "unknown experiment 'nosuch'"),
+    (lambda toml, corpus: (toml, corpus.with_name("missing.txt")), "corpus file not found"),
+    (lambda toml, corpus: (toml.write_text(TINY_TOML + "dmodel = 3\n") and toml, corpus),
+     "unknown key(s) dmodel"),
+    (lambda toml, corpus: (toml.write_text(TINY_TOML + "seq_len = 10000\n".replace("seq_len",
+                                                                                 "train_fraction"))
+                           and toml, corpus), "'train_fraction' must lie in"),
+    (lambda toml, corpus: (toml, corpus.write_text("To be, or not") and corpus),
+     "corpus too short"),
+    (lambda toml, corpus: (toml, corpus.write_bytes(b"ok \xc3\x28") and corpus),
+     "byte offset 3"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, tiny_toml, tiny_corpus,
+                                                           capsys, edit, message):
+    experiment, corpus = edit(tiny_toml, tiny_corpus)
+    out = tmp_path / "never"
+    assert _run(experiment, corpus, out) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("error: ")
+    assert not out.exists()
+
+
+def test_dry_run_reports_and_writes_nothing(tmp_path, tiny_toml, tiny_corpus, capsys):
+    out = tmp_path / "run"
+    assert _run(tiny_toml, tiny_corpus, out, "--dry-run") == 0
+    printed = capsys.readouterr().out
+    assert "parameters: " in printed and "windows: " in printed
+    assert not out.exists()
+
+
+def test_all_dry_run_reports_the_three_experiments(tmp_path, corpus_path, capsys):
+    assert main(["all", "--data", str(corpus_path), "--out", str(tmp_path / "runs"),
+                 "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("parameters: 391,552") == 2 and "parameters: 1,307,392" in printed
+    assert "358,122 train / 89,531 validation" in printed
+    assert "358,071 train / 89,518 validation" in printed
+    assert not (tmp_path / "runs").exists()
+
+
+def test_comparison_table_sets_ours_beside_the_seed():
+    table = comparison_table({"baseline": {"experiment": "B", "best_val_ppl": 61.2,
+                                           "best_epoch": 5}})
+    assert "| B | 61.20 | 5 | 60.00 | 6 | +2.0% |" in table
+
+
+def test_the_script_reports_bad_input_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "scripts/run_experiment.py", "nosuch",
+                             "--out", str(tmp_path / "x")], capture_output=True, text=True,
+                            cwd=__file__.rsplit("/tests/", 1)[0])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: unknown experiment") and result.stderr.count("\n") == 1

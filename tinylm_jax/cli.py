@@ -1,0 +1,92 @@
+"""Command line for `scripts/run_experiment.py`: parse, validate, hand over to `experiment`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tinylm_jax.config import EXPERIMENT_NAMES, UserError, load_config
+from tinylm_jax.experiment import (
+    RunOptions,
+    TrainingDiverged,
+    comparison_table,
+    describe,
+    prepare,
+    train_prepared,
+)
+
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_experiment.py",
+        description="Train the seed report's tiny Transformer on Tiny Shakespeare.")
+    parser.add_argument("experiment", help=f"{', '.join(EXPERIMENT_NAMES)}, all (the three in "
+                        "order, plus a comparison table), or a path to an experiment .toml")
+    parser.add_argument("--data", help="corpus file (default: $TINYLM_DATA, else a verified "
+                        "download cached under ~/.cache/tinylm_jax)")
+    parser.add_argument("--out", type=Path, help="run folder (default: runs/<experiment>; "
+                        "with 'all', the parent of the three run folders, default runs/)")
+    parser.add_argument("--seed", type=int, help="override the experiment's seed")
+    parser.add_argument("--max-epochs", type=int, help="override the experiment's num_epochs")
+    parser.add_argument("--max-steps-per-epoch", type=int,
+                        help="train at most this many steps per epoch (quick runs)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="compute precision; auto = bf16 on GPU/TPU, fp32 on CPU")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest "
+                        "checkpoint in the run folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config, "
+                        "parameter count and window counts; train nothing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _config(name: str, args: argparse.Namespace):
+    cfg = load_config(name)
+    overrides = {"seed": args.seed, "num_epochs": args.max_epochs}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    names = list(EXPERIMENT_NAMES) if args.experiment == "all" else [args.experiment]
+    root = args.out or Path("runs")
+    prepared = {}
+    for name in names:  # validate every experiment before training any
+        out = root / name if args.experiment == "all" else args.out or root / Path(name).stem
+        opts = RunOptions(out_dir=out, data=args.data, precision=args.precision,
+                          max_steps_per_epoch=args.max_steps_per_epoch, resume=args.resume,
+                          overwrite=args.overwrite, progress=not args.no_progress)
+        prepared[Path(name).stem] = prepare(_config(name, args), opts)
+    if args.dry_run:
+        print("\n\n".join(describe(run) for run in prepared.values()))
+        return 0
+    summaries = {name: train_prepared(run) for name, run in prepared.items()}
+    if args.experiment == "all":
+        table = comparison_table(summaries)
+        (root / "comparison.md").write_text(table, encoding="utf-8")
+        print(table, end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume (the last finished epoch is checkpointed)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
