@@ -151,3 +151,13 @@ def test_the_script_reports_bad_input_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: unknown experiment") and result.stderr.count("\n") == 1
+
+
+def test_resume_needs_a_complete_run_folder(tmp_path, tiny_toml, tiny_corpus, capsys):
+    out = tmp_path / "run"
+    assert _run(tiny_toml, tiny_corpus, out, "--resume") == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1") == 0
+    (out / "tokenizer.json").unlink()
+    assert _run(tiny_toml, tiny_corpus, out, "--resume") == 2
+    assert "no tokenizer.json" in capsys.readouterr().err

@@ -94,8 +94,21 @@ def read_run_config(run_dir: Path) -> ExperimentConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir}: not a run folder (no config.json)")
-    return config_from_dict(json.loads(path.read_text(encoding="utf-8"))["experiment"],
-                            source=str(path))
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))["experiment"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: unreadable run config ({err!r})") from None
+    return config_from_dict(values, source=str(path))
+
+
+def read_run_tokenizer(run_dir: Path) -> Tokenizer:
+    path = Path(run_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: run folder has no tokenizer.json")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception on a malformed file
+        raise UserError(f"{path}: unreadable tokenizer ({err})") from None
 
 
 def load_run(run_dir: str | Path, which: str = "best", precision: str = "fp32") -> LoadedRun:
@@ -110,7 +123,7 @@ def load_run(run_dir: str | Path, which: str = "best", precision: str = "fp32") 
         state, record = checkpoints.restore(epoch, create_train_state(cfg, precision))
     finally:
         checkpoints.close()
-    tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+    tokenizer = read_run_tokenizer(run_dir)
     return LoadedRun(cfg, build_model(cfg, compute_dtype(precision)), state.params, tokenizer,
                      epoch, record)
 

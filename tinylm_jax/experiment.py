@@ -21,9 +21,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from tokenizers import Tokenizer
 
-from tinylm_jax.checkpoint import RunCheckpoints, read_run_config
+from tinylm_jax.checkpoint import RunCheckpoints, read_run_config, read_run_tokenizer
 from tinylm_jax.config import ExperimentConfig, UserError
 from tinylm_jax.data import Dataset, build_dataset, read_corpus, resolve_corpus
 from tinylm_jax.model import build_model, count_params, init_params
@@ -110,7 +109,7 @@ def prepare(cfg: ExperimentConfig, opts: RunOptions) -> PreparedRun:
     tokenizer = None
     if opts.resume:
         _check_same_config(read_run_config(opts.out_dir), cfg, opts.out_dir)
-        tokenizer = Tokenizer.from_file(str(opts.out_dir / "tokenizer.json"))
+        tokenizer = read_run_tokenizer(opts.out_dir)
     data = build_dataset(text, cfg, tokenizer)
     params = jax.eval_shape(lambda: init_params(build_model(cfg), cfg.seed))
     return PreparedRun(cfg, opts, corpus, data, count_params(params))
