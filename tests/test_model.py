@@ -77,3 +77,12 @@ def test_bf16_compute_keeps_float32_params_and_outputs(tiny_cfg):
     logits, attention = model.apply({"params": params}, jnp.zeros((1, 8), jnp.int32),
                                     return_attention=True)
     assert logits.dtype == jnp.float32 and attention[0].dtype == jnp.float32
+
+
+def test_bf16_compute_tracks_fp32(tiny_cfg):
+    params = init_params(build_model(tiny_cfg), 0)
+    ids = jax.random.randint(jax.random.key(3), (2, tiny_cfg.seq_len), 0, tiny_cfg.vocab_size)
+    full = build_model(tiny_cfg).apply({"params": params}, ids)
+    mixed = build_model(tiny_cfg, jnp.bfloat16).apply({"params": params}, ids)
+    assert float(jnp.max(jnp.abs(full - mixed))) < 0.1
+    assert float(jnp.max(jnp.abs(jax.nn.softmax(full) - jax.nn.softmax(mixed)))) < 0.01

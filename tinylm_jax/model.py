@@ -7,12 +7,14 @@ Attention weights are (B, H, L, L): query positions on axis 2, key positions on 
 Parameters are float32 and initialised like PyTorch's defaults for the same layers (the seed's
 model), not flax's: Linear weights and biases U(+-1/sqrt(fan_in)), embeddings N(0, 1), norm
 scales 1.
-`dtype` is the compute dtype (bfloat16 for mixed precision); norms, softmax and logits stay float32.
+`dtype` is the compute dtype of the matrix products (bfloat16 for mixed precision). As under the
+seed's autocast, the residual stream, norms, attention scores, softmax and logits stay float32.
 Submodule names mirror the seed's PyTorch attribute names so that `interop` maps them one to one.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -33,10 +35,13 @@ def torch_linear_init(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
-def dense(features: int, fan_in: int, use_bias: bool, dtype, name: str) -> nn.Dense:
+def dense(features: int, fan_in: int, use_bias: bool, dtype, name: str,
+          float32_output: bool = False) -> nn.Dense:
     init = torch_linear_init(fan_in)
+    dot_general = (functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+                   if float32_output else None)
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=init, bias_init=init, name=name)
+                    kernel_init=init, bias_init=init, dot_general=dot_general, name=name)
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> np.ndarray:
@@ -51,17 +56,16 @@ def sinusoidal_positions(max_len: int, d_model: int) -> np.ndarray:
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, computed in float32."""
+    """x / sqrt(mean(x^2) + eps) * weight, computed and returned in float32."""
 
     eps: float = 1e-8
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
         x = x.astype(jnp.float32)
         normed = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        return (normed * weight).astype(self.dtype)
+        return normed * weight
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -77,8 +81,8 @@ class MultiHeadSelfAttention(nn.Module):
         # The seed's fused layout: the 3D features split as (3, H, K).
         qkv = qkv.reshape(batch, length, 3, self.n_heads, head_dim)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # each (B, H, L, K)
-        scores = jnp.einsum("bhqk,bhsk->bhqs", q, k).astype(jnp.float32)  # (B, H, L, L)
-        scores = scores / math.sqrt(head_dim)
+        scores = jnp.einsum("bhqk,bhsk->bhqs", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(head_dim)  # (B, H, L, L)
         causal = jnp.tril(jnp.ones((length, length), dtype=bool))
         weights = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)  # (B, H, L, L)
         out = jnp.einsum("bhqs,bhsk->bqhk", weights.astype(self.dtype), v)  # (B, L, H, K)
@@ -94,15 +98,16 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x: the float32 residual stream (B, L, D); the sublayers compute in `dtype`."""
+        h = RMSNorm(name="norm1")(x)
         attn_out, weights = MultiHeadSelfAttention(self.d_model, self.n_heads, self.dtype,
-                                                   name="attn")(RMSNorm(dtype=self.dtype,
-                                                                        name="norm1")(x))
-        x = x + attn_out
-        h = RMSNorm(dtype=self.dtype, name="norm2")(x)
+                                                   name="attn")(h)
+        x = x + attn_out.astype(jnp.float32)
+        h = RMSNorm(name="norm2")(x)
         h = dense(self.d_ff, self.d_model, True, self.dtype, "ff_in")(h)  # (B, L, F)
         h = nn.gelu(h, approximate=False)
         h = dense(self.d_model, self.d_ff, True, self.dtype, "ff_out")(h)  # (B, L, D)
-        return x + h, weights
+        return x + h.astype(jnp.float32), weights
 
 
 class TinyTransformerLM(nn.Module):
@@ -123,15 +128,15 @@ class TinyTransformerLM(nn.Module):
         embed = nn.Embed(self.vocab_size, self.d_model, param_dtype=jnp.float32,
                          embedding_init=nn.initializers.normal(1.0), name="token_embedding")
         positions = sinusoidal_positions(self.max_seq_len, self.d_model)[:length]  # (L, D)
-        h = (embed(ids) + positions).astype(self.dtype)  # (B, L, D)
+        h = embed(ids) + positions  # (B, L, D) float32
         attention = []
         for i in range(self.n_layers):
             h, weights = TransformerBlock(self.d_model, self.n_heads, self.d_ff, self.dtype,
                                           name=f"layers_{i}")(h)
             attention.append(weights)
-        h = RMSNorm(dtype=self.dtype, name="norm")(h)
-        logits = dense(self.vocab_size, self.d_model, False, self.dtype, "head")(h)
-        logits = logits.astype(jnp.float32)
+        h = RMSNorm(name="norm")(h)
+        logits = dense(self.vocab_size, self.d_model, False, self.dtype, "head",
+                       float32_output=True)(h)  # (B, L, V) float32
         return (logits, attention) if return_attention else logits
 
 
