@@ -1,3 +1,4 @@
+import jax
 import numpy as np
 import pytest
 
@@ -55,3 +56,35 @@ def test_bad_state_dicts_are_refused_by_name(cfg, edit, message):
     edit(state)
     with pytest.raises(ValueError, match=message):
         params_from_torch_state_dict(state, cfg)
+
+
+def test_optimiser_steps_match_torch_adamw_with_clipping(cfg):
+    """Three steps of clipping + AdamW (torch defaults) from the same weights agree with torch."""
+    from tinylm_jax.train import create_train_state, train_step
+
+    cfg = cfg.replace(lr=1e-2, grad_clip_norm=0.5)  # these gradients' norms are about 0.9
+    reference = _torch_model(cfg).train()
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=cfg.lr)  # weight decay 0.01
+    state = create_train_state(cfg, "fp32")
+    state = state.replace(params=params_from_torch_state_dict(reference.state_dict(), cfg))
+    rng = np.random.default_rng(1)
+    norms = []
+    for _ in range(3):
+        ids = rng.integers(0, cfg.vocab_size, (4, cfg.seq_len + 1))
+        logits, _ = reference(torch.as_tensor(ids[:, :-1]))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size),
+                                                 torch.as_tensor(ids[:, 1:]).reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(),
+                                                          cfg.grad_clip_norm)))
+        optimizer.step()
+        batch = {"inputs": ids[:, :-1].astype(np.int32), "targets": ids[:, 1:].astype(np.int32),
+                 "weights": np.ones(4, np.float32)}
+        state, metrics = train_step(state, batch)
+        assert float(metrics["loss_sum"] / metrics["tokens"]) == pytest.approx(loss.item(),
+                                                                               rel=1e-5)
+    assert min(norms) > cfg.grad_clip_norm  # clipping took part in every step
+    want = params_from_torch_state_dict(reference.state_dict(), cfg)
+    for got, expected in zip(jax.tree.leaves(state.params), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0)

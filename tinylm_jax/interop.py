@@ -19,9 +19,10 @@ IGNORED_BUFFERS = ("pos_encoding", "causal_mask")
 
 
 def _to_numpy(value: Any) -> np.ndarray:
+    """A float32 copy: a view would let later in-place updates of the tensor leak into params."""
     if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().cpu().float().numpy()
-    return np.asarray(value, dtype=np.float32)
+    return np.array(value, dtype=np.float32, copy=True)
 
 
 def _expected(cfg: ExperimentConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
