@@ -133,13 +133,17 @@ def _mean_loss(metrics: list[dict[str, jax.Array]]) -> tuple[float, int]:
 def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig, epoch: int,
                 max_steps: int | None = None, progress: bool = True
                 ) -> tuple[TrainState, dict[str, Any]]:
-    """One pass over the training windows in the order of (seed, epoch); `max_steps` cuts it."""
+    """One pass over the training windows in the order of (seed, epoch); `max_steps` cuts it.
+
+    Throughput is measured from the end of the first step, so compilation does not count.
+    """
     starts = train_order(cfg.seed, epoch, data.splits.num_train)
     total = num_batches(len(starts), cfg.batch_size)
     if max_steps is not None:
         total = min(total, max_steps)
     metrics: list[dict[str, jax.Array]] = []
     began = time.perf_counter()
+    steady_from, first_tokens = began, 0.0
     with tqdm(total=total, desc=f"epoch {epoch}", unit="step", disable=not progress or None,
               leave=False, dynamic_ncols=True) as bar:
         for batch in batches(starts, cfg.batch_size):
@@ -150,14 +154,19 @@ def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig, epoch: 
             state, step_metrics = train_step(state, device_batch)
             metrics.append(step_metrics)
             bar.update()
-            if len(metrics) % 10 == 0 or len(metrics) == total:
+            if len(metrics) == 1 and total > 1:
+                first_tokens = float(jax.block_until_ready(step_metrics)["tokens"])
+                steady_from = time.perf_counter()
+            elif len(metrics) % 10 == 0 or len(metrics) == total:
                 loss = float(step_metrics["loss_sum"] / step_metrics["tokens"])  # syncs
-                tokens_per_s = bar.n * cfg.batch_size * cfg.seq_len / (time.perf_counter() - began)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                done = (bar.n - 1) * cfg.batch_size * cfg.seq_len
+                bar.set_postfix(loss=f"{loss:.4f}",
+                                tok_s=f"{done / (time.perf_counter() - steady_from):,.0f}")
     loss, tokens = _mean_loss(metrics)
-    seconds = time.perf_counter() - began
+    ended = time.perf_counter()
     return state, {"train_loss": loss, "steps": len(metrics), "train_tokens": tokens,
-                   "epoch_seconds": seconds, "train_tokens_per_s": tokens / seconds}
+                   "epoch_seconds": ended - began,
+                   "train_tokens_per_s": (tokens - first_tokens) / (ended - steady_from)}
 
 
 def evaluate(state: TrainState, data: Dataset, cfg: ExperimentConfig) -> float:
