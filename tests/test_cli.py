@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,8 @@ from tinylm_jax.checkpoint import load_run
 from tinylm_jax.cli import main
 from tinylm_jax.experiment import comparison_table
 
+# On the first 8,000 characters this overfits from epoch 2 on: validation is best at epoch 1,
+# and with plateau_patience 0 the learning rate halves after each of epochs 2 and 3.
 TINY_TOML = """name = "tiny"
 vocab_size = 120
 seq_len = 16
@@ -20,8 +23,10 @@ d_model = 32
 n_heads = 4
 d_ff = 64
 batch_size = 32
-lr = 3e-3
-num_epochs = 3
+lr = 0.03
+num_epochs = 4
+plateau_patience = 0
+early_stop_patience = 3
 """
 
 
@@ -43,40 +48,39 @@ def _history(run_dir):
 
 def test_train_then_resume_equals_a_straight_run(tmp_path, tiny_toml, tiny_corpus, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert _run(tiny_toml, tiny_corpus, straight, "--max-epochs", "2") == 0
-    assert _run(tiny_toml, tiny_corpus, split, "--max-epochs", "1") == 0
-    assert [row["epoch"] for row in _history(split)] == ["1"]
-    assert (split / "checkpoints" / "1").is_dir()
-    assert _run(tiny_toml, tiny_corpus, split, "--max-epochs", "2", "--resume") == 0
+    assert _run(tiny_toml, tiny_corpus, straight) == 0
+    assert _run(tiny_toml, tiny_corpus, split, "--max-epochs", "2") == 0
+    assert [row["epoch"] for row in _history(split)] == ["1", "2"]
+    assert (split / "checkpoints" / "2").is_dir()
+    assert _run(tiny_toml, tiny_corpus, split, "--resume") == 0
     assert "resumed" in capsys.readouterr().out
+    # The plateau cuts after epochs 2 and 3 only show if its state survived the restart.
+    assert [float(row["lr"]) for row in _history(split)] == [0.03, 0.03, 0.015, 0.0075]
     for a, b in zip(_history(straight), _history(split), strict=True):
         for key in ("train_loss", "val_loss", "lr"):
             assert a[key] == b[key]
     one, two = load_run(straight, "latest"), load_run(split, "latest")
-    assert one.epoch == two.epoch == 2
+    assert one.epoch == two.epoch == 4
     for x, y in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
         np.testing.assert_array_equal(x, y)
     summary = json.loads((split / "summary.json").read_text())
-    assert summary["epochs_run"] == 2 and summary["param_count"] > 0
+    assert summary["epochs_run"] == 4 and summary["param_count"] > 0
     assert summary["best_val_ppl"] == pytest.approx(min(float(r["val_ppl"])
                                                         for r in _history(split)))
 
 
 def test_best_and_latest_are_both_kept(tmp_path, tiny_toml, tiny_corpus):
     out = tmp_path / "run"
-    # lr 0.3 makes validation worse after the first epoch: best 1, latest 2 (early stop).
-    tiny_toml.write_text(TINY_TOML.replace("lr = 3e-3", "lr = 0.3"))
     assert _run(tiny_toml, tiny_corpus, out) == 0
     history = _history(out)
     best = min(history, key=lambda row: float(row["val_loss"]))
     best_run, latest_run = load_run(out, "best"), load_run(out, "latest")
-    assert best_run.epoch == int(best["epoch"])
-    assert latest_run.epoch == len(history)
+    assert (best_run.epoch, latest_run.epoch) == (int(best["epoch"]), len(history)) == (1, 4)
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == \
-        sorted({best_run.epoch, latest_run.epoch})
+        [1, 4]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["best_epoch"] == best_run.epoch
-    assert summary["stopped_early"] == (len(history) < 3)
+    assert summary["best_epoch"] == 1
+    assert summary["stopped_early"] is True  # 3 epochs without a better PPL after epoch 1
 
 
 def test_an_existing_run_folder_is_never_silently_overwritten(tmp_path, tiny_toml, tiny_corpus,
@@ -161,3 +165,48 @@ def test_resume_needs_a_complete_run_folder(tmp_path, tiny_toml, tiny_corpus, ca
     (out / "tokenizer.json").unlink()
     assert _run(tiny_toml, tiny_corpus, out, "--resume") == 2
     assert "no tokenizer.json" in capsys.readouterr().err
+
+
+def test_all_runs_the_three_and_resumes_what_is_missing(tmp_path, tiny_corpus, monkeypatch,
+                                                        capsys):
+    experiments = tmp_path / "experiments"
+    experiments.mkdir()
+    for name in ("baseline", "medium", "wider"):
+        (experiments / f"{name}.toml").write_text(TINY_TOML.replace("num_epochs = 4",
+                                                                    "num_epochs = 1"))
+    monkeypatch.setattr("tinylm_jax.config.EXPERIMENTS_DIR", experiments)
+    root = tmp_path / "runs"
+    argv = ["all", "--data", str(tiny_corpus), "--out", str(root), "--no-progress"]
+    assert main(argv) == 0
+    table = (root / "comparison.md").read_text()
+    assert table.count("| tiny |") == 3 and "| 60.00 | 6 |" in table
+    shutil.rmtree(root / "wider")
+    capsys.readouterr()
+    assert main(argv + ["--resume"]) == 0
+    assert capsys.readouterr().out.count("resumed") == 2
+    assert (root / "wider" / "summary.json").is_file()
+
+
+def test_dry_run_ignores_an_existing_run_folder(tmp_path, tiny_toml, tiny_corpus, capsys):
+    out = tmp_path / "run"
+    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1") == 0
+    before = sorted(p.name for p in out.rglob("*"))
+    assert _run(tiny_toml, tiny_corpus, out, "--dry-run") == 0
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_overwrite_only_replaces_a_run_folder(tmp_path, tiny_toml, tiny_corpus, capsys):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "config.json").write_text("my own notes, not a run")
+    assert _run(tiny_toml, tiny_corpus, out, "--overwrite") == 2
+    assert "unreadable run config" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == "my own notes, not a run"
+
+
+def test_resuming_on_another_corpus_is_refused(tmp_path, tiny_toml, tiny_corpus, capsys):
+    out = tmp_path / "run"
+    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1") == 0
+    tiny_corpus.write_text(tiny_corpus.read_text() + "\nEXTRA:\nMore lines.\n")
+    assert _run(tiny_toml, tiny_corpus, out, "--resume") == 2
+    assert "corpus (its sha256 differs)" in capsys.readouterr().err

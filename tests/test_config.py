@@ -32,6 +32,7 @@ def test_a_toml_path_loads(tmp_path):
     ({"n_heads": "4"}, "'n_heads' must be a number"),
     ({"n_layers": True}, "'n_layers' must be a number"),
     ({"train_fraction": 1.0}, "'train_fraction' must lie in"),
+    ({"plateau_threshold": 1.5}, "'plateau_threshold' must lie in"),
     ({"name": ""}, "'name' must be a non-empty string"),
 ])
 def test_invalid_values_name_the_field(values, message):

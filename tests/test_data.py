@@ -102,3 +102,8 @@ def test_offline_without_corpus_names_the_three_ways(tmp_path, monkeypatch):
     monkeypatch.setattr("tinylm_jax.data.CORPUS_URL", "http://127.0.0.1:9/input.txt")
     with pytest.raises(UserError, match="--data PATH.*TINYLM_DATA.*download"):
         resolve_corpus(None)
+
+
+def test_a_vocab_smaller_than_the_alphabet_is_refused(corpus_text):
+    with pytest.raises(UserError, match="vocab_size 20 is too small"):
+        build_dataset(corpus_text[:5000], load_config("baseline").replace(vocab_size=20))

@@ -61,10 +61,12 @@ def run(args: argparse.Namespace) -> int:
     prepared = {}
     for name in names:  # validate every experiment before training any
         out = root / name if args.experiment == "all" else args.out or root / Path(name).stem
+        # `all --resume` after an interruption: runs not started yet simply start.
+        resume = args.resume and (args.experiment != "all" or out.exists())
         opts = RunOptions(out_dir=out, data=args.data, precision=args.precision,
-                          max_steps_per_epoch=args.max_steps_per_epoch, resume=args.resume,
+                          max_steps_per_epoch=args.max_steps_per_epoch, resume=resume,
                           overwrite=args.overwrite, progress=not args.no_progress)
-        prepared[Path(name).stem] = prepare(_config(name, args), opts)
+        prepared[Path(name).stem] = prepare(_config(name, args), opts, dry_run=args.dry_run)
     if args.dry_run:
         print("\n\n".join(describe(run) for run in prepared.values()))
         return 0

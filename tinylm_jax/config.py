@@ -102,7 +102,8 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Experime
         raise UserError(f"{source}: 'seed' must be non-negative, got {cfg.seed!r}")
     if cfg.plateau_patience < 0:
         raise UserError(f"{source}: 'plateau_patience' must be non-negative")
-    for key in ("train_fraction", "plateau_factor", "adam_b1", "adam_b2", "weight_decay"):
+    for key in ("train_fraction", "plateau_factor", "plateau_threshold", "adam_b1", "adam_b2",
+                "weight_decay"):
         value = getattr(cfg, key)
         low_ok = value >= 0 if key in ("adam_b1", "weight_decay") else value > 0
         if not (low_ok and value < 1):
@@ -132,4 +133,6 @@ def load_config(name_or_path: str) -> ExperimentConfig:
         values = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: not valid TOML ({err})") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read experiment file ({err.strerror})") from None
     return config_from_dict(values, source=str(path))

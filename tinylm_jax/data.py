@@ -140,6 +140,10 @@ class Dataset:
 def build_dataset(text: str, cfg: ExperimentConfig, tokenizer: Tokenizer | None = None) -> Dataset:
     """Tokenise `text` (training a tokenizer unless one is given) and check it fits `cfg`."""
     tokenizer = tokenizer or train_tokenizer(text, cfg.vocab_size)
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        # BPE keeps every character of the text, whatever vocab_size asks for.
+        raise UserError(f"vocab_size {cfg.vocab_size} is too small: the tokenizer needs "
+                        f"{tokenizer.get_vocab_size()} entries for this corpus")
     ids = encode(tokenizer, text)
     splits = Splits.of(len(ids), cfg.seq_len, cfg.train_fraction)
     return Dataset(jnp.asarray(ids), splits, tokenizer)

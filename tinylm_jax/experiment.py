@@ -9,6 +9,7 @@ silently overwritten.
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -56,6 +57,7 @@ class PreparedRun:
     cfg: ExperimentConfig
     opts: RunOptions
     corpus: Path
+    corpus_sha256: str
     data: Dataset
     param_count: int
 
@@ -71,8 +73,8 @@ def _check_run_folder(opts: RunOptions) -> None:
     elif used and not opts.overwrite:
         raise UserError(f"{out}: run folder exists; pass --resume to continue it or "
                         "--overwrite to replace it")
-    elif used and not (out / "config.json").is_file():
-        raise UserError(f"{out}: not a run folder (no config.json); refusing to overwrite it")
+    elif used:
+        read_run_config(out)  # only a readable run folder may be overwritten
     existing = out
     while not existing.exists():
         existing = existing.parent
@@ -90,29 +92,35 @@ def _writable(folder: Path) -> bool:
         return False
 
 
-def _check_same_config(stored: ExperimentConfig, cfg: ExperimentConfig, where: Path) -> None:
-    old, new = stored.to_dict(), cfg.to_dict()
+def _check_resumable(run_dir: Path, cfg: ExperimentConfig, corpus_sha256: str) -> None:
+    old, new = read_run_config(run_dir).to_dict(), cfg.to_dict()
     changed = [f"{k} ({old[k]!r} -> {new[k]!r})" for k in old
                if k not in RESUMABLE_CHANGES and old[k] != new[k]]
+    stored_sha256 = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get(
+        "corpus_sha256")
+    if stored_sha256 != corpus_sha256:
+        changed.append("corpus (its sha256 differs)")
     if changed:
-        raise UserError(f"{where}: cannot resume with a different config: {', '.join(changed)}")
+        raise UserError(f"{run_dir}: cannot resume with a different config: {', '.join(changed)}")
 
 
-def prepare(cfg: ExperimentConfig, opts: RunOptions) -> PreparedRun:
-    """Validate everything and load the data; writes nothing."""
+def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> PreparedRun:
+    """Validate everything and load the data; writes nothing. A dry run ignores the run folder."""
     compute_dtype(opts.precision)
     if opts.max_steps_per_epoch is not None and opts.max_steps_per_epoch < 1:
         raise UserError(f"--max-steps-per-epoch must be positive, got {opts.max_steps_per_epoch}")
-    _check_run_folder(opts)
+    if not dry_run:
+        _check_run_folder(opts)
     corpus = resolve_corpus(opts.data)
     text = read_corpus(corpus)
+    corpus_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
     tokenizer = None
-    if opts.resume:
-        _check_same_config(read_run_config(opts.out_dir), cfg, opts.out_dir)
+    if opts.resume and not dry_run:
+        _check_resumable(opts.out_dir, cfg, corpus_sha256)
         tokenizer = read_run_tokenizer(opts.out_dir)
     data = build_dataset(text, cfg, tokenizer)
     params = jax.eval_shape(lambda: init_params(build_model(cfg), cfg.seed))
-    return PreparedRun(cfg, opts, corpus, data, count_params(params))
+    return PreparedRun(cfg, opts, corpus, corpus_sha256, data, count_params(params))
 
 
 def describe(run: PreparedRun) -> str:
@@ -166,7 +174,8 @@ def train_prepared(run: PreparedRun, log: Callable[[str], None] = print) -> dict
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     config_record = {"experiment": cfg.to_dict(), "precision": opts.precision,
-                     "max_steps_per_epoch": opts.max_steps_per_epoch}
+                     "max_steps_per_epoch": opts.max_steps_per_epoch,
+                     "corpus_sha256": run.corpus_sha256}
     (out / "config.json").write_text(json.dumps(config_record, indent=2) + "\n", encoding="utf-8")
     run.data.tokenizer.save(str(out / "tokenizer.json"))
 
