@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tomllib
+import typing
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 # The three experiments of the seed report, in the order `all` runs them.
@@ -50,10 +50,6 @@ class ExperimentConfig:
     plateau_threshold: float = 1e-4  # relative improvement that counts as better (torch 'rel' mode)
     seed: int = 0  # seeds parameter init and the per-epoch shuffling of training windows
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -61,21 +57,24 @@ class ExperimentConfig:
         return config_from_dict({**self.to_dict(), **changes}, source="overrides")
 
 
-_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
-_POSITIVE_INTS = ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff",
-                  "batch_size", "num_epochs", "early_stop_patience")
-_POSITIVE_FLOATS = ("lr", "adam_eps", "grad_clip_norm", "plateau_threshold")
+_FIELD_TYPES = typing.get_type_hints(ExperimentConfig)
+_POSITIVE = ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff", "batch_size",
+             "num_epochs", "early_stop_patience", "lr", "adam_eps", "grad_clip_norm")
+# (field, smallest allowed value) for fields that must also stay below 1.
+_FRACTIONS = (("train_fraction", None), ("plateau_factor", None), ("plateau_threshold", None),
+              ("adam_b1", 0.0), ("adam_b2", None), ("weight_decay", 0.0))
+MAX_SEED = 2**31 - 1
 
 
 def _check_type(key: str, value: Any, source: str) -> Any:
     kind = _FIELD_TYPES[key]
-    if kind == "str":
+    if kind is str:
         if not isinstance(value, str) or not value:
             raise UserError(f"{source}: '{key}' must be a non-empty string, got {value!r}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{source}: '{key}' must be a number, got {value!r}")
-    if kind == "int":
+    if kind is int:
         if isinstance(value, float):
             if not value.is_integer():
                 raise UserError(f"{source}: '{key}' must be an integer, got {value!r}")
@@ -95,19 +94,18 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Experime
                         f"valid keys: {', '.join(_FIELD_TYPES)}")
     checked = {key: _check_type(key, value, source) for key, value in values.items()}
     cfg = ExperimentConfig(**checked)
-    for key in _POSITIVE_INTS + _POSITIVE_FLOATS:
+    for key in _POSITIVE:
         if getattr(cfg, key) <= 0:
             raise UserError(f"{source}: '{key}' must be positive, got {getattr(cfg, key)!r}")
-    if cfg.seed < 0:
-        raise UserError(f"{source}: 'seed' must be non-negative, got {cfg.seed!r}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise UserError(f"{source}: 'seed' must lie in [0, {MAX_SEED}], got {cfg.seed!r}")
     if cfg.plateau_patience < 0:
         raise UserError(f"{source}: 'plateau_patience' must be non-negative")
-    for key in ("train_fraction", "plateau_factor", "plateau_threshold", "adam_b1", "adam_b2",
-                "weight_decay"):
+    for key, lowest in _FRACTIONS:
         value = getattr(cfg, key)
-        low_ok = value >= 0 if key in ("adam_b1", "weight_decay") else value > 0
-        if not (low_ok and value < 1):
-            raise UserError(f"{source}: '{key}' must lie in (0, 1), got {value!r}")
+        if not ((value > 0 if lowest is None else value >= lowest) and value < 1):
+            bounds = "(0, 1)" if lowest is None else "[0, 1)"
+            raise UserError(f"{source}: '{key}' must lie in {bounds}, got {value!r}")
     if cfg.d_model % cfg.n_heads:
         raise UserError(f"{source}: d_model ({cfg.d_model}) must be divisible by "
                         f"n_heads ({cfg.n_heads})")
