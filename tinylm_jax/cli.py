@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from pathlib import Path
 
-from tinylm_jax.config import EXPERIMENT_NAMES, UserError, load_config
+from tinylm_jax.config import EXPERIMENT_NAMES, MAX_SEED, ExperimentConfig, UserError, load_config
 from tinylm_jax.experiment import (
     RunOptions,
     TrainingDiverged,
@@ -15,14 +16,22 @@ from tinylm_jax.experiment import (
     prepare,
     train_prepared,
 )
+from tinylm_jax.train import PRECISIONS
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one `error:` line and exit code 2, like every other."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="run_experiment.py",
         description="Train the seed report's tiny Transformer on Tiny Shakespeare.")
     parser.add_argument("experiment", help=f"{', '.join(EXPERIMENT_NAMES)}, all (the three in "
@@ -35,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-epochs", type=int, help="override the experiment's num_epochs")
     parser.add_argument("--max-steps-per-epoch", type=int,
                         help="train at most this many steps per epoch (quick runs)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="compute precision; auto = bf16 on GPU/TPU, fp32 on CPU")
     parser.add_argument("--resume", action="store_true", help="continue from the latest "
                         "checkpoint in the run folder")
@@ -46,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(name: str, args: argparse.Namespace):
+def _config(name: str, args: argparse.Namespace) -> ExperimentConfig:
     cfg = load_config(name)
     overrides = {"seed": args.seed, "num_epochs": args.max_epochs}
     overrides = {key: value for key, value in overrides.items() if value is not None}
@@ -56,22 +65,28 @@ def _config(name: str, args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
-    names = list(EXPERIMENT_NAMES) if args.experiment == "all" else [args.experiment]
-    root = args.out or Path("runs")
+    if args.max_epochs is not None and args.max_epochs < 1:
+        raise UserError(f"--max-epochs must be positive, got {args.max_epochs}")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must lie in [0, {MAX_SEED}], got {args.seed}")
+    run_all = args.experiment == "all"
+    names = list(EXPERIMENT_NAMES) if run_all else [args.experiment]
+    root = args.out or Path("runs")  # with `all`, the parent of the run folders
     prepared = {}
     for name in names:  # validate every experiment before training any
-        out = root / name if args.experiment == "all" else args.out or root / Path(name).stem
+        stem = Path(name).stem
+        out = root / stem if run_all or args.out is None else args.out
         # `all --resume` after an interruption: runs not started yet simply start.
-        resume = args.resume and (args.experiment != "all" or out.exists())
+        resume = args.resume and (not run_all or out.exists())
         opts = RunOptions(out_dir=out, data=args.data, precision=args.precision,
                           max_steps_per_epoch=args.max_steps_per_epoch, resume=resume,
                           overwrite=args.overwrite, progress=not args.no_progress)
-        prepared[Path(name).stem] = prepare(_config(name, args), opts, dry_run=args.dry_run)
+        prepared[stem] = prepare(_config(name, args), opts, dry_run=args.dry_run)
     if args.dry_run:
-        print("\n\n".join(describe(run) for run in prepared.values()))
+        print("\n\n".join(describe(one) for one in prepared.values()))
         return 0
-    summaries = {name: train_prepared(run) for name, run in prepared.items()}
-    if args.experiment == "all":
+    summaries = {stem: train_prepared(one) for stem, one in prepared.items()}
+    if run_all:
         table = comparison_table(summaries)
         (root / "comparison.md").write_text(table, encoding="utf-8")
         print(table, end="")
