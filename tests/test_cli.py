@@ -12,7 +12,7 @@ import pytest
 
 from tinylm_jax.checkpoint import load_run
 from tinylm_jax.cli import main
-from tinylm_jax.experiment import comparison_table
+from tinylm_jax.experiment import comparison_table, perplexity
 
 # On the first 8,000 characters this overfits from epoch 2 on: validation is best at epoch 1,
 # and with plateau_patience 0 the learning rate halves after each of epochs 2 and 3.
@@ -97,8 +97,12 @@ def test_an_existing_run_folder_is_never_silently_overwritten(tmp_path, tiny_tom
 def test_resuming_with_another_config_is_refused(tmp_path, tiny_toml, tiny_corpus, capsys):
     out = tmp_path / "run"
     assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1") == 0
+    before = _snapshot(out)
     assert _run(tiny_toml, tiny_corpus, out, "--resume", "--seed", "7") == 2
     assert "seed (0 -> 7)" in capsys.readouterr().err
+    assert _run(tiny_toml, tiny_corpus, out, "--resume", "--max-steps-per-epoch", "3") == 2
+    assert "--max-steps-per-epoch (None -> 3)" in capsys.readouterr().err
+    assert _snapshot(out) == before
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -106,9 +110,8 @@ def test_resuming_with_another_config_is_refused(tmp_path, tiny_toml, tiny_corpu
     (lambda toml, corpus: (toml, corpus.with_name("missing.txt")), "corpus file not found"),
     (lambda toml, corpus: (toml.write_text(TINY_TOML + "dmodel = 3\n") and toml, corpus),
      "unknown key(s) dmodel"),
-    (lambda toml, corpus: (toml.write_text(TINY_TOML + "seq_len = 10000\n".replace("seq_len",
-                                                                                 "train_fraction"))
-                           and toml, corpus), "'train_fraction' must lie in"),
+    (lambda toml, corpus: (toml.write_text(TINY_TOML + "train_fraction = 1.5\n") and toml, corpus),
+     "'train_fraction' must lie in"),
     (lambda toml, corpus: (toml, corpus.write_text("To be, or not") and corpus),
      "corpus too short"),
     (lambda toml, corpus: (toml, corpus.write_bytes(b"ok \xc3\x28") and corpus),
@@ -187,12 +190,17 @@ def test_all_runs_the_three_and_resumes_what_is_missing(tmp_path, tiny_corpus, m
     assert (root / "wider" / "summary.json").is_file()
 
 
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def test_dry_run_ignores_an_existing_run_folder(tmp_path, tiny_toml, tiny_corpus, capsys):
     out = tmp_path / "run"
     assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1") == 0
-    before = sorted(p.name for p in out.rglob("*"))
-    assert _run(tiny_toml, tiny_corpus, out, "--dry-run") == 0
-    assert sorted(p.name for p in out.rglob("*")) == before
+    before = _snapshot(out)
+    assert _run(tiny_toml, tiny_corpus, out, "--dry-run", "--seed", "5") == 0
+    assert "seed = 5" in capsys.readouterr().out
+    assert _snapshot(out) == before
 
 
 def test_overwrite_only_replaces_a_run_folder(tmp_path, tiny_toml, tiny_corpus, capsys):
@@ -210,3 +218,32 @@ def test_resuming_on_another_corpus_is_refused(tmp_path, tiny_toml, tiny_corpus,
     tiny_corpus.write_text(tiny_corpus.read_text() + "\nEXTRA:\nMore lines.\n")
     assert _run(tiny_toml, tiny_corpus, out, "--resume") == 2
     assert "corpus (its sha256 differs)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["baseline", "--precision", "fp16"], "invalid choice: 'fp16'"),
+    (["baseline", "--max-epochs", "x"], "invalid int value: 'x'"),
+    ([], "the following arguments are required: experiment"),
+])
+def test_usage_mistakes_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-epochs", "0"], "--max-epochs must be positive"),
+    (["--seed", str(2**64)], "--seed must lie in"),
+    (["--max-steps-per-epoch", "0"], "--max-steps-per-epoch must be positive"),
+    (["--resume", "--overwrite"], "exclude each other"),
+])
+def test_bad_flag_values_name_the_flag(tmp_path, tiny_toml, tiny_corpus, capsys, flags, message):
+    assert _run(tiny_toml, tiny_corpus, tmp_path / "never", *flags) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_diverging_loss_has_an_infinite_perplexity():
+    assert perplexity(1000.0) == float("inf") and perplexity(0.0) == 1.0

@@ -39,10 +39,12 @@ def test_logits_and_attention_match_the_pytorch_model(cfg):
         np.testing.assert_allclose(got, want.numpy(), atol=1e-5, rtol=0)
 
 
-def test_numpy_values_are_accepted(cfg):
-    state = {k: v.numpy() for k, v in _torch_model(cfg).state_dict().items()}
-    params = params_from_torch_state_dict(state, cfg)
-    assert params["head"]["kernel"].shape == (cfg.d_model, cfg.vocab_size)
+def test_numpy_values_give_the_same_params_as_tensors(cfg):
+    tensors = _torch_model(cfg).state_dict()
+    from_numpy = params_from_torch_state_dict({k: v.numpy() for k, v in tensors.items()}, cfg)
+    from_tensors = params_from_torch_state_dict(tensors, cfg)
+    assert from_numpy["head"]["kernel"].shape == (cfg.d_model, cfg.vocab_size)
+    jax.tree.map(np.testing.assert_array_equal, from_numpy, from_tensors)
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -54,12 +54,14 @@ def test_initialisation_follows_pytorch_defaults():
     params = init_params(build_model(cfg), 0)
     emb = np.asarray(params["token_embedding"]["embedding"])
     assert abs(emb.std() - 1.0) < 0.02 and abs(emb.mean()) < 0.02  # N(0, 1)
-    ff_in = params["layers_0"]["ff_in"]
-    for leaf in (ff_in["kernel"], ff_in["bias"]):  # U(+-1/sqrt(d_model))
-        bound = 1 / np.sqrt(cfg.d_model)
-        assert np.abs(leaf).max() <= bound and np.abs(leaf).max() > 0.95 * bound
-    ff_out = np.asarray(params["layers_0"]["ff_out"]["kernel"])  # fan_in is d_ff
-    assert np.abs(ff_out).max() <= 1 / np.sqrt(cfg.d_ff)
+    layer = params["layers_0"]
+    fed_by_d_model = [layer["ff_in"]["kernel"], layer["ff_in"]["bias"],
+                      layer["attn"]["qkv_proj"]["kernel"], layer["attn"]["out_proj"]["kernel"],
+                      params["head"]["kernel"]]
+    for leaf, fan_in in [(x, cfg.d_model) for x in fed_by_d_model] + [
+            (layer["ff_out"]["kernel"], cfg.d_ff), (layer["ff_out"]["bias"], cfg.d_ff)]:
+        bound = 1 / np.sqrt(fan_in)  # U(+-1/sqrt(fan_in)) fills its whole range
+        assert bound * 0.9 < np.abs(leaf).max() <= bound
     np.testing.assert_array_equal(params["norm"]["weight"], 1.0)
 
 

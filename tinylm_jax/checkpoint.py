@@ -64,9 +64,6 @@ class RunCheckpoints:
     def best_epoch(self) -> int | None:
         return self.manager.best_step()
 
-    def all_epochs(self) -> list[int]:
-        return list(self.manager.all_steps())
-
     def restore(self, epoch: int, template: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """The state saved at `epoch` (shaped like `template`) and its JSON record."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(template))
@@ -90,15 +87,17 @@ class LoadedRun:
     record: dict[str, Any]
 
 
-def read_run_config(run_dir: Path) -> ExperimentConfig:
+def read_run_record(run_dir: Path) -> tuple[ExperimentConfig, dict[str, Any]]:
+    """A run folder's config.json: the experiment config, and the whole record beside it."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir}: not a run folder (no config.json)")
     try:
-        values = json.loads(path.read_text(encoding="utf-8"))["experiment"]
+        record = json.loads(path.read_text(encoding="utf-8"))
+        values = record["experiment"]
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"{path}: unreadable run config ({err!r})") from None
-    return config_from_dict(values, source=str(path))
+    return config_from_dict(values, source=str(path)), record
 
 
 def read_run_tokenizer(run_dir: Path) -> Tokenizer:
@@ -113,8 +112,10 @@ def read_run_tokenizer(run_dir: Path) -> Tokenizer:
 
 def load_run(run_dir: str | Path, which: str = "best", precision: str = "fp32") -> LoadedRun:
     """Restore a run's `best` or `latest` params, with its config, model and tokenizer."""
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
     run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
+    cfg, _ = read_run_record(run_dir)
     checkpoints = RunCheckpoints(run_dir, read_only=True)
     try:
         epoch = checkpoints.best_epoch() if which == "best" else checkpoints.latest_epoch()

@@ -12,6 +12,7 @@ last partial batch of a split needs no new compilation and counts every window e
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.request
@@ -37,7 +38,7 @@ def default_cache_path() -> Path:
     return root / "tinylm_jax" / "tinyshakespeare" / "input.txt"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -49,7 +50,7 @@ def download_corpus(dest: Path, url: str = CORPUS_URL, sha256: str = CORPUS_SHA2
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             tmp_path.write_bytes(response.read())
-        digest = _sha256(tmp_path)
+        digest = file_sha256(tmp_path)
         if digest != sha256:
             raise UserError(f"downloaded corpus from {url} has sha256 {digest}, "
                             f"expected {sha256}; not used")
@@ -65,11 +66,11 @@ def resolve_corpus(data: str | None = None) -> Path:
     if chosen:
         return Path(chosen)
     cached = default_cache_path()
-    if cached.is_file() and _sha256(cached) == CORPUS_SHA256:
+    if cached.is_file() and file_sha256(cached) == CORPUS_SHA256:
         return cached
     try:
         return download_corpus(cached, url=CORPUS_URL)
-    except OSError as err:
+    except (OSError, http.client.HTTPException) as err:
         raise UserError(f"no corpus: pass --data PATH, set TINYLM_DATA=PATH, or allow the "
                         f"download to {cached} (it failed: {err})") from None
 

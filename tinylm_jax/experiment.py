@@ -9,7 +9,6 @@ silently overwritten.
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -23,9 +22,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from tinylm_jax.checkpoint import RunCheckpoints, read_run_config, read_run_tokenizer
+from tinylm_jax.checkpoint import RunCheckpoints, read_run_record, read_run_tokenizer
 from tinylm_jax.config import ExperimentConfig, UserError
-from tinylm_jax.data import Dataset, build_dataset, read_corpus, resolve_corpus
+from tinylm_jax.data import Dataset, build_dataset, file_sha256, read_corpus, resolve_corpus
 from tinylm_jax.model import build_model, count_params, init_params
 from tinylm_jax.train import compute_dtype, create_train_state, evaluate, train_epoch
 
@@ -74,7 +73,7 @@ def _check_run_folder(opts: RunOptions) -> None:
         raise UserError(f"{out}: run folder exists; pass --resume to continue it or "
                         "--overwrite to replace it")
     elif used:
-        read_run_config(out)  # only a readable run folder may be overwritten
+        read_run_record(out)  # only a readable run folder may be overwritten
     existing = out
     while not existing.exists():
         existing = existing.parent
@@ -92,16 +91,19 @@ def _writable(folder: Path) -> bool:
         return False
 
 
-def _check_resumable(run_dir: Path, cfg: ExperimentConfig, corpus_sha256: str) -> None:
-    old, new = read_run_config(run_dir).to_dict(), cfg.to_dict()
+def _check_resumable(opts: RunOptions, cfg: ExperimentConfig, corpus_sha256: str) -> None:
+    stored, record = read_run_record(opts.out_dir)
+    old, new = stored.to_dict(), cfg.to_dict()
     changed = [f"{k} ({old[k]!r} -> {new[k]!r})" for k in old
                if k not in RESUMABLE_CHANGES and old[k] != new[k]]
-    stored_sha256 = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get(
-        "corpus_sha256")
-    if stored_sha256 != corpus_sha256:
+    if record.get("max_steps_per_epoch") != opts.max_steps_per_epoch:
+        changed.append(f"--max-steps-per-epoch ({record.get('max_steps_per_epoch')} -> "
+                       f"{opts.max_steps_per_epoch})")
+    if record.get("corpus_sha256") != corpus_sha256:
         changed.append("corpus (its sha256 differs)")
     if changed:
-        raise UserError(f"{run_dir}: cannot resume with a different config: {', '.join(changed)}")
+        raise UserError(f"{opts.out_dir}: cannot resume with a different config: "
+                        f"{', '.join(changed)}")
 
 
 def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> PreparedRun:
@@ -113,10 +115,10 @@ def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> P
         _check_run_folder(opts)
     corpus = resolve_corpus(opts.data)
     text = read_corpus(corpus)
-    corpus_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    corpus_sha256 = file_sha256(corpus)
     tokenizer = None
     if opts.resume and not dry_run:
-        _check_resumable(opts.out_dir, cfg, corpus_sha256)
+        _check_resumable(opts, cfg, corpus_sha256)
         tokenizer = read_run_tokenizer(opts.out_dir)
     data = build_dataset(text, cfg, tokenizer)
     params = jax.eval_shape(lambda: init_params(build_model(cfg), cfg.seed))
@@ -137,6 +139,11 @@ def describe(run: PreparedRun) -> str:
               f"compute on {jax.default_backend()})",
               f"run folder: {run.opts.out_dir}"]
     return "\n".join(lines)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), infinite rather than an OverflowError for a diverging loss."""
+    return math.exp(loss) if loss < 709.0 else math.inf
 
 
 def best_epoch(history: list[dict[str, Any]]) -> int | None:
@@ -202,7 +209,7 @@ def train_prepared(run: PreparedRun, log: Callable[[str], None] = print) -> dict
                                        "stopped without saving it")
             state = state.step_plateau(val_loss)
             history.append({"epoch": epoch, "train_loss": train_metrics["train_loss"],
-                            "val_loss": val_loss, "val_ppl": math.exp(val_loss), "lr": lr,
+                            "val_loss": val_loss, "val_ppl": perplexity(val_loss), "lr": lr,
                             "epoch_seconds": train_metrics["epoch_seconds"],
                             "train_tokens_per_s": train_metrics["train_tokens_per_s"]})
             wall = earlier_seconds + time.perf_counter() - began
@@ -215,7 +222,6 @@ def train_prepared(run: PreparedRun, log: Callable[[str], None] = print) -> dict
                 f"{row['epoch_seconds']:.1f}s {row['train_tokens_per_s']:,.0f} tok/s ({note})")
     finally:
         checkpoints.close()
-    _write_history(out / "history.csv", history)
     summary = _summary(run, history, earlier_seconds + time.perf_counter() - began)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     log(f"{cfg.name}: best val_ppl={summary['best_val_ppl']:.2f} at epoch "
