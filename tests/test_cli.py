@@ -46,6 +46,18 @@ def _history(run_dir):
         return list(csv.DictReader(f))
 
 
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def one_epoch_run(tmp_path, tiny_toml, tiny_corpus):
+    """A run folder after one epoch of the tiny experiment."""
+    out = tmp_path / "run"
+    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1") == 0
+    return out
+
+
 def test_train_then_resume_equals_a_straight_run(tmp_path, tiny_toml, tiny_corpus, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert _run(tiny_toml, tiny_corpus, straight) == 0
@@ -83,10 +95,9 @@ def test_best_and_latest_are_both_kept(tmp_path, tiny_toml, tiny_corpus):
     assert summary["stopped_early"] is True  # 3 epochs without a better PPL after epoch 1
 
 
-def test_an_existing_run_folder_is_never_silently_overwritten(tmp_path, tiny_toml, tiny_corpus,
-                                                             capsys):
-    out = tmp_path / "run"
-    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1") == 0
+def test_an_existing_run_folder_is_never_silently_overwritten(one_epoch_run, tiny_toml,
+                                                             tiny_corpus, capsys):
+    out = one_epoch_run
     before = (out / "history.csv").read_bytes()
     assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1") == 2
     assert "--resume" in capsys.readouterr().err
@@ -94,9 +105,8 @@ def test_an_existing_run_folder_is_never_silently_overwritten(tmp_path, tiny_tom
     assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1", "--overwrite") == 0
 
 
-def test_resuming_with_another_config_is_refused(tmp_path, tiny_toml, tiny_corpus, capsys):
-    out = tmp_path / "run"
-    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1") == 0
+def test_resuming_with_another_config_is_refused(one_epoch_run, tiny_toml, tiny_corpus, capsys):
+    out = one_epoch_run
     before = _snapshot(out)
     assert _run(tiny_toml, tiny_corpus, out, "--resume", "--seed", "7") == 2
     assert "seed (0 -> 7)" in capsys.readouterr().err
@@ -190,13 +200,8 @@ def test_all_runs_the_three_and_resumes_what_is_missing(tmp_path, tiny_corpus, m
     assert (root / "wider" / "summary.json").is_file()
 
 
-def _snapshot(folder):
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def test_dry_run_ignores_an_existing_run_folder(tmp_path, tiny_toml, tiny_corpus, capsys):
-    out = tmp_path / "run"
-    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1") == 0
+def test_dry_run_ignores_an_existing_run_folder(one_epoch_run, tiny_toml, tiny_corpus, capsys):
+    out = one_epoch_run
     before = _snapshot(out)
     assert _run(tiny_toml, tiny_corpus, out, "--dry-run", "--seed", "5") == 0
     assert "seed = 5" in capsys.readouterr().out
@@ -212,9 +217,8 @@ def test_overwrite_only_replaces_a_run_folder(tmp_path, tiny_toml, tiny_corpus, 
     assert (out / "config.json").read_text() == "my own notes, not a run"
 
 
-def test_resuming_on_another_corpus_is_refused(tmp_path, tiny_toml, tiny_corpus, capsys):
-    out = tmp_path / "run"
-    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1") == 0
+def test_resuming_on_another_corpus_is_refused(one_epoch_run, tiny_toml, tiny_corpus, capsys):
+    out = one_epoch_run
     tiny_corpus.write_text(tiny_corpus.read_text() + "\nEXTRA:\nMore lines.\n")
     assert _run(tiny_toml, tiny_corpus, out, "--resume") == 2
     assert "corpus (its sha256 differs)" in capsys.readouterr().err
