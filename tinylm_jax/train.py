@@ -59,7 +59,7 @@ def make_optimizer(cfg: ExperimentConfig) -> optax.GradientTransformation:
 
     The seed's notebook, on CUDA, clipped gradients still multiplied by GradScaler's scale (no
     `unscale_` first), which shrinks every step's gradient to norm 1/scale before AdamW. This
-    follows the intended clip-then-AdamW; see the closing note of the core issue for the effect.
+    follows the intended clip-then-AdamW; README's "Fidelity to the seed" shows the difference.
     """
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip_norm),
