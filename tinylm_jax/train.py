@@ -10,6 +10,7 @@ a split are token-weighted however its last batch is padded.
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from typing import Any
 
@@ -127,6 +128,11 @@ def make_batch(tokens: jax.Array, starts: jax.Array, weights: jax.Array, seq_len
     return {"inputs": inputs, "targets": targets, "weights": weights}
 
 
+def _device_batch(data: Dataset, batch: dict[str, np.ndarray], cfg: ExperimentConfig
+                  ) -> dict[str, jax.Array]:
+    return make_batch(data.tokens, batch["starts"], batch["weights"], seq_len=cfg.seq_len)
+
+
 def _mean_loss(metrics: list[dict[str, jax.Array]]) -> tuple[float, int]:
     """Token-weighted mean loss over step metrics (summed in float64 on the host)."""
     host = jax.device_get(metrics)
@@ -151,12 +157,8 @@ def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig, epoch: 
     steady_from, first_tokens = began, 0.0
     with tqdm(total=total, desc=f"epoch {epoch}", unit="step", disable=not progress or None,
               leave=False, dynamic_ncols=True) as bar:
-        for batch in batches(starts, cfg.batch_size):
-            if len(metrics) == total:
-                break
-            device_batch = make_batch(data.tokens, batch["starts"], batch["weights"],
-                                      seq_len=cfg.seq_len)
-            state, step_metrics = train_step(state, device_batch)
+        for batch in itertools.islice(batches(starts, cfg.batch_size), total):
+            state, step_metrics = train_step(state, _device_batch(data, batch, cfg))
             metrics.append(step_metrics)
             bar.update()
             if len(metrics) == 1 and total > 1:
@@ -178,7 +180,6 @@ def evaluate(state: TrainState, data: Dataset, cfg: ExperimentConfig) -> float:
     """Token-weighted mean loss over every validation window, in order."""
     starts = np.arange(data.splits.num_train, data.splits.num_train + data.splits.num_val,
                        dtype=np.int32)
-    metrics = [eval_step(state, make_batch(data.tokens, b["starts"], b["weights"],
-                                           seq_len=cfg.seq_len))
-               for b in batches(starts, cfg.batch_size)]
+    metrics = [eval_step(state, _device_batch(data, batch, cfg))
+               for batch in batches(starts, cfg.batch_size)]
     return _mean_loss(metrics)[0]
