@@ -47,8 +47,9 @@ class RunCheckpoints:
                 policy.BestN(get_metric_fn=_ranked_loss, reverse=True, n=1),
             ]),
             enable_async_checkpointing=False,
-            cleanup_tmp_directories=True,
-            read_only=read_only,
+            # Reading touches nothing. (orbax's own read_only flag warns on every use.)
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
         )
         self.manager = ocp.CheckpointManager(Path(run_dir).resolve() / "checkpoints",
                                              options=options)
