@@ -18,6 +18,9 @@ from tinylm_jax.sampling import (
 VOCAB = 7
 
 
+TRACES = []  # one entry per trace of a fake model, i.e. per compilation that runs it
+
+
 class NextTokenTable(nn.Module):
     """Logits of the next token depend only on the current one: row `table[id]`."""
 
@@ -25,6 +28,7 @@ class NextTokenTable(nn.Module):
 
     @nn.compact
     def __call__(self, ids: jax.Array) -> jax.Array:
+        TRACES.append(self.max_seq_len)
         table = self.param("table", nn.initializers.zeros, (VOCAB, VOCAB))
         return table[ids]  # (B, L, V)
 
@@ -41,6 +45,19 @@ def test_greedy_follows_the_argmax_past_the_context_length():
     ids = generate(model, successor_table(), [3], max_new_tokens=12, temperature=0.0)
     # 12 new tokens overrun the 4-token window many times: the read position must slide.
     assert ids == [(3 + i) % VOCAB for i in range(13)]
+
+
+def test_the_window_fills_then_slides_by_one_token():
+    model, params = NextTokenTable(), successor_table()
+    window, length = context_window([1, 2], model.max_seq_len)
+    window, length = jnp.asarray(window), jnp.int32(length)
+    seen = []
+    for step in range(4):
+        window, length, token = sample_step(model, params, window, length, jax.random.key(step),
+                                            jnp.float32(0.0), jnp.int32(0))
+        seen.append((np.asarray(window)[0].tolist(), int(length), int(token)))
+    assert seen == [([1, 2, 3, 0], 3, 3), ([1, 2, 3, 4], 4, 4), ([2, 3, 4, 5], 4, 5),
+                    ([3, 4, 5, 6], 4, 6)]
 
 
 def test_greedy_reads_the_last_prompt_token_not_the_padding():
@@ -76,12 +93,11 @@ def test_the_same_seed_gives_the_same_text_and_another_seed_another():
 
 
 def test_generation_compiles_once_whatever_the_prompt_and_settings():
-    model = NextTokenTable(max_seq_len=6)
+    model = NextTokenTable(max_seq_len=6)  # a context length no other test compiles
     params = successor_table()
-    before = sample_step._cache_size()
     generate(model, params, [1], 10, temperature=0.0)
     generate(model, params, [1, 2, 3, 4, 5, 6, 0, 1], 10, temperature=0.7, top_k=2, seed=3)
-    assert sample_step._cache_size() == before + 1
+    assert TRACES.count(6) == 1  # 20 tokens, two prompts, two settings: one trace
 
 
 def test_context_window_keeps_the_last_tokens_left_aligned():
