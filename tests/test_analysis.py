@@ -1,0 +1,164 @@
+"""Tokenizer study on the real corpus, decoding, attention statistics and the export format."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tinylm_jax.analysis import RunCorpus, is_punctuation, md_token, tokenizer_study
+from tinylm_jax.attention import (
+    AttentionExport,
+    load_attention,
+    stats_rows,
+    uniform_causal,
+    window_statistics,
+)
+from tinylm_jax.config import UserError, load_config
+from tinylm_jax.data import train_tokenizer
+from tinylm_jax.detokenize import Spacing, seed_separator
+from tinylm_jax.plots import token_label
+
+
+@pytest.fixture(scope="module")
+def real_corpus(corpus_text):
+    return RunCorpus.build(load_config("baseline"), train_tokenizer(corpus_text, 500),
+                           corpus_text)
+
+
+def test_tokenizer_study_matches_the_seed(real_corpus):
+    study = tokenizer_study(real_corpus)
+    assert (study.num_chars, study.distinct_chars, study.num_tokens) == (1_115_394, 65, 447_717)
+    assert study.top_tokens[0] == (",", 19_846) and study.top_tokens[19] == ("be", 3_568)
+    assert [tok for tok, _ in study.top_tokens[:5]] == [",", "s", ":", ".", "I"]
+    assert len(study.top_words) == 100
+    assert study.missed_words == ["duke", "richard", "queen"]  # 97 captured
+
+
+def test_the_spacing_model_restores_the_validation_text_better_than_the_seed(real_corpus):
+    scores = tokenizer_study(real_corpus).spacing_scores
+    assert scores["spacing_exact"] > 0.9 > 0.5 > scores["seed_exact"]
+    start = real_corpus.window_start(0)
+    ids = real_corpus.ids[start:start + 16]
+    assert real_corpus.source_text(start, 16) == "o'erweighs your true.\n\nISABELLA:"
+    assert real_corpus.decode(ids).startswith("o'er")
+    assert "ISABELLA:" in real_corpus.decode(ids)
+
+
+def test_spacing_learns_the_commonest_separator_per_pair():
+    text = "ab ab ab,ab\nxy"
+    ids = np.array([0, 1, 0, 1, 0, 1, 2, 0, 1, 3, 4])  # a b a b a b , a b x y
+    starts = [0, 1, 3, 4, 6, 7, 8, 9, 10, 12, 13]
+    offsets = np.array([[s, s + 1] for s in starts])
+    spacing = Spacing.fit(text, ids, offsets, vocab_size=6)
+    assert spacing.separator(0, 1) == ""  # a|b always joined
+    assert spacing.separator(1, 0) == " "  # b a: twice " ", never anything else
+    assert spacing.separator(1, 3) == "\n"
+    assert spacing.separator(5, 1) == ""  # unseen pair: what most often precedes b
+    assert spacing.separator(5, 5) == " "  # unseen token: a space
+
+    class Vocab:
+        def id_to_token(self, i):
+            return "ab,xy?"[i]
+
+    assert spacing.decode(Vocab(), [0, 1, 0, 1, 3]) == "ab ab\nx"
+    assert spacing.decode(Vocab(), [0, 1], after=1) == " ab"
+
+
+def test_seed_separator_is_its_punctuation_clean_up():
+    assert seed_separator("thee", ",") == "" and seed_separator("(", "I") == ""
+    assert seed_separator("lo", "se") == " " and seed_separator("I", ")") == ""
+
+
+def test_punctuation_tokens_and_labels():
+    assert is_punctuation(",") and is_punctuation("':") and not is_punctuation("s")
+    assert not is_punctuation("[PAD]") and not is_punctuation("")
+    assert token_label("$") == r"\$" and md_token("a|b") == "`a\\|b`"
+
+
+def _stats(weights, punct=None):
+    weights = jnp.asarray(weights, jnp.float32)
+    length = weights.shape[-1]
+    punct = jnp.zeros((1, length), bool) if punct is None else jnp.asarray(punct)
+    return {k: float(v[0, 0]) for k, v in window_statistics(weights[None, None], punct).items()}
+
+
+def test_statistics_of_identity_attention():
+    stats = _stats(np.eye(6))
+    assert stats == {"mean_distance": 0.0, "self_mass": 1.0, "prev_mass": 0.0,
+                     "punct_mass": 0.0, "entropy": 0.0}
+
+
+def test_statistics_of_previous_token_attention():
+    length = 5
+    weights = np.eye(length, k=-1)
+    weights[0, 0] = 1.0  # the first query can only see itself
+    stats = _stats(weights, punct=np.array([[True, False, False, False, False]]))
+    assert stats["prev_mass"] == 1.0
+    assert stats["mean_distance"] == pytest.approx((length - 1) / length)
+    assert stats["self_mass"] == pytest.approx(1 / length)
+    assert stats["punct_mass"] == pytest.approx(2 / length)  # queries 0 and 1 look at key 0
+    assert stats["entropy"] == 0.0
+
+
+def test_statistics_of_uniform_causal_attention():
+    length = 8
+    stats = _stats(np.asarray(uniform_causal(1, length))[0, 0])
+    q = np.arange(length)
+    assert stats["mean_distance"] == pytest.approx(np.mean(q / 2))
+    assert stats["self_mass"] == pytest.approx(np.mean(1 / (q + 1)))
+    assert stats["entropy"] == pytest.approx(np.mean(np.log(q + 1)), rel=1e-5)
+    assert stats["prev_mass"] == pytest.approx(np.mean(1 / (q[1:] + 1)))
+    punct = _stats(np.asarray(uniform_causal(1, length))[0, 0], np.arange(length)[None] == 0)
+    assert punct["punct_mass"] == pytest.approx(stats["self_mass"])  # key 0: 1/(q+1) as well
+
+
+def test_stats_rows_add_layer_means_and_the_reference():
+    heads = {name: np.arange(6, dtype=float).reshape(2, 3) for name in
+             ("mean_distance", "self_mass", "prev_mass", "punct_mass", "entropy")}
+    rows = stats_rows(heads, {name: -1.0 for name in heads})
+    assert len(rows) == 2 * 3 + 2 + 1
+    assert rows[6] == {"layer": "0", "head": "mean", **{name: 1.0 for name in heads}}
+    assert rows[-1]["layer"] == "uniform" and rows[-1]["entropy"] == -1.0
+
+
+def test_an_export_is_plain_numpy(tmp_path):
+    attention = np.tril(np.ones((2, 3, 4, 4), np.float32))
+    attention /= attention.sum(-1, keepdims=True)
+    export = AttentionExport(np.arange(4, dtype=np.int32), np.array(["a", ",", "b", "$"]),
+                             attention, {"experiment": "x", "epoch": 3})
+    path = tmp_path / "a.npz"
+    export.save(path)
+    with np.load(path, allow_pickle=False) as f:  # without the project
+        assert f["attention"].shape == (2, 3, 4, 4) and f["tokens"].tolist()[3] == "$"
+        assert json.loads(str(f["metadata"]))["epoch"] == 3
+    again = load_attention(path)
+    np.testing.assert_array_equal(again.attention, attention)
+
+
+def test_loading_something_else_is_a_user_error(tmp_path):
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(UserError, match="missing attention, metadata, token_ids, tokens"):
+        load_attention(tmp_path / "other.npz")
+    (tmp_path / "junk.npz").write_text("not a zip")
+    with pytest.raises(UserError, match="cannot read attention export"):
+        load_attention(tmp_path / "junk.npz")
+    with pytest.raises(UserError, match="cannot read"):
+        load_attention(tmp_path / "absent.npz")
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    with pytest.raises(UserError, match="a single array"):
+        load_attention(tmp_path / "single.npy")
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "other.npz").read_bytes()[:100])
+    with pytest.raises(UserError, match="cannot read attention export"):
+        load_attention(tmp_path / "cut.npz")
+    np.savez(tmp_path / "bad.npz", token_ids=np.zeros(3), tokens=np.array(["a"] * 3),
+             attention=np.zeros((1, 1, 2, 2)), metadata=np.array("{}"))
+    with pytest.raises(UserError, match=r"expected \(layers, heads, 3, 3\)"):
+        load_attention(tmp_path / "bad.npz")
+
+
+def test_window_index_is_checked(real_corpus):
+    assert real_corpus.window_start(0) == 358_122
+    with pytest.raises(UserError, match=r"--window must lie in \[0, 89530\]"):
+        real_corpus.window_start(89_531)
+    assert len(real_corpus.offsets) == 447_717

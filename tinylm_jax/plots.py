@@ -1,0 +1,140 @@
+"""The seed report's figures as PNG files: token frequencies, curves, attention heatmaps.
+
+Every function draws one figure, writes it to `path` and closes it; none shows a window.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed, none opened
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+
+DPI = 120
+
+
+def token_label(token: str) -> str:
+    """A token as a tick label: `$` would start matplotlib's math mode, newlines would wrap."""
+    return token.replace("$", r"\$").replace("\n", "\\n")
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def token_frequencies(top_tokens: list[tuple[str, int]], path: Path) -> Path:
+    """Seed figure 1: the commonest BPE tokens and their counts."""
+    fig, ax = plt.subplots(figsize=(10, 5), layout="constrained")
+    labels = [token_label(tok) for tok, _ in top_tokens]
+    ax.bar(range(len(top_tokens)), [n for _, n in top_tokens])
+    ax.set_xticks(range(len(top_tokens)), labels, fontsize=11)
+    ax.set_xlabel("Token")
+    ax.set_ylabel("Frequency in the corpus")
+    ax.set_title(f"{len(top_tokens)} most common BPE tokens")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _label_epoch_axes(ax: plt.Axes, epochs: list[int], ylabel: str, title: str) -> None:
+    ax.set_xlabel("Epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_xticks(epochs)
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+
+
+def loss_curves(history: list[dict[str, float]], name: str, path: Path) -> Path:
+    """Seed figure 3: train and validation cross-entropy per epoch."""
+    epochs = [row["epoch"] for row in history]
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    ax.plot(epochs, [row["train_loss"] for row in history], marker="o", label="Train loss")
+    ax.plot(epochs, [row["val_loss"] for row in history], marker="o", label="Validation loss")
+    _label_epoch_axes(ax, epochs, "Cross-entropy loss (nats per token)", f"Loss per epoch\n{name}")
+    return _save(fig, path)
+
+
+def val_perplexity(history: list[dict[str, float]], name: str, path: Path) -> Path:
+    """Seed figure 4: validation perplexity per epoch, the best epoch marked."""
+    epochs = [row["epoch"] for row in history]
+    ppl = [row["val_ppl"] for row in history]
+    best = int(np.nanargmin(ppl))
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    ax.plot(epochs, ppl, marker="o", label="Validation perplexity")
+    ax.scatter([epochs[best]], [ppl[best]], s=120, facecolors="none", edgecolors="red",
+               label=f"Best: {ppl[best]:.2f} (epoch {epochs[best]})", zorder=3)
+    _label_epoch_axes(ax, epochs, "Perplexity", f"Validation perplexity per epoch\n{name}")
+    return _save(fig, path)
+
+
+def perplexity_comparison(histories: dict[str, list[dict[str, float]]], path: Path) -> Path:
+    """Seed figure 2: validation perplexity of several runs on one log-scale axis."""
+    fig, ax = plt.subplots(figsize=(10, 6), layout="constrained")
+    for name, history in histories.items():
+        ax.plot([row["epoch"] for row in history], [row["val_ppl"] for row in history],
+                marker="o", alpha=0.85, label=name)
+    ax.set_yscale("log")
+    # Plain numbers: perplexities span well under a decade, where "6x10^1" labels are unreadable.
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+    ax.set_xlabel("Epoch")
+    ax.set_ylabel("Validation perplexity (log scale)")
+    ax.set_title("Validation perplexity per experiment")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, path)
+
+
+def attention_head(weights: np.ndarray, tokens: list[str], title: str, path: Path) -> Path:
+    """Seeds figures 5-8: one head's (L, L) weights, queries down, keys across, tokens on both."""
+    length = len(tokens)
+    size = max(6.0, 0.16 * length + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size), layout="constrained")
+    image = ax.imshow(weights, cmap="viridis", vmin=0.0, interpolation="nearest")
+    labels = [token_label(tok) for tok in tokens]
+    fontsize = 9 if length <= 32 else 7
+    ax.set_xticks(range(length), labels, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(length), labels, fontsize=fontsize)
+    ax.set_xlabel("Key (attended-to token)")
+    ax.set_ylabel("Query (attending token)")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="Attention weight")
+    return _save(fig, path)
+
+
+def attention_grid(attention: np.ndarray, title: str, path: Path) -> Path:
+    """Every head of every layer of one (layers, H, L, L) export, on a shared colour scale."""
+    layers, heads = attention.shape[:2]
+    fig, axes = plt.subplots(layers, heads, figsize=(2.6 * heads + 1.5, 2.6 * layers + 1.0),
+                             squeeze=False, layout="constrained")
+    vmax = float(attention.max())
+    for (layer, head), ax in np.ndenumerate(axes):
+        image = ax.imshow(attention[layer, head], cmap="viridis", vmin=0.0, vmax=vmax,
+                          interpolation="nearest")
+        ax.set_title(f"layer {layer}, head {head}", fontsize=10)
+        ticks = range(0, attention.shape[-1], 16)
+        ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+        ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=7)
+        if head == 0:
+            ax.set_ylabel("Query position")
+        if layer == layers - 1:
+            ax.set_xlabel("Key position")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="Attention weight")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def describe_source(metadata: dict[str, Any]) -> str:
+    """A short figure subtitle: which run, checkpoint and text an export came from."""
+    return (f"{metadata.get('experiment', '?')}, epoch {metadata.get('epoch', '?')}"
+            f" ({metadata.get('checkpoint', '?')}); {metadata.get('source', '')}")

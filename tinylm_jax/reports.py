@@ -1,0 +1,211 @@
+"""Writers of the analysis files of a run folder; each returns the paths it wrote.
+
+Files in a run folder after `analyze all` (seed section in brackets):
+  tokenizer_report.md, token_frequencies.png          tokenizer study [2]
+  loss_curves.png, val_ppl.png                         training curves [4.1]
+  attention.npz, attention/*.png                       one window's attention and its maps [4.2]
+  attention_stats.md, attention_stats.csv              per-head statistics over many windows [5.1]
+  samples.md                                           top-k, predicted vs actual, a sample [4.3]
+A comparison of several runs (comparison.md, val_ppl_comparison.png [3.4-3.5]) goes to their
+common parent folder.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tinylm_jax import plots
+from tinylm_jax.analysis import (
+    SEED_PROMPTS,
+    RunCorpus,
+    is_punctuation,
+    open_corpus,
+    predicted_vs_actual,
+    read_history,
+    read_summary,
+    tokenizer_report,
+    tokenizer_study,
+    top_k_table,
+)
+from tinylm_jax.attention import (
+    STAT_NAMES,
+    export_attention,
+    head_statistics,
+    load_attention,
+    stats_markdown,
+    stats_rows,
+)
+from tinylm_jax.checkpoint import LoadedRun, load_run, read_run_record
+from tinylm_jax.config import UserError
+from tinylm_jax.experiment import comparison_table
+from tinylm_jax.sampling import generate
+
+DEFAULT_STAT_WINDOWS = 512
+SAMPLE_PROMPT = SEED_PROMPTS[0]
+
+
+def output_folder(path: Path) -> Path:
+    """`path`, refused up front if something other than a folder is in the way."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: exists and is not a folder")
+    return path
+
+
+def maps_folder(export_path: Path) -> Path:
+    """Where an export's heatmaps go by default: beside it, named after it."""
+    if export_path.suffix != ".npz":
+        raise UserError(f"{export_path}: an attention export must be a .npz file")
+    return output_folder(export_path.with_suffix(""))
+
+
+def write_tokenizer_study(run_dir: Path, corpus: RunCorpus) -> list[Path]:
+    study = tokenizer_study(corpus)
+    figure = plots.token_frequencies(study.top_tokens, run_dir / "token_frequencies.png")
+    report = run_dir / "tokenizer_report.md"
+    report.write_text(tokenizer_report(study, figure.name), encoding="utf-8")
+    return [report, figure]
+
+
+def write_curves(run_dir: Path) -> list[Path]:
+    """Loss and validation perplexity per epoch, from history.csv alone."""
+    name = read_run_record(run_dir)[0].name
+    history = read_history(run_dir)
+    return [plots.loss_curves(history, name, run_dir / "loss_curves.png"),
+            plots.val_perplexity(history, name, run_dir / "val_ppl.png")]
+
+
+def write_comparison(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    """Table 1 and figure 2 for finished runs, keyed by run folder name."""
+    names = [Path(d).resolve().name for d in run_dirs]
+    if len(set(names)) != len(names):
+        raise UserError(f"run folders need distinct names to be compared, got {', '.join(names)}")
+    summaries = {name: read_summary(d) for name, d in zip(names, run_dirs, strict=True)}
+    experiments = [summaries[name]["experiment"] for name in names]
+    # Legend labels are experiment names, with the folder where two runs share one.
+    labels = [e if experiments.count(e) == 1 else f"{e} ({name})"
+              for e, name in zip(experiments, names, strict=True)]
+    histories = {label: read_history(d) for label, d in zip(labels, run_dirs, strict=True)}
+    output_folder(out_dir).mkdir(parents=True, exist_ok=True)
+    table = out_dir / "comparison.md"
+    table.write_text(comparison_table(summaries), encoding="utf-8")
+    return [table, plots.perplexity_comparison(histories, out_dir / "val_ppl_comparison.png")]
+
+
+def attention_metadata(run_dir: Path, run: LoadedRun, which: str, source: str) -> dict[str, Any]:
+    """What an export needs to say where it came from."""
+    return {"run_dir": str(run_dir), "experiment": run.config.name, "checkpoint": which,
+            "epoch": run.epoch, "source": source, "config": run.config.to_dict()}
+
+
+def write_attention(run_dir: Path, run: LoadedRun, corpus: RunCorpus, which: str,
+                    window: int = 0, text: str | None = None, out: Path | None = None
+                    ) -> list[Path]:
+    """Export one sequence's attention (a validation window, or `text`) and draw its maps."""
+    path = out or run_dir / "attention.npz"
+    maps_folder(path)
+    if text is None:
+        start = corpus.window_start(window)
+        ids = corpus.ids[start:start + corpus.config.seq_len]
+        source = f"validation window {window} (corpus tokens {start}-{start + len(ids) - 1})"
+    else:
+        ids = np.asarray(corpus.encode_prompt(text), np.int32)
+        if len(ids) > corpus.config.seq_len:
+            raise UserError(f"--text is {len(ids)} tokens; the model reads at most "
+                            f"{corpus.config.seq_len}")
+        source = f"text: {text!r}"
+    tokens = [corpus.tokenizer.id_to_token(int(i)) for i in ids]
+    export = export_attention(run.model, run.params, ids, tokens,
+                              attention_metadata(run_dir, run, which, source))
+    export.save(path)
+    return [path, *write_attention_maps(path)]
+
+
+def write_attention_maps(export_path: Path, out_dir: Path | None = None) -> list[Path]:
+    """One heatmap per (layer, head) and a grid of all, beside the export by default."""
+    out_dir = output_folder(out_dir) if out_dir else maps_folder(export_path)
+    export = load_attention(export_path)
+    subtitle = plots.describe_source(export.metadata)
+    tokens = [str(t) for t in export.tokens]
+    layers, heads = export.attention.shape[:2]
+    paths = [plots.attention_head(export.attention[layer, head], tokens,
+                                  f"Layer {layer}, head {head} attention\n{subtitle}",
+                                  out_dir / f"layer{layer}_head{head}.png")
+             for layer in range(layers) for head in range(heads)]
+    paths.append(plots.attention_grid(export.attention, f"All heads\n{subtitle}",
+                                      out_dir / "grid.png"))
+    return paths
+
+
+def stat_window_starts(corpus: RunCorpus, num_windows: int) -> np.ndarray:
+    """`num_windows` validation windows spread evenly over the validation split."""
+    num_val = corpus.splits.num_val
+    if not 1 <= num_windows <= num_val:
+        raise UserError(f"--windows must lie in [1, {num_val}], got {num_windows}")
+    offsets = np.linspace(0, num_val - 1, num_windows).round().astype(np.int64)  # distinct
+    return corpus.splits.num_train + offsets
+
+
+def write_attention_stats(run_dir: Path, run: LoadedRun, corpus: RunCorpus,
+                          num_windows: int = DEFAULT_STAT_WINDOWS) -> list[Path]:
+    starts = stat_window_starts(corpus, num_windows)
+    windows = corpus.ids[starts[:, None] + np.arange(corpus.config.seq_len)]  # (N, L)
+    punctuation = np.array([is_punctuation(corpus.tokenizer.id_to_token(i))
+                            for i in range(corpus.tokenizer.get_vocab_size())])
+    heads, uniform = head_statistics(run.model, run.params, windows, punctuation[windows])
+    rows = stats_rows(heads, uniform)
+    table = run_dir / "attention_stats.csv"
+    with table.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["layer", "head", *STAT_NAMES])
+        writer.writeheader()
+        writer.writerows(rows)
+    report = run_dir / "attention_stats.md"
+    source = f"{run.config.name}, {corpus.config.seq_len} tokens each, epoch {run.epoch}"
+    report.write_text(stats_markdown(rows, len(windows), source), encoding="utf-8")
+    return [report, table]
+
+
+def samples_markdown(run: LoadedRun, corpus: RunCorpus, which: str, seed: int = 0,
+                     max_new_tokens: int = 100, temperature: float = 0.9) -> str:
+    continuation = predicted_vs_actual(run, corpus, window=0, temperature=temperature, seed=seed)
+    prompt_ids = corpus.encode_prompt(SAMPLE_PROMPT)
+    sample = corpus.decode(generate(run.model, run.params, prompt_ids, max_new_tokens,
+                                    temperature=temperature, seed=seed))
+    fence = "```"
+    return "\n".join([
+        f"# Samples: {run.config.name} ({which} checkpoint, epoch {run.epoch})", "",
+        "## Top-5 next tokens", "", fence, top_k_table(run, corpus).rstrip(), fence, "",
+        "## Predicted vs actual (validation window 0)", "",
+        f"Prompt: the window's first {continuation.prompt_len} tokens; the model continues to "
+        f"{corpus.config.seq_len} tokens (temperature {temperature}, seed {seed}).", "",
+        "Actual:", "", fence, continuation.actual, fence, "",
+        "Predicted:", "", fence, continuation.predicted, fence, "",
+        f"## Sample: {max_new_tokens} tokens after {SAMPLE_PROMPT!r}", "",
+        f"Temperature {temperature}, all tokens, seed {seed}.", "",
+        fence, sample, fence, ""])
+
+
+def write_samples(run_dir: Path, run: LoadedRun, corpus: RunCorpus, which: str,
+                  seed: int = 0) -> list[Path]:
+    path = run_dir / "samples.md"
+    path.write_text(samples_markdown(run, corpus, which, seed), encoding="utf-8")
+    return [path]
+
+
+def analyze_run(run_dir: Path, data: str | None = None, which: str = "best",
+                num_windows: int = DEFAULT_STAT_WINDOWS, seed: int = 0) -> list[Path]:
+    """Every per-run analysis above, from the run's `which` checkpoint. Whatever can refuse the
+    input (history, window count, prompts the tokenizer cannot encode) is checked first."""
+    corpus = open_corpus(run_dir, data)
+    read_history(run_dir)
+    stat_window_starts(corpus, num_windows)
+    for prompt in SEED_PROMPTS:  # the top-k table's, and the sample's first
+        corpus.encode_prompt(prompt)
+    run = load_run(run_dir, which)
+    return (write_tokenizer_study(run_dir, corpus) + write_curves(run_dir)
+            + write_attention(run_dir, run, corpus, which)
+            + write_attention_stats(run_dir, run, corpus, num_windows)
+            + write_samples(run_dir, run, corpus, which, seed))
