@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from tinylm_jax.checkpoint import RunCheckpoints, read_run_record, read_run_tokenizer
-from tinylm_jax.config import ExperimentConfig, UserError
+from tinylm_jax.config import EXPERIMENT_NAMES, ExperimentConfig, UserError, load_config
 from tinylm_jax.data import Dataset, build_dataset, file_sha256, read_corpus, resolve_corpus
 from tinylm_jax.model import build_model, count_params, init_params
 from tinylm_jax.train import compute_dtype, create_train_state, evaluate, train_epoch
@@ -257,13 +257,27 @@ def run_experiment(cfg: ExperimentConfig, opts: RunOptions,
     return train_prepared(prepare(cfg, opts), log)
 
 
+def seed_result(key: str, experiment: str) -> tuple[float, int] | None:
+    """The seed's (best PPL, epoch) for a run keyed `key` (baseline, medium, wider) or named
+    like one of the seed's experiments; None for anything else."""
+    if key in SEED_TABLE1:
+        return SEED_TABLE1[key]
+    names = {load_config(name).name: name for name in EXPERIMENT_NAMES}
+    return SEED_TABLE1.get(names.get(experiment, ""))
+
+
 def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:
     """Markdown: our best PPL and epoch per experiment beside the seed's Table 1."""
     lines = ["| Experiment | Best PPL | Epoch | Seed PPL | Seed epoch | PPL difference |",
              "|---|---:|---:|---:|---:|---:|"]
     for key, summary in summaries.items():
-        seed_ppl, seed_epoch = SEED_TABLE1.get(key, (math.nan, None))
+        ours = f"| {summary['experiment']} | {summary['best_val_ppl']:.2f} | " \
+               f"{summary['best_epoch']} |"
+        seed = seed_result(key, summary["experiment"])
+        if seed is None:
+            lines.append(f"{ours} - | - | - |")
+            continue
+        seed_ppl, seed_epoch = seed
         diff = (summary["best_val_ppl"] - seed_ppl) / seed_ppl
-        lines.append(f"| {summary['experiment']} | {summary['best_val_ppl']:.2f} | "
-                     f"{summary['best_epoch']} | {seed_ppl:.2f} | {seed_epoch} | {diff:+.1%} |")
+        lines.append(f"{ours} {seed_ppl:.2f} | {seed_epoch} | {diff:+.1%} |")
     return "\n".join(lines) + "\n"
