@@ -1,10 +1,12 @@
-"""Shared fixtures: the real corpus (via $TINYLM_DATA) and a tiny experiment on a slice of it."""
+"""Shared fixtures: the real corpus (via $TINYLM_DATA), a tiny experiment on a slice of it, and
+a finished run of that experiment."""
 
 import os
 from pathlib import Path
 
 import pytest
 
+from tinylm_jax.cli import main
 from tinylm_jax.config import ExperimentConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,3 +39,40 @@ def tiny_corpus(tmp_path: Path, corpus_text: str) -> Path:
     path = tmp_path / "tiny.txt"
     path.write_text(corpus_text[:8000], encoding="utf-8")
     return path
+
+
+# On the first 8,000 characters this overfits from epoch 2 on: validation is best at epoch 1,
+# and with plateau_patience 0 the learning rate halves after each of epochs 2 and 3.
+TINY_TOML = """name = "tiny"
+vocab_size = 120
+seq_len = 16
+d_model = 32
+n_heads = 4
+d_ff = 64
+batch_size = 32
+lr = 0.03
+num_epochs = 4
+plateau_patience = 0
+early_stop_patience = 3
+"""
+
+
+@pytest.fixture
+def tiny_toml(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_TOML)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, corpus_text: str) -> tuple[Path, Path]:
+    """(run folder, corpus) of the tiny experiment after two epochs. Tests that write into the
+    run folder should work on a copy."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    corpus = root / "tiny.txt"
+    corpus.write_text(corpus_text[:8000], encoding="utf-8")
+    toml = root / "tiny.toml"
+    toml.write_text(TINY_TOML.replace("num_epochs = 4", "num_epochs = 2"))
+    run = root / "run"
+    assert main([str(toml), "--data", str(corpus), "--out", str(run), "--no-progress"]) == 0
+    return run, corpus

@@ -14,28 +14,6 @@ from tinylm_jax.checkpoint import load_run
 from tinylm_jax.cli import main
 from tinylm_jax.experiment import comparison_table, perplexity
 
-# On the first 8,000 characters this overfits from epoch 2 on: validation is best at epoch 1,
-# and with plateau_patience 0 the learning rate halves after each of epochs 2 and 3.
-TINY_TOML = """name = "tiny"
-vocab_size = 120
-seq_len = 16
-d_model = 32
-n_heads = 4
-d_ff = 64
-batch_size = 32
-lr = 0.03
-num_epochs = 4
-plateau_patience = 0
-early_stop_patience = 3
-"""
-
-
-@pytest.fixture
-def tiny_toml(tmp_path):
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY_TOML)
-    return path
-
 
 def _run(toml, corpus, out, *extra):
     return main([str(toml), "--data", str(corpus), "--out", str(out), "--no-progress", *extra])
@@ -118,9 +96,10 @@ def test_resuming_with_another_config_is_refused(one_epoch_run, tiny_toml, tiny_
 @pytest.mark.parametrize("edit, message", [
     (lambda toml, corpus: ("nosuch", corpus), "unknown experiment 'nosuch'"),
     (lambda toml, corpus: (toml, corpus.with_name("missing.txt")), "corpus file not found"),
-    (lambda toml, corpus: (toml.write_text(TINY_TOML + "dmodel = 3\n") and toml, corpus),
+    (lambda toml, corpus: (toml.write_text(toml.read_text() + "dmodel = 3\n") and toml, corpus),
      "unknown key(s) dmodel"),
-    (lambda toml, corpus: (toml.write_text(TINY_TOML + "train_fraction = 1.5\n") and toml, corpus),
+    (lambda toml, corpus: (toml.write_text(toml.read_text() + "train_fraction = 1.5\n") and toml,
+                           corpus),
      "'train_fraction' must lie in"),
     (lambda toml, corpus: (toml, corpus.write_text("To be, or not") and corpus),
      "corpus too short"),
@@ -159,6 +138,12 @@ def test_comparison_table_sets_ours_beside_the_seed():
     table = comparison_table({"baseline": {"experiment": "B", "best_val_ppl": 61.2,
                                            "best_epoch": 5}})
     assert "| B | 61.20 | 5 | 60.00 | 6 | +2.0% |" in table
+    table = comparison_table({"gpu": {"experiment": "WiderModel_seq64_d256_lr1e-4_bs512",
+                                      "best_val_ppl": 58.35, "best_epoch": 10},
+                              "mine": {"experiment": "mine", "best_val_ppl": 70.0,
+                                       "best_epoch": 2}})
+    assert "| WiderModel_seq64_d256_lr1e-4_bs512 | 58.35 | 10 | 58.35 | 10 | +0.0% |" in table
+    assert "| mine | 70.00 | 2 | - | - | - |" in table
 
 
 def test_the_script_reports_bad_input_without_a_traceback(tmp_path):
@@ -180,13 +165,13 @@ def test_resume_needs_a_complete_run_folder(tmp_path, tiny_toml, tiny_corpus, ca
     assert "no tokenizer.json" in capsys.readouterr().err
 
 
-def test_all_runs_the_three_and_resumes_what_is_missing(tmp_path, tiny_corpus, monkeypatch,
-                                                        capsys):
+def test_all_runs_the_three_and_resumes_what_is_missing(tmp_path, tiny_toml, tiny_corpus,
+                                                        monkeypatch, capsys):
     experiments = tmp_path / "experiments"
     experiments.mkdir()
     for name in ("baseline", "medium", "wider"):
-        (experiments / f"{name}.toml").write_text(TINY_TOML.replace("num_epochs = 4",
-                                                                    "num_epochs = 1"))
+        (experiments / f"{name}.toml").write_text(
+            tiny_toml.read_text().replace("num_epochs = 4", "num_epochs = 1"))
     monkeypatch.setattr("tinylm_jax.config.EXPERIMENTS_DIR", experiments)
     root = tmp_path / "runs"
     argv = ["all", "--data", str(tiny_corpus), "--out", str(root), "--no-progress"]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
+from tinylm_jax import reports
 from tinylm_jax.config import EXPERIMENT_NAMES, MAX_SEED, ExperimentConfig, UserError, load_config
 from tinylm_jax.experiment import (
     RunOptions,
     TrainingDiverged,
-    comparison_table,
     describe,
     prepare,
     train_prepared,
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config, "
                         "parameter count and window counts; train nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--analyze", action="store_true", help="after each run, write every "
+                        "analysis of `scripts/analyze.py all` into its run folder")
     return parser
 
 
@@ -85,25 +88,43 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("\n\n".join(describe(one) for one in prepared.values()))
         return 0
-    summaries = {stem: train_prepared(one) for stem, one in prepared.items()}
+    for one in prepared.values():
+        train_prepared(one)
+    run_dirs = [one.opts.out_dir for one in prepared.values()]
     if run_all:
-        table = comparison_table(summaries)
-        (root / "comparison.md").write_text(table, encoding="utf-8")
-        print(table, end="")
+        paths = reports.write_comparison(run_dirs, root)
+        print(paths[0].read_text(encoding="utf-8"), end="")
+        print_paths(paths)
+    if args.analyze:  # after all training, so that an analysis failing costs no run
+        for run_dir in run_dirs:
+            print_paths(reports.analyze_run(run_dir, args.data))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def print_paths(paths: list[Path]) -> None:
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def guarded(action: Callable[[], int]) -> int:
+    """Run a command: a user's mistake or a diverged run is one `error:` line and an exit code."""
     try:
-        return run(args)
+        return action()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_DIVERGED
+    except OSError as err:  # a file the user pointed at cannot be read or written
+        print(f"error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; continue with --resume (the last finished epoch is checkpointed)",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return guarded(lambda: run(args))

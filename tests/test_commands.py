@@ -1,0 +1,194 @@
+"""analyze.py, generate.py and plot_attention.py on a tiny finished run: files and bad input."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tinylm_jax import plots
+from tinylm_jax.analysis import open_corpus
+from tinylm_jax.cli import main as run_experiment_main
+from tinylm_jax.commands import analyze_main, generate_main, plot_attention_main
+
+REPO = __file__.rsplit("/tests/", 1)[0]
+PER_RUN_FILES = ["tokenizer_report.md", "token_frequencies.png", "loss_curves.png", "val_ppl.png",
+                 "attention.npz", "attention/grid.png", "attention/layer1_head3.png",
+                 "attention_stats.md", "attention_stats.csv", "samples.md"]
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    run, corpus = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy, corpus
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _is_png(path):
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_analyze_all_writes_every_artifact(run_copy, capsys):
+    run, corpus = run_copy
+    assert analyze_main(["all", str(run), "--data", str(corpus), "--windows", "40"]) == 0
+    written = capsys.readouterr().out
+    for name in PER_RUN_FILES:
+        assert (run / name).is_file(), name
+        assert f"wrote {run / name}" in written
+    assert all(_is_png(p) for p in run.rglob("*.png"))
+    report = (run / "tokenizer_report.md").read_text()
+    assert "8,000 characters" in report and "| 1 | `,` |" in report
+    with (run / "attention_stats.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 4 + 2 + 1 and rows[-1]["layer"] == "uniform"
+    assert "Averaged over 40 validation windows" in (run / "attention_stats.md").read_text()
+    samples = (run / "samples.md").read_text()
+    for heading in ("## Top-5 next tokens", "## Predicted vs actual", "## Sample: 100 tokens"):
+        assert heading in samples
+    assert "Prompt: 'MENENIUS:'" in samples
+
+
+def test_the_attention_export_is_causal_and_normalised(run_copy, capsys):
+    run, corpus = run_copy
+    assert analyze_main(["attention", str(run), "--data", str(corpus), "--window", "3"]) == 0
+    with np.load(run / "attention.npz", allow_pickle=False) as f:
+        attention, ids, tokens = f["attention"], f["token_ids"], f["tokens"]
+        metadata = json.loads(str(f["metadata"]))
+    assert attention.shape == (2, 4, 16, 16) and attention.dtype == np.float32
+    np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)
+    assert np.all(np.triu(attention, k=1) == 0.0)
+    corpus_view = open_corpus(run, str(corpus))
+    start = corpus_view.window_start(3)
+    assert ids.tolist() == corpus_view.ids[start:start + 16].tolist()
+    assert tokens.tolist() == [corpus_view.tokenizer.id_to_token(int(i)) for i in ids]
+    assert metadata["epoch"] == 1 and metadata["checkpoint"] == "best"  # tiny is best at epoch 1
+    assert metadata["source"].startswith("validation window 3")
+    assert len(list((run / "attention").glob("layer*_head*.png"))) == 8
+
+
+def test_attention_of_your_own_text_and_replotting_it(run_copy, tmp_path, capsys):
+    run, corpus = run_copy
+    export = tmp_path / "mine.npz"
+    argv = ["attention", str(run), "--data", str(corpus), "--text", "First Citizen:",
+            "--out", str(export), "--which", "latest"]
+    assert analyze_main(argv) == 0
+    with np.load(export, allow_pickle=False) as f:
+        assert "".join(f["tokens"].tolist()) == "FirstCitizen:"
+        assert json.loads(str(f["metadata"]))["epoch"] == 2
+    assert (tmp_path / "mine" / "grid.png").is_file()
+    assert plot_attention_main([str(export), "--out", str(tmp_path / "maps")]) == 0
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 2 * 4 + 1
+
+
+def test_curves_and_a_comparison_need_no_corpus(run_copy, tmp_path, capsys):
+    run, _ = run_copy
+    assert analyze_main(["curves", str(run)]) == 0
+    assert _is_png(run / "loss_curves.png") and _is_png(run / "val_ppl.png")
+    other = tmp_path / "baseline"
+    shutil.copytree(run, other)
+    assert analyze_main(["compare", str(run), str(other), "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert table.count("| tiny |") == 2 and "| 60.00 | 6 |" in table  # the seed's, by name
+    assert _is_png(tmp_path / "cmp" / "val_ppl_comparison.png")
+
+
+def test_a_comparison_draws_every_run_even_of_one_experiment(run_copy, tmp_path, monkeypatch,
+                                                              capsys):
+    run, _ = run_copy
+    shutil.copytree(run, tmp_path / "seed1")
+    drawn = {}
+    monkeypatch.setattr(plots, "perplexity_comparison",
+                        lambda histories, path: drawn.update(histories) or path)
+    assert analyze_main(["compare", str(run), str(tmp_path / "seed1")]) == 0
+    assert sorted(drawn) == ["tiny (run)", "tiny (seed1)"]
+
+
+def test_generate_is_reproducible_and_starts_with_the_prompt(tiny_run, capsys):
+    run, corpus = tiny_run
+    argv = [str(run), "--data", str(corpus), "--prompt", "First Citizen:", "--seed", "5",
+            "--max-new-tokens", "20", "--top-k", "10"]
+    assert generate_main(argv) == 0
+    first = capsys.readouterr().out
+    assert generate_main(argv) == 0
+    assert capsys.readouterr().out == first and first.startswith("First Citizen:")
+
+
+def test_topk_and_predict_print_tables(tiny_run, capsys):
+    run, corpus = tiny_run
+    argv = ["topk", str(run), "--data", str(corpus), "--prompt", "You", "--k", "4"]
+    assert analyze_main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "Prompt: 'You'" and len(lines) == 5
+    assert all(line.startswith(f"  {rank}. ") for rank, line in enumerate(lines[1:], 1))
+    assert analyze_main(["predict", str(run), "--data", str(corpus), "--window", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "[actual]" in out and "[predicted]" in out
+
+
+def test_the_runner_can_analyse_at_the_end(tiny_toml, tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [str(tiny_toml), "--data", str(tiny_corpus), "--out", str(out), "--no-progress",
+            "--max-epochs", "1", "--analyze"]
+    assert run_experiment_main(argv) == 0
+    assert all((out / name).is_file() for name in PER_RUN_FILES)
+
+
+D = ["--data", "{corpus}"]
+
+
+@pytest.mark.parametrize("command, argv, message", [
+    (analyze_main, ["all", "{missing}", *D], "not a run folder"),
+    (analyze_main, ["attention", "{run}", "--window", "9999", *D], "--window must lie in [0, "),
+    (analyze_main, ["attention", "{run}", "--text", "x " * 40, *D], "the model reads at most 16"),
+    (analyze_main, ["attention", "{run}", "--text", "café", *D], "never saw: é"),
+    (analyze_main, ["attention-stats", "{run}", "--windows", "0", *D], "--windows must lie in"),
+    (analyze_main, ["topk", "{run}", "--k", "0", *D], "--k must lie in [1, 50]"),
+    (analyze_main, ["predict", "{run}", "--temperature", "-1", *D], "--temperature must be"),
+    (analyze_main, ["compare", "{run}", "{run}"], "need distinct names"),
+    (analyze_main, ["curves", "{corpus}"], "not a run folder"),
+    (analyze_main, ["tokenizer", "{run}", "--data", "{run}/config.json"], "not the corpus"),
+    (analyze_main, ["nosuch", "{run}"], "invalid choice: 'nosuch'"),
+    (generate_main, ["{run}", "--max-new-tokens", "0", *D], "--max-new-tokens must be"),
+    (generate_main, ["{run}", "--top-k", "-2", *D], "--top-k must lie in [0, 120]"),
+    (generate_main, ["{run}", "--prompt", "", *D], "holds no tokens"),
+    (generate_main, ["{run}", "--seed", "-1", *D], "--seed must lie in"),
+    (generate_main, ["{run}", "--top-k", str(2**40), *D], "--top-k must lie in [0, 120]"),
+    (analyze_main, ["attention", "{run}", "--out", "{root}/export", *D], "must be a .npz file"),
+    (analyze_main, ["attention", "{run}", "--out", "{corpus}.npz", *D], "is not a folder"),
+    (analyze_main, ["compare", "{run}", "--out", "{corpus}"], "is not a folder"),
+    (plot_attention_main, ["{corpus}"], "must be a .npz file"),
+    (plot_attention_main, ["{root}/x.npz", "--out", "{corpus}"], "is not a folder"),
+    (plot_attention_main, ["{root}/x.npz"], "cannot read attention export"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path, capsys, command, argv,
+                                                   message):
+    run, corpus = tiny_run
+    root = run.parent  # the run, its corpus and anything written beside them
+    before = _snapshot(root)
+    values = {"run": run, "corpus": corpus, "root": root, "missing": tmp_path / "none"}
+    try:
+        code = command([arg.format(**values) for arg in argv])
+    except SystemExit as usage_error:  # argparse's own checks exit from inside the parser
+        code = usage_error.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert _snapshot(root) == before
+
+
+def test_the_scripts_have_help_and_no_tracebacks(tmp_path):
+    for script in ("analyze.py", "generate.py", "plot_attention.py"):
+        help_run = subprocess.run([sys.executable, f"scripts/{script}", "--help"], cwd=REPO,
+                                  capture_output=True, text=True)
+        assert help_run.returncode == 0 and "usage:" in help_run.stdout
+    bad = subprocess.run([sys.executable, "scripts/plot_attention.py", str(tmp_path / "x.npz")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
