@@ -5,7 +5,7 @@ import optax
 import pytest
 
 from tinylm_jax.config import ExperimentConfig
-from tinylm_jax.data import build_dataset, gather_windows
+from tinylm_jax.data import batches, build_dataset, gather_windows, train_order
 from tinylm_jax.train import (
     create_train_state,
     evaluate,
@@ -117,6 +117,25 @@ def test_an_epoch_lowers_the_loss_and_counts_every_window(corpus_text, tiny_cfg)
     assert metrics["train_tokens"] == data.splits.num_train * tiny_cfg.seq_len
     assert metrics["steps"] == -(-data.splits.num_train // tiny_cfg.batch_size)
     assert evaluate(state, data, tiny_cfg) < before
+
+
+def test_compiled_chunks_equal_the_step_by_step_path(corpus_text, tiny_cfg):
+    data = build_dataset(corpus_text[:8000], tiny_cfg)
+    stepwise, losses = create_train_state(tiny_cfg, "fp32"), []
+    for rows in batches(train_order(tiny_cfg.seed, 1, data.splits.num_train), tiny_cfg.batch_size):
+        batch = make_batch(data.tokens, rows["starts"], rows["weights"], seq_len=tiny_cfg.seq_len)
+        stepwise, metrics = train_step(stepwise, batch)
+        losses.append(metrics["loss_sum"])
+    expected = float(np.sum(losses, dtype=np.float64)) / (data.splits.num_train * tiny_cfg.seq_len)
+    for steps_per_chunk in (1, 7, 1000):  # one step a call, a remainder chunk, the whole epoch
+        chunked, metrics = train_epoch(create_train_state(tiny_cfg, "fp32"), data, tiny_cfg, 1,
+                                       progress=False, steps_per_chunk=steps_per_chunk)
+        assert metrics["train_loss"] == pytest.approx(expected, rel=1e-12)  # float64 sums
+        for a, b in zip(jax.tree.leaves(chunked.params), jax.tree.leaves(stepwise.params),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert evaluate(chunked, data, tiny_cfg, steps_per_chunk) == evaluate(stepwise, data,
+                                                                              tiny_cfg, 1)
 
 
 def test_weighted_loss_ignores_zero_weight_windows():

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-epochs", type=int, help="override the experiment's num_epochs")
     parser.add_argument("--max-steps-per-epoch", type=int,
                         help="train at most this many steps per epoch (quick runs)")
+    parser.add_argument("--steps-per-chunk", type=int, help="training steps per compiled call "
+                        "(default: 100 on GPU/TPU, 10 on CPU); results do not depend on it")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="compute precision; auto = bf16 on GPU/TPU, fp32 on CPU")
     parser.add_argument("--resume", action="store_true", help="continue from the latest "
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         resume = args.resume and (not run_all or out.exists())
         opts = RunOptions(out_dir=out, data=args.data, precision=args.precision,
                           max_steps_per_epoch=args.max_steps_per_epoch, resume=resume,
-                          overwrite=args.overwrite, progress=not args.no_progress)
+                          overwrite=args.overwrite, progress=not args.no_progress,
+                          steps_per_chunk=args.steps_per_chunk)
         prepared[stem] = prepare(_config(name, args), opts, dry_run=args.dry_run)
     if args.dry_run:
         print("\n\n".join(describe(one) for one in prepared.values()))

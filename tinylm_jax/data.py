@@ -170,6 +170,12 @@ def num_batches(num_windows: int, batch_size: int) -> int:
     return -(-num_windows // batch_size)
 
 
+def batch_rows(starts: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """All of `batches(starts, batch_size)` stacked: starts and weights, each (N, B)."""
+    rows = list(batches(starts, batch_size))
+    return {key: np.stack([row[key] for row in rows]) for key in ("starts", "weights")}
+
+
 def gather_windows(tokens: jax.Array, starts: jax.Array, seq_len: int
                    ) -> tuple[jax.Array, jax.Array]:
     """Inputs and targets, each (B, L) int32, for the windows beginning at `starts` (B,)."""

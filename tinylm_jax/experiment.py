@@ -49,6 +49,7 @@ class RunOptions:
     resume: bool = False  # continue the run folder's latest checkpoint
     overwrite: bool = False  # replace an existing run folder
     progress: bool = True  # show a progress bar per epoch
+    steps_per_chunk: int | None = None  # steps per compiled call; None: the backend's default
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,10 @@ def _check_resumable(opts: RunOptions, cfg: ExperimentConfig, corpus_sha256: str
 def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> PreparedRun:
     """Validate everything and load the data; writes nothing. A dry run ignores the run folder."""
     compute_dtype(opts.precision)
-    if opts.max_steps_per_epoch is not None and opts.max_steps_per_epoch < 1:
-        raise UserError(f"--max-steps-per-epoch must be positive, got {opts.max_steps_per_epoch}")
+    for flag, value in (("--max-steps-per-epoch", opts.max_steps_per_epoch),
+                        ("--steps-per-chunk", opts.steps_per_chunk)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be positive, got {value}")
     if not dry_run:
         _check_run_folder(opts)
     corpus = resolve_corpus(opts.data)
@@ -201,8 +204,9 @@ def train_prepared(run: PreparedRun, log: Callable[[str], None] = print) -> dict
                 break
             lr = state.learning_rate
             state, train_metrics = train_epoch(state, run.data, cfg, epoch,
-                                               opts.max_steps_per_epoch, opts.progress)
-            val_loss = evaluate(state, run.data, cfg)
+                                               opts.max_steps_per_epoch, opts.progress,
+                                               opts.steps_per_chunk)
+            val_loss = evaluate(state, run.data, cfg, opts.steps_per_chunk)
             if not (math.isfinite(train_metrics["train_loss"]) and math.isfinite(val_loss)):
                 raise TrainingDiverged(f"epoch {epoch}: non-finite loss (train "
                                        f"{train_metrics['train_loss']}, val {val_loss}); "

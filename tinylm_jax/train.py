@@ -10,8 +10,8 @@ a split are token-weighted however its last batch is padded.
 from __future__ import annotations
 
 import functools
-import itertools
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -23,7 +23,7 @@ from flax.training import train_state
 from tqdm import tqdm
 
 from tinylm_jax.config import ExperimentConfig, UserError
-from tinylm_jax.data import Dataset, batches, gather_windows, num_batches, train_order
+from tinylm_jax.data import Dataset, batch_rows, gather_windows, train_order
 from tinylm_jax.model import build_model, init_params
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -128,58 +128,94 @@ def make_batch(tokens: jax.Array, starts: jax.Array, weights: jax.Array, seq_len
     return {"inputs": inputs, "targets": targets, "weights": weights}
 
 
-def _device_batch(data: Dataset, batch: dict[str, np.ndarray], cfg: ExperimentConfig
-                  ) -> dict[str, jax.Array]:
-    return make_batch(data.tokens, batch["starts"], batch["weights"], seq_len=cfg.seq_len)
+def _scan_batches(step, carry: Any, tokens: jax.Array, starts: jax.Array, weights: jax.Array,
+                  seq_len: int) -> tuple[Any, dict[str, jax.Array]]:
+    """Run `step(carry, batch)` over the batches whose window starts and weights are the rows of
+    `starts` and `weights` (C, B); the windows are gathered on the device, batch by batch."""
+    def body(carry, rows):
+        return step(carry, make_batch(tokens, *rows, seq_len=seq_len))
+
+    return jax.lax.scan(body, carry, (starts, weights))
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="seq_len")
+def train_chunk(state: TrainState, tokens: jax.Array, starts: jax.Array, weights: jax.Array,
+                seq_len: int) -> tuple[TrainState, dict[str, jax.Array]]:
+    """`train_step` over C batches in one compiled call: metrics come back stacked, (C,) each."""
+    return _scan_batches(_train_step, state, tokens, starts, weights, seq_len)
+
+
+@functools.partial(jax.jit, static_argnames="seq_len")
+def eval_chunk(state: TrainState, tokens: jax.Array, starts: jax.Array, weights: jax.Array,
+               seq_len: int) -> dict[str, jax.Array]:
+    """`eval_step` over C batches in one compiled call, metrics stacked (C,)."""
+    return _scan_batches(lambda st, batch: (st, _eval_step(st, batch)), state, tokens, starts,
+                         weights, seq_len)[1]
+
+
+def default_steps_per_chunk() -> int:
+    """Steps per compiled call: many where dispatch dominates, few where a step takes a second."""
+    return 10 if jax.default_backend() == "cpu" else 100
+
+
+def _chunks(batch_rows: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:
+    for begin in range(0, len(batch_rows["starts"]), size):
+        yield {key: rows[begin:begin + size] for key, rows in batch_rows.items()}
 
 
 def _mean_loss(metrics: list[dict[str, jax.Array]]) -> tuple[float, int]:
-    """Token-weighted mean loss over step metrics (summed in float64 on the host)."""
+    """Token-weighted mean loss over stacked step metrics (summed in float64 on the host)."""
     host = jax.device_get(metrics)
-    loss_sum = float(np.sum([m["loss_sum"] for m in host], dtype=np.float64))
-    tokens = int(np.sum([m["tokens"] for m in host], dtype=np.float64))
+    loss_sum = float(np.sum([np.sum(m["loss_sum"], dtype=np.float64) for m in host]))
+    tokens = int(np.sum([np.sum(m["tokens"], dtype=np.float64) for m in host]))
     return loss_sum / tokens, tokens
 
 
 def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig, epoch: int,
-                max_steps: int | None = None, progress: bool = True
-                ) -> tuple[TrainState, dict[str, Any]]:
+                max_steps: int | None = None, progress: bool = True,
+                steps_per_chunk: int | None = None) -> tuple[TrainState, dict[str, Any]]:
     """One pass over the training windows in the order of (seed, epoch); `max_steps` cuts it.
 
-    Throughput is measured from the end of the first step, so compilation does not count.
+    The steps run in compiled chunks of `steps_per_chunk` with no host sync inside a chunk; the
+    progress bar moves between chunks. Throughput is measured from the end of the first chunk,
+    so compilation does not count.
     """
-    starts = train_order(cfg.seed, epoch, data.splits.num_train)
-    total = num_batches(len(starts), cfg.batch_size)
-    if max_steps is not None:
-        total = min(total, max_steps)
+    rows = batch_rows(train_order(cfg.seed, epoch, data.splits.num_train), cfg.batch_size)
+    total = len(rows["starts"]) if max_steps is None else min(len(rows["starts"]), max_steps)
+    rows = {key: value[:total] for key, value in rows.items()}
+    chunk_size = steps_per_chunk or default_steps_per_chunk()
     metrics: list[dict[str, jax.Array]] = []
     began = time.perf_counter()
     steady_from, first_tokens = began, 0.0
     with tqdm(total=total, desc=f"epoch {epoch}", unit="step", disable=not progress or None,
               leave=False, dynamic_ncols=True) as bar:
-        for batch in itertools.islice(batches(starts, cfg.batch_size), total):
-            state, step_metrics = train_step(state, _device_batch(data, batch, cfg))
-            metrics.append(step_metrics)
-            bar.update()
-            if len(metrics) == 1 and total > 1:
-                first_tokens = float(jax.block_until_ready(step_metrics)["tokens"])
+        for chunk in _chunks(rows, chunk_size):
+            state, chunk_metrics = train_chunk(state, data.tokens, chunk["starts"],
+                                               chunk["weights"], seq_len=cfg.seq_len)
+            metrics.append(chunk_metrics)
+            if len(metrics) == 1 and total > len(chunk["starts"]):
+                first_tokens = float(np.sum(jax.device_get(chunk_metrics)["tokens"]))
                 steady_from = time.perf_counter()
-            elif len(metrics) % 10 == 0 or len(metrics) == total:
-                loss = float(step_metrics["loss_sum"] / step_metrics["tokens"])  # syncs
-                done = (bar.n - 1) * cfg.batch_size * cfg.seq_len
-                bar.set_postfix(loss=f"{loss:.4f}",
+            elif bar.disable is False:
+                last = jax.device_get(chunk_metrics)  # syncs, for the bar only
+                done = (bar.n + len(chunk["starts"])) * cfg.batch_size * cfg.seq_len
+                bar.set_postfix(loss=f"{last['loss_sum'][-1] / last['tokens'][-1]:.4f}",
                                 tok_s=f"{done / (time.perf_counter() - steady_from):,.0f}")
+            bar.update(len(chunk["starts"]))
     loss, tokens = _mean_loss(metrics)
     ended = time.perf_counter()
-    return state, {"train_loss": loss, "steps": len(metrics), "train_tokens": tokens,
+    return state, {"train_loss": loss, "steps": total, "train_tokens": tokens,
                    "epoch_seconds": ended - began,
                    "train_tokens_per_s": (tokens - first_tokens) / (ended - steady_from)}
 
 
-def evaluate(state: TrainState, data: Dataset, cfg: ExperimentConfig) -> float:
-    """Token-weighted mean loss over every validation window, in order."""
+def evaluate(state: TrainState, data: Dataset, cfg: ExperimentConfig,
+             steps_per_chunk: int | None = None) -> float:
+    """Token-weighted mean loss over every validation window, in order, in compiled chunks."""
     starts = np.arange(data.splits.num_train, data.splits.num_train + data.splits.num_val,
                        dtype=np.int32)
-    metrics = [eval_step(state, _device_batch(data, batch, cfg))
-               for batch in batches(starts, cfg.batch_size)]
+    rows = batch_rows(starts, cfg.batch_size)
+    chunk_size = steps_per_chunk or default_steps_per_chunk()
+    metrics = [eval_chunk(state, data.tokens, chunk["starts"], chunk["weights"],
+                          seq_len=cfg.seq_len) for chunk in _chunks(rows, chunk_size)]
     return _mean_loss(metrics)[0]
