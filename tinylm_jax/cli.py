@@ -17,6 +17,7 @@ from tinylm_jax.experiment import (
     prepare,
     train_prepared,
 )
+from tinylm_jax.parallel import initialize_distributed, is_primary
 from tinylm_jax.train import PRECISIONS
 
 EXIT_USER_ERROR = 2
@@ -47,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train at most this many steps per epoch (quick runs)")
     parser.add_argument("--steps-per-chunk", type=int, help="training steps per compiled call "
                         "(default: 100 on GPU/TPU, 10 on CPU); results do not depend on it")
+    parser.add_argument("--devices", type=int, help="split each batch over the first N devices "
+                        "(default: all local devices)")
+    parser.add_argument("--coordinator", help="HOST:PORT of process 0, to train as one of "
+                        "several processes (with --num-processes and --process-id)")
+    parser.add_argument("--num-processes", type=int, default=1, help="processes in the run")
+    parser.add_argument("--process-id", type=int, default=0, help="this process's rank")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="compute precision; auto = bf16 on GPU/TPU, fp32 on CPU")
     parser.add_argument("--resume", action="store_true", help="continue from the latest "
@@ -68,6 +75,8 @@ def _config(name: str, args: argparse.Namespace) -> ExperimentConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.coordinator:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     if args.max_epochs is not None and args.max_epochs < 1:
@@ -86,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         opts = RunOptions(out_dir=out, data=args.data, precision=args.precision,
                           max_steps_per_epoch=args.max_steps_per_epoch, resume=resume,
                           overwrite=args.overwrite, progress=not args.no_progress,
-                          steps_per_chunk=args.steps_per_chunk)
+                          steps_per_chunk=args.steps_per_chunk, devices=args.devices)
         prepared[stem] = prepare(_config(name, args), opts, dry_run=args.dry_run)
     if args.dry_run:
         print("\n\n".join(describe(one) for one in prepared.values()))
@@ -94,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     for one in prepared.values():
         train_prepared(one)
     run_dirs = [one.opts.out_dir for one in prepared.values()]
+    if not is_primary():  # the files below are process 0's to write
+        return 0
     if run_all:
         paths = reports.write_comparison(run_dirs, root)
         print(paths[0].read_text(encoding="utf-8"), end="")

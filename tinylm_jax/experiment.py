@@ -9,9 +9,11 @@ silently overwritten.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.metadata
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -21,11 +23,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from tinylm_jax.checkpoint import RunCheckpoints, read_run_record, read_run_tokenizer
 from tinylm_jax.config import EXPERIMENT_NAMES, ExperimentConfig, UserError, load_config
 from tinylm_jax.data import Dataset, build_dataset, file_sha256, read_corpus, resolve_corpus
 from tinylm_jax.model import build_model, count_params, init_params
+from tinylm_jax.parallel import barrier, check_batch_fits, data_mesh, is_primary, replicate
 from tinylm_jax.train import compute_dtype, create_train_state, evaluate, train_epoch
 
 # The seed report's Table 1: best validation perplexity and the epoch it was reached.
@@ -50,6 +54,7 @@ class RunOptions:
     overwrite: bool = False  # replace an existing run folder
     progress: bool = True  # show a progress bar per epoch
     steps_per_chunk: int | None = None  # steps per compiled call; None: the backend's default
+    devices: int | None = None  # split batches over the first N devices; None: all of them
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class PreparedRun:
     corpus_sha256: str
     data: Dataset
     param_count: int
+    mesh: Mesh  # the devices training splits each batch over
 
 
 def _check_run_folder(opts: RunOptions) -> None:
@@ -84,7 +90,7 @@ def _check_run_folder(opts: RunOptions) -> None:
 
 def _writable(folder: Path) -> bool:
     try:
-        probe = folder / ".tinylm_write_probe"
+        probe = folder / f".tinylm_write_probe_{os.getpid()}"  # one per process
         probe.touch()
         probe.unlink()
         return True
@@ -110,6 +116,8 @@ def _check_resumable(opts: RunOptions, cfg: ExperimentConfig, corpus_sha256: str
 def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> PreparedRun:
     """Validate everything and load the data; writes nothing. A dry run ignores the run folder."""
     compute_dtype(opts.precision)
+    mesh = data_mesh(opts.devices)
+    check_batch_fits(cfg.batch_size, mesh)
     for flag, value in (("--max-steps-per-epoch", opts.max_steps_per_epoch),
                         ("--steps-per-chunk", opts.steps_per_chunk)):
         if value is not None and value < 1:
@@ -125,7 +133,7 @@ def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> P
         tokenizer = read_run_tokenizer(opts.out_dir)
     data = build_dataset(text, cfg, tokenizer)
     params = jax.eval_shape(lambda: init_params(build_model(cfg), cfg.seed))
-    return PreparedRun(cfg, opts, corpus, corpus_sha256, data, count_params(params))
+    return PreparedRun(cfg, opts, corpus, corpus_sha256, data, count_params(params), mesh)
 
 
 def describe(run: PreparedRun) -> str:
@@ -140,6 +148,8 @@ def describe(run: PreparedRun) -> str:
               f"(seq_len {splits.seq_len})",
               f"precision: {run.opts.precision} ({np.dtype(compute_dtype(run.opts.precision))} "
               f"compute on {jax.default_backend()})",
+              f"devices: {run.mesh.devices.size} x {jax.devices()[0].device_kind} (each batch "
+              "split over them)",
               f"run folder: {run.opts.out_dir}"]
     return "\n".join(lines)
 
@@ -179,17 +189,23 @@ def _versions() -> dict[str, str]:
 def train_prepared(run: PreparedRun, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train a prepared run to its end (epoch limit or early stop); returns the summary."""
     cfg, opts, out = run.cfg, run.opts, run.opts.out_dir
-    if opts.overwrite and not opts.resume and out.exists():
+    primary = is_primary()  # with several processes, one writes the files; all checkpoint
+    barrier("checked")  # every process has read the run folder before it changes
+    if primary and opts.overwrite and not opts.resume and out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    config_record = {"experiment": cfg.to_dict(), "precision": opts.precision,
-                     "max_steps_per_epoch": opts.max_steps_per_epoch,
-                     "corpus_sha256": run.corpus_sha256}
-    (out / "config.json").write_text(json.dumps(config_record, indent=2) + "\n", encoding="utf-8")
-    run.data.tokenizer.save(str(out / "tokenizer.json"))
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+        config_record = {"experiment": cfg.to_dict(), "precision": opts.precision,
+                         "max_steps_per_epoch": opts.max_steps_per_epoch,
+                         "corpus_sha256": run.corpus_sha256}
+        (out / "config.json").write_text(json.dumps(config_record, indent=2) + "\n",
+                                         encoding="utf-8")
+        run.data.tokenizer.save(str(out / "tokenizer.json"))
+    barrier("written")
 
-    state = create_train_state(cfg, opts.precision)
+    state = replicate(create_train_state(cfg, opts.precision), run.mesh)
+    data = dataclasses.replace(run.data, tokens=replicate(run.data.tokens, run.mesh))
     checkpoints = RunCheckpoints(out)
     history: list[dict[str, Any]] = []
     earlier_seconds = 0.0
@@ -203,10 +219,10 @@ def train_prepared(run: PreparedRun, log: Callable[[str], None] = print) -> dict
             if should_stop(history, cfg):
                 break
             lr = state.learning_rate
-            state, train_metrics = train_epoch(state, run.data, cfg, epoch,
+            state, train_metrics = train_epoch(state, data, cfg, epoch,
                                                opts.max_steps_per_epoch, opts.progress,
-                                               opts.steps_per_chunk)
-            val_loss = evaluate(state, run.data, cfg, opts.steps_per_chunk)
+                                               opts.steps_per_chunk, run.mesh)
+            val_loss = evaluate(state, data, cfg, opts.steps_per_chunk, run.mesh)
             if not (math.isfinite(train_metrics["train_loss"]) and math.isfinite(val_loss)):
                 raise TrainingDiverged(f"epoch {epoch}: non-finite loss (train "
                                        f"{train_metrics['train_loss']}, val {val_loss}); "
@@ -218,7 +234,8 @@ def train_prepared(run: PreparedRun, log: Callable[[str], None] = print) -> dict
                             "train_tokens_per_s": train_metrics["train_tokens_per_s"]})
             wall = earlier_seconds + time.perf_counter() - began
             checkpoints.save(epoch, state, {"history": history, "wall_time_s": wall}, val_loss)
-            _write_history(out / "history.csv", history)
+            if primary:
+                _write_history(out / "history.csv", history)
             row = history[-1]
             note = "new best" if best_epoch(history) == epoch else "no improvement"
             log(f"epoch {epoch}/{cfg.num_epochs}: train_loss={row['train_loss']:.4f} "
@@ -227,7 +244,9 @@ def train_prepared(run: PreparedRun, log: Callable[[str], None] = print) -> dict
     finally:
         checkpoints.close()
     summary = _summary(run, history, earlier_seconds + time.perf_counter() - began)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if primary:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n",
+                                          encoding="utf-8")
     log(f"{cfg.name}: best val_ppl={summary['best_val_ppl']:.2f} at epoch "
         f"{summary['best_epoch']} ({out})")
     return summary
@@ -251,6 +270,7 @@ def _summary(run: PreparedRun, history: list[dict[str, Any]], wall: float) -> di
         "precision": str(np.dtype(compute_dtype(run.opts.precision))),
         "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind,
+        "devices": int(run.mesh.devices.size),
         "versions": _versions(),
         "wall_time_s": wall,
     }

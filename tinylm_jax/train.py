@@ -20,11 +20,13 @@ import numpy as np
 import optax
 from flax import struct
 from flax.training import train_state
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from tinylm_jax.config import ExperimentConfig, UserError
 from tinylm_jax.data import Dataset, batch_rows, gather_windows, train_order
 from tinylm_jax.model import build_model, init_params
+from tinylm_jax.parallel import shard_batch_rows
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -171,14 +173,20 @@ def _mean_loss(metrics: list[dict[str, jax.Array]]) -> tuple[float, int]:
     return loss_sum / tokens, tokens
 
 
+def _placed(chunk: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, Any]:
+    return chunk if mesh is None else shard_batch_rows(chunk, mesh)
+
+
 def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig, epoch: int,
                 max_steps: int | None = None, progress: bool = True,
-                steps_per_chunk: int | None = None) -> tuple[TrainState, dict[str, Any]]:
+                steps_per_chunk: int | None = None, mesh: Mesh | None = None
+                ) -> tuple[TrainState, dict[str, Any]]:
     """One pass over the training windows in the order of (seed, epoch); `max_steps` cuts it.
 
     The steps run in compiled chunks of `steps_per_chunk` with no host sync inside a chunk; the
     progress bar moves between chunks. Throughput is measured from the end of the first chunk,
-    so compilation does not count.
+    so compilation does not count. With a `mesh`, each batch is split over its devices (the
+    state and tokens must then be replicated on it: `parallel.replicate`).
     """
     rows = batch_rows(train_order(cfg.seed, epoch, data.splits.num_train), cfg.batch_size)
     total = len(rows["starts"]) if max_steps is None else min(len(rows["starts"]), max_steps)
@@ -190,8 +198,9 @@ def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig, epoch: 
     with tqdm(total=total, desc=f"epoch {epoch}", unit="step", disable=not progress or None,
               leave=False, dynamic_ncols=True) as bar:
         for chunk in _chunks(rows, chunk_size):
-            state, chunk_metrics = train_chunk(state, data.tokens, chunk["starts"],
-                                               chunk["weights"], seq_len=cfg.seq_len)
+            placed = _placed(chunk, mesh)
+            state, chunk_metrics = train_chunk(state, data.tokens, placed["starts"],
+                                               placed["weights"], seq_len=cfg.seq_len)
             metrics.append(chunk_metrics)
             if len(metrics) == 1 and total > len(chunk["starts"]):
                 first_tokens = float(np.sum(jax.device_get(chunk_metrics)["tokens"]))
@@ -210,12 +219,15 @@ def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig, epoch: 
 
 
 def evaluate(state: TrainState, data: Dataset, cfg: ExperimentConfig,
-             steps_per_chunk: int | None = None) -> float:
+             steps_per_chunk: int | None = None, mesh: Mesh | None = None) -> float:
     """Token-weighted mean loss over every validation window, in order, in compiled chunks."""
     starts = np.arange(data.splits.num_train, data.splits.num_train + data.splits.num_val,
                        dtype=np.int32)
     rows = batch_rows(starts, cfg.batch_size)
     chunk_size = steps_per_chunk or default_steps_per_chunk()
-    metrics = [eval_chunk(state, data.tokens, chunk["starts"], chunk["weights"],
-                          seq_len=cfg.seq_len) for chunk in _chunks(rows, chunk_size)]
+    metrics = []
+    for chunk in _chunks(rows, chunk_size):
+        placed = _placed(chunk, mesh)
+        metrics.append(eval_chunk(state, data.tokens, placed["starts"], placed["weights"],
+                                  seq_len=cfg.seq_len))
     return _mean_loss(metrics)[0]

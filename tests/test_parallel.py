@@ -1,0 +1,97 @@
+"""Data parallelism on CPU: 8 forced host devices, and two processes joined by jax.distributed."""
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tinylm_jax.cli import main
+
+REPO = __file__.rsplit("/tests/", 1)[0]
+
+EIGHT_DEVICES = textwrap.dedent("""
+    import dataclasses, sys
+    import jax, numpy as np
+    from tinylm_jax.config import ExperimentConfig, UserError
+    from tinylm_jax.data import build_dataset
+    from tinylm_jax.parallel import check_batch_fits, data_mesh, replicate
+    from tinylm_jax.train import create_train_state, evaluate, train_epoch
+
+    assert len(jax.devices()) == 8
+    cfg = ExperimentConfig(name="tiny", vocab_size=120, seq_len=16, d_model=32, n_layers=2,
+                           n_heads=4, d_ff=64, lr=3e-3, batch_size=32)
+    data = build_dataset(open(sys.argv[1], encoding="utf-8").read(), cfg)
+    results = {}
+    for devices in (1, 8):
+        mesh = data_mesh(devices)
+        state = replicate(create_train_state(cfg, "fp32"), mesh)
+        placed = dataclasses.replace(data, tokens=replicate(data.tokens, mesh))
+        state, metrics = train_epoch(state, placed, cfg, 1, max_steps=12, progress=False,
+                                     steps_per_chunk=5, mesh=mesh)
+        params = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+        assert jax.tree.leaves(state.params)[0].sharding.mesh.devices.size == devices
+        results[devices] = (metrics["train_loss"], evaluate(state, placed, cfg, 5, mesh), params)
+    (loss1, val1, params1), (loss8, val8, params8) = results[1], results[8]
+    np.testing.assert_allclose([loss8, val8], [loss1, val1], rtol=1e-6)
+    for a, b in zip(params1, params8, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    try:
+        check_batch_fits(cfg.batch_size, data_mesh(3))
+        raise AssertionError("batch 32 over 3 devices was accepted")
+    except UserError as err:
+        assert "does not split evenly over 3 devices" in str(err)
+    print("ok", loss1, loss8)
+""")
+
+
+def test_eight_devices_train_like_one(tiny_corpus):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": REPO}
+    result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(tiny_corpus)], env=env,
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("ok")
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _losses(run_dir):
+    with (run_dir / "history.csv").open() as f:
+        return [(float(row["train_loss"]), float(row["val_loss"])) for row in csv.DictReader(f)]
+
+
+def test_two_processes_train_like_one(tmp_path, tiny_toml, tiny_corpus):
+    tiny_toml.write_text(tiny_toml.read_text().replace("num_epochs = 4", "num_epochs = 2"))
+    single = tmp_path / "single"
+    assert main([str(tiny_toml), "--data", str(tiny_corpus), "--out", str(single),
+                 "--no-progress"]) == 0
+    shared = tmp_path / "shared"
+    common = [sys.executable, "scripts/run_experiment.py", str(tiny_toml), "--data",
+              str(tiny_corpus), "--out", str(shared), "--no-progress", "--coordinator",
+              f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id"]
+    env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device per process
+    workers = [subprocess.Popen(common + [str(rank)], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for rank in (0, 1)]
+    outputs = [worker.communicate(timeout=600) for worker in workers]
+    for worker, (_, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err[-2000:]
+    assert (shared / "checkpoints" / "2").is_dir() and (shared / "summary.json").is_file()
+    for one, two in zip(_losses(single), _losses(shared), strict=True):
+        assert two == pytest.approx(one, rel=1e-4)  # an all-reduce sums in another order
+
+
+def test_device_count_is_checked(tmp_path, tiny_toml, tiny_corpus, capsys):
+    argv = [str(tiny_toml), "--data", str(tiny_corpus), "--out", str(tmp_path / "x"),
+            "--devices", "2"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "error: --devices must lie in [1, 1], got 2\n"
+    assert not (tmp_path / "x").exists()
