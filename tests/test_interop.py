@@ -7,7 +7,7 @@ from tinylm_jax.interop import params_from_torch_state_dict
 from tinylm_jax.model import build_model
 
 torch = pytest.importorskip("torch")
-from torch_reference import TinyTransformerLM as TorchLM  # noqa: E402
+from tinylm_jax.torch_reference import TinyTransformerLM as TorchLM  # noqa: E402
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def test_logits_and_attention_match_the_pytorch_model(cfg):
     params = params_from_torch_state_dict(reference.state_dict(), cfg)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, cfg.seq_len))
     with torch.no_grad():
-        want_logits, want_attention = reference(torch.as_tensor(ids))
+        want_logits, want_attention = reference(torch.as_tensor(ids), return_attn=True)
     logits, attention = build_model(cfg).apply({"params": params}, ids, return_attention=True)
     np.testing.assert_allclose(logits, want_logits.numpy(), atol=1e-5, rtol=0)
     for got, want in zip(attention, want_attention, strict=True):
@@ -73,7 +73,7 @@ def test_optimiser_steps_match_torch_adamw_with_clipping(cfg):
     norms = []
     for _ in range(3):
         ids = rng.integers(0, cfg.vocab_size, (4, cfg.seq_len + 1))
-        logits, _ = reference(torch.as_tensor(ids[:, :-1]))
+        logits = reference(torch.as_tensor(ids[:, :-1]))
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size),
                                                  torch.as_tensor(ids[:, 1:]).reshape(-1))
         optimizer.zero_grad()

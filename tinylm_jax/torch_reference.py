@@ -1,4 +1,8 @@
-"""The seed notebook's PyTorch model, written to the report's spec (tests only)."""
+"""The seed notebook's PyTorch model, written to the report's spec.
+
+The tests compare this project's model and optimiser with it, and the benchmark trains it the
+seed's way. It needs torch, which the project itself does not (`pip install -e ".[torch]"`).
+"""
 
 import math
 
@@ -64,10 +68,11 @@ class TinyTransformerLM(nn.Module):
         self.norm = RMSNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, return_attn=False):
         h = self.token_embedding(x) + self.pos_encoding[:, : x.size(1)]
         attention = []
         for layer in self.layers:
             h, weights = layer(h)
             attention.append(weights)
-        return self.head(self.norm(h)), attention
+        logits = self.head(self.norm(h))
+        return (logits, attention) if return_attn else logits

@@ -1,0 +1,11 @@
+"""Training speed against the seed's PyTorch loop: `python scripts/benchmark.py baseline`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tinylm_jax.benchmark import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

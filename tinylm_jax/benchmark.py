@@ -1,0 +1,343 @@
+"""Speed, side by side: this project's compiled chunks against the seed notebook's PyTorch loop.
+
+Both train the same model on the same real batches of 512 windows. Each figure is measured over
+`steps` steps, `repeats` times after a warm-up, and reported as the median with its range;
+compilation is timed on its own (ahead of time, `jit(...).lower(...).compile()`). The PyTorch
+loop is the seed's: windows materialised with `torch.stack`, a shuffling `DataLoader`, AdamW,
+clipping, `loss.item()` every step, and autocast + GradScaler on CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from tinylm_jax.cli import OneLineParser, guarded
+from tinylm_jax.config import EXPERIMENT_NAMES, ExperimentConfig, UserError, load_config
+from tinylm_jax.data import (
+    Dataset,
+    batch_rows,
+    build_dataset,
+    num_batches,
+    read_corpus,
+    resolve_corpus,
+    train_order,
+)
+from tinylm_jax.model import build_model, count_params, init_params
+from tinylm_jax.parallel import check_batch_fits, data_mesh, replicate, shard_batch_rows
+from tinylm_jax.train import (
+    PRECISIONS,
+    compute_dtype,
+    create_train_state,
+    default_steps_per_chunk,
+    eval_chunk,
+    train_chunk,
+)
+
+# Dense bf16 peak FLOP/s by device kind (vendor datasheets), for model FLOPs utilisation.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class PathResult:
+    """One training path on one experiment."""
+
+    path: str  # which implementation
+    step_s: list[float]  # seconds per training step, one value per repeat
+    eval_batch_s: list[float]  # seconds per validation batch, one value per repeat
+    compile_s: float | None  # ahead-of-time compilation of the train and eval chunks
+    peak_device_bytes: int | None  # where the backend reports it
+
+    def train_tokens_per_s(self, cfg: ExperimentConfig) -> float:
+        return cfg.batch_size * cfg.seq_len / statistics.median(self.step_s)
+
+    def eval_tokens_per_s(self, cfg: ExperimentConfig) -> float:
+        return cfg.batch_size * cfg.seq_len / statistics.median(self.eval_batch_s)
+
+    def epoch_s(self, cfg: ExperimentConfig, data: Dataset) -> float:
+        """One epoch's training plus a full validation pass, from the median rates."""
+        return (statistics.median(self.step_s) * num_batches(data.splits.num_train,
+                                                             cfg.batch_size)
+                + statistics.median(self.eval_batch_s) * num_batches(data.splits.num_val,
+                                                                     cfg.batch_size))
+
+
+def model_flops_per_step(cfg: ExperimentConfig) -> float:
+    """Training FLOPs of one batch: 6 per matmul parameter per token, plus attention's
+    12 * layers * L * D per token (the PaLM paper's accounting; embeddings are lookups)."""
+    params = count_params(jax.eval_shape(lambda: init_params(build_model(cfg), 0)))
+    matmul_params = params - cfg.vocab_size * cfg.d_model
+    per_token = 6 * matmul_params + 12 * cfg.n_layers * cfg.seq_len * cfg.d_model
+    return float(per_token * cfg.batch_size * cfg.seq_len)
+
+
+def _timed(run, steps: int, repeats: int) -> list[float]:
+    """Seconds per step of `run()` (which does `steps` steps and waits), after one warm-up."""
+    run()
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - began) / steps)
+    return times
+
+
+def measure_ours(cfg: ExperimentConfig, data: Dataset, steps: int, repeats: int,
+                 precision: str, mesh: jax.sharding.Mesh) -> PathResult:
+    state = replicate(create_train_state(cfg, precision), mesh)
+    tokens = replicate(data.tokens, mesh)
+    train_rows = batch_rows(train_order(cfg.seed, 1, data.splits.num_train), cfg.batch_size)
+    val_starts = np.arange(data.splits.num_train, data.splits.num_train + data.splits.num_val,
+                           dtype=np.int32)
+    val_rows = batch_rows(val_starts, cfg.batch_size)
+    train_in = shard_batch_rows({k: v[:steps] for k, v in train_rows.items()}, mesh)
+    val_in = shard_batch_rows({k: v[:steps] for k, v in val_rows.items()}, mesh)
+    began = time.perf_counter()
+    train = train_chunk.lower(state, tokens, train_in["starts"], train_in["weights"],
+                              seq_len=cfg.seq_len).compile()
+    evaluate = eval_chunk.lower(state, tokens, val_in["starts"], val_in["weights"],
+                                seq_len=cfg.seq_len).compile()
+    compile_s = time.perf_counter() - began
+
+    def train_steps():
+        nonlocal state
+        state, metrics = train(state, tokens, train_in["starts"], train_in["weights"])
+        jax.block_until_ready(metrics)
+
+    step_s = _timed(train_steps, steps, repeats)
+    eval_s = _timed(lambda: jax.block_until_ready(evaluate(state, tokens, val_in["starts"],
+                                                           val_in["weights"])), steps, repeats)
+    stats = jax.devices()[0].memory_stats() or {}
+    return PathResult("tinylm-jax", step_s, eval_s, compile_s, stats.get("peak_bytes_in_use"))
+
+
+def measure_seed_torch(cfg: ExperimentConfig, data: Dataset, steps: int, repeats: int
+                       ) -> PathResult:
+    """The seed notebook's loop, step for step (its model from `torch_reference`)."""
+    import torch
+
+    from tinylm_jax.torch_reference import TinyTransformerLM
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    ids = torch.tensor(np.asarray(data.tokens), dtype=torch.long)
+    count = len(ids) - cfg.seq_len
+    inputs = torch.stack([ids[i:i + cfg.seq_len] for i in range(count)])
+    targets = torch.stack([ids[i + 1:i + cfg.seq_len + 1] for i in range(count)])
+    split = data.splits.num_train
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(inputs[:split], targets[:split]),
+        batch_size=cfg.batch_size, shuffle=True)
+    val_loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(inputs[split:], targets[split:]), batch_size=cfg.batch_size)
+    torch.manual_seed(cfg.seed)
+    model = TinyTransformerLM(cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.seq_len,
+                              cfg.n_layers).to(device)
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler(enabled=cuda)
+    batches, val_batches = iter(loader), iter(val_loader)
+
+    def train_steps():
+        model.train()
+        for _ in range(steps):
+            x, y = (t.to(device) for t in next(batches))
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, enabled=cuda):
+                loss = criterion(model(x).view(-1, cfg.vocab_size), y.view(-1))
+            scaler.scale(loss).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            loss.item()
+
+    def eval_steps():
+        model.eval()
+        with torch.no_grad():
+            for _ in range(steps):
+                x, y = (t.to(device) for t in next(val_batches))
+                with torch.autocast(device.type, enabled=cuda):
+                    criterion(model(x).view(-1, cfg.vocab_size), y.view(-1)).item()
+
+    step_s = _timed(train_steps, steps, repeats)
+    eval_s = _timed(eval_steps, steps, repeats)
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    return PathResult("PyTorch, seed's loop", step_s, eval_s, None, peak)
+
+
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec.
+RSS_PROBE = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+status = open("/proc/self/status").read().splitlines()
+print([line.split()[1] for line in status if line.startswith("VmHWM")][0], file=sys.stderr)
+"""
+
+SEED_DATA_PATH = """
+import sys, torch
+from tinylm_jax.data import encode, read_corpus, train_tokenizer
+from pathlib import Path
+text = read_corpus(Path(sys.argv[1]))
+ids = torch.as_tensor(encode(train_tokenizer(text, int(sys.argv[3])), text), dtype=torch.long)
+seq_len = int(sys.argv[2])
+inputs = torch.stack([ids[i:i + seq_len] for i in range(len(ids) - seq_len)])
+targets = torch.stack([ids[i + 1:i + seq_len + 1] for i in range(len(ids) - seq_len)])
+"""
+
+
+def peak_rss_mb(argv: list[str]) -> float:
+    """Peak resident memory of a Python script run as `argv` in a fresh process, in MiB."""
+    result = subprocess.run([sys.executable, "-c", RSS_PROBE, *argv], capture_output=True,
+                            text=True, cwd=REPO, check=True)
+    return int(result.stderr.strip().splitlines()[-1]) / 1024  # VmHWM is in KiB
+
+
+def host_memory(corpus: Path, experiment: str, cfg: ExperimentConfig) -> dict[str, float]:
+    """Peak RSS of this project's dry run against the seed's data path (corpus to windows)."""
+    probe = REPO / "benchmark_seed_data_path.py"
+    probe.write_text(SEED_DATA_PATH, encoding="utf-8")
+    try:
+        return {"tinylm-jax dry run": peak_rss_mb(["scripts/run_experiment.py", experiment,
+                                                   "--dry-run", "--data", str(corpus)]),
+                "seed data path (torch)": peak_rss_mb([str(probe), str(corpus), str(cfg.seq_len),
+                                                       str(cfg.vocab_size)])}
+    finally:
+        probe.unlink()
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    device = jax.devices()[0]
+    return (f"{cpu} ({os.cpu_count()} cores); JAX on {jax.default_backend()}: "
+            f"{jax.device_count()} x {device.device_kind}")
+
+
+def peak_flops(device_kind: str) -> float | None:
+    return next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in device_kind), None)
+
+
+def _spread(values: list[float], scale: float = 1.0, fmt: str = "{:.3f}") -> str:
+    low, mid, high = (fmt.format(v * scale) for v in (min(values), statistics.median(values),
+                                                      max(values)))
+    return f"{mid} ({low}–{high})"
+
+
+def results_table(rows: list[tuple[ExperimentConfig, Dataset, PathResult]]) -> list[str]:
+    """Markdown rows, with ours/theirs ratios after each experiment's pair."""
+    peak = peak_flops(jax.devices()[0].device_kind)
+    lines = ["| Experiment | Path | Compile s | s/step, median (range) | Train tok/s | "
+             "Eval tok/s | Epoch s | Peak device MiB | MFU |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    by_experiment: dict[str, list[PathResult]] = {}
+    for cfg, data, result in rows:
+        by_experiment.setdefault(cfg.name, []).append(result)
+        mfu = (f"{model_flops_per_step(cfg) / statistics.median(result.step_s) / peak:.1%}"
+               if peak else "-")
+        memory = (f"{result.peak_device_bytes / 2**20:,.0f}"
+                  if result.peak_device_bytes is not None else "-")
+        compile_s = f"{result.compile_s:.1f}" if result.compile_s is not None else "-"
+        lines.append(f"| {cfg.name} | {result.path} | {compile_s} | {_spread(result.step_s)} | "
+                     f"{result.train_tokens_per_s(cfg):,.0f} | {result.eval_tokens_per_s(cfg):,.0f}"
+                     f" | {result.epoch_s(cfg, data):,.0f} | {memory} | {mfu} |")
+        pair = by_experiment[cfg.name]
+        if len(pair) == 2:
+            ours, theirs = pair
+            lines.append(f"| {cfg.name} | **speed, ours / theirs** | | | "
+                         f"**{ours.train_tokens_per_s(cfg) / theirs.train_tokens_per_s(cfg):.2f}x**"
+                         f" | {ours.eval_tokens_per_s(cfg) / theirs.eval_tokens_per_s(cfg):.2f}x | "
+                         f"{theirs.epoch_s(cfg, data) / ours.epoch_s(cfg, data):.2f}x | | |")
+    return lines
+
+
+def run_benchmark(names: list[str], corpus: Path, steps: int, repeats: int, precision: str,
+                  devices: int | None, with_torch: bool, log=print) -> str:
+    """Measure every experiment both ways; the whole Markdown report."""
+    text = read_corpus(corpus)
+    mesh = data_mesh(devices)
+    tokenizer = None
+    rows = []
+    for name in names:
+        cfg = load_config(name)
+        data = build_dataset(text, cfg, tokenizer)
+        tokenizer = data.tokenizer  # one tokenizer for all: it depends on the corpus only
+        check_batch_fits(cfg.batch_size, mesh)
+        log(f"{cfg.name}: tinylm-jax, {steps} steps x {repeats}")
+        rows.append((cfg, data, measure_ours(cfg, data, steps, repeats, precision, mesh)))
+        if with_torch:
+            log(f"{cfg.name}: PyTorch seed loop, {steps} steps x {repeats}")
+            rows.append((cfg, data, measure_seed_torch(cfg, data, steps, repeats)))
+    versions = ", ".join(f"{pkg} {importlib.metadata.version(pkg)}"
+                         for pkg in ("jax", "jaxlib", "flax", "optax")
+                         + (("torch",) if with_torch else ()))
+    lines = ["# Training speed: tinylm-jax and the seed's PyTorch loop", "",
+             f"- Machine: {machine_description()}.",
+             f"- Versions: {versions}; Python {platform.python_version()}.",
+             f"- Precision: {precision} (jax: {np.dtype(compute_dtype(precision))} compute); "
+             f"batch 512; each figure over {steps} steps, {repeats} repeats after a warm-up "
+             "(median and range). Epoch s: one epoch of training plus a full validation pass, "
+             "from the median rates. Compile s: the train and eval chunks, ahead of time.",
+             "- Reproduce: `python scripts/benchmark.py " + " ".join(names)
+             + f" --steps {steps} --repeats {repeats}`.", ""]
+    lines += results_table(rows)
+    if with_torch:
+        memory = host_memory(corpus, names[0], load_config(names[0]))
+        lines += ["", f"Host memory, peak RSS ({names[0]}): "
+                  + "; ".join(f"{k} {v:,.0f} MiB" for k, v in memory.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="benchmark.py", description="Training speed of this project "
+                           "against the seed notebook's PyTorch loop, as a Markdown table.")
+    parser.add_argument("experiments", nargs="*", default=list(EXPERIMENT_NAMES),
+                        help="experiment names or TOML paths (default: all three)")
+    parser.add_argument("--data", help="corpus (default: $TINYLM_DATA, else the cache)")
+    parser.add_argument("--steps", type=int, help="steps per measurement (default: the "
+                        "training chunk, 10 on CPU and 100 on GPU/TPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per figure")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
+    parser.add_argument("--devices", type=int, help="split batches over the first N devices")
+    parser.add_argument("--no-torch", action="store_true", help="measure this project only")
+    parser.add_argument("--out", type=Path, help="also write the table to this .md file")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        steps = args.steps if args.steps is not None else default_steps_per_chunk()
+        if steps < 1 or args.repeats < 1:
+            raise UserError("--steps and --repeats must be positive")
+        if not args.no_torch and importlib.util.find_spec("torch") is None:
+            raise UserError("torch is not installed: pip install torch, or pass --no-torch")
+        for name in args.experiments:
+            load_config(name)
+        corpus = resolve_corpus(args.data)
+        report = run_benchmark(args.experiments, corpus, steps, args.repeats, args.precision,
+                               args.devices, not args.no_torch, log=print)
+        print(report, end="")
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(report, encoding="utf-8")
+            print(f"wrote {args.out}")
+        return 0
+
+    return guarded(run)
