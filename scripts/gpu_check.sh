@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU check, in one go (under 10 minutes on one H100/H200): the test suite, the benchmark
+# against the seed's PyTorch loop, and the whole `all` protocol, timed. Everything it measures
+# goes under $OUT (default ./gpu_check_out); run from the repository root with the corpus in
+# $TINYLM_DATA:
+#   PYTHONPATH=. TINYLM_DATA=data/input.txt OUT=/tmp/out bash scripts/gpu_check.sh
+# QUICK=1 cuts every part short (one 2-step epoch, 2-step measurements) to try it on a CPU.
+set -uo pipefail
+OUT=${OUT:-gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONPATH=${PYTHONPATH:-.}
+: "${TINYLM_DATA:?set TINYLM_DATA to the corpus}"
+if [[ ${QUICK:-0} == 1 ]]; then
+    run_flags=(--max-steps-per-epoch 2 --max-epochs 1)
+    bench_flags=(--steps 2 --repeats 1)
+else
+    run_flags=()
+    bench_flags=()
+fi
+status=0
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null \
+        || echo "no nvidia-smi"
+    python -c "import jax; print('jax', jax.__version__, jax.devices())"
+} > "$OUT/machine.txt" 2>&1
+
+# The suite pins CPU numerics (golden values, bitwise resume), so it runs on the host's CPUs.
+JAX_PLATFORMS=cpu timeout 300 python -m pytest -q -x > "$OUT/tests.log" 2>&1 || status=1
+tail -n 3 "$OUT/tests.log"
+
+timeout 240 python scripts/benchmark.py "${bench_flags[@]}" --out "$OUT/benchmark.md" \
+    > "$OUT/benchmark.log" 2>&1 || status=1
+tail -n 12 "$OUT/benchmark.log"
+
+runs=$(mktemp -d)
+began=$(date +%s%N)
+timeout 300 python scripts/run_experiment.py all --out "$runs" --no-progress "${run_flags[@]}" \
+    > "$OUT/all.log" 2>&1 || status=1
+ended=$(date +%s%N)
+echo "all protocol wall time: $(( (ended - began) / 1000000 )) ms" | tee "$OUT/all_wall_time.txt"
+for run in "$runs"/*/; do
+    name=$(basename "$run")
+    mkdir -p "$OUT/runs/$name"
+    cp "$run"/history.csv "$run"/summary.json "$OUT/runs/$name/" 2>/dev/null
+done
+cp "$runs"/comparison.md "$runs"/val_ppl_comparison.png "$OUT/runs/" 2>/dev/null
+cat "$runs"/comparison.md 2>/dev/null
+rm -rf "$runs"
+exit $status
