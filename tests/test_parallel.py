@@ -89,9 +89,15 @@ def test_two_processes_train_like_one(tmp_path, tiny_toml, tiny_corpus):
         assert two == pytest.approx(one, rel=1e-4)  # an all-reduce sums in another order
 
 
-def test_device_count_is_checked(tmp_path, tiny_toml, tiny_corpus, capsys):
-    argv = [str(tiny_toml), "--data", str(tiny_corpus), "--out", str(tmp_path / "x"),
-            "--devices", "2"]
+@pytest.mark.parametrize("flags, message", [
+    (["--devices", "2"], "--devices must lie in [1, 1], got 2"),
+    (["--num-processes", "2"], "--num-processes and --process-id need --coordinator"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+     "--process-id must lie in [0, 1], got 2"),
+])
+def test_device_and_process_flags_are_checked(tmp_path, tiny_toml, tiny_corpus, capsys, flags,
+                                              message):
+    argv = [str(tiny_toml), "--data", str(tiny_corpus), "--out", str(tmp_path / "x"), *flags]
     assert main(argv) == 2
-    assert capsys.readouterr().err == "error: --devices must lie in [1, 1], got 2\n"
+    assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "x").exists()

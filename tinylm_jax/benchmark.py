@@ -16,12 +16,15 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import numpy as np
+from tokenizers import Tokenizer
 
 from tinylm_jax.cli import OneLineParser, guarded
 from tinylm_jax.config import EXPERIMENT_NAMES, ExperimentConfig, UserError, load_config
@@ -46,7 +49,7 @@ from tinylm_jax.train import (
 )
 
 # Dense bf16 peak FLOP/s by device kind (vendor datasheets), for model FLOPs utilisation.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -83,7 +86,7 @@ def model_flops_per_step(cfg: ExperimentConfig) -> float:
     return float(per_token * cfg.batch_size * cfg.seq_len)
 
 
-def _timed(run, steps: int, repeats: int) -> list[float]:
+def _timed(run: Callable[[], object], steps: int, repeats: int) -> list[float]:
     """Seconds per step of `run()` (which does `steps` steps and waits), after one warm-up."""
     run()
     times = []
@@ -102,8 +105,11 @@ def measure_ours(cfg: ExperimentConfig, data: Dataset, steps: int, repeats: int,
     val_starts = np.arange(data.splits.num_train, data.splits.num_train + data.splits.num_val,
                            dtype=np.int32)
     val_rows = batch_rows(val_starts, cfg.batch_size)
-    train_in = shard_batch_rows({k: v[:steps] for k, v in train_rows.items()}, mesh)
-    val_in = shard_batch_rows({k: v[:steps] for k, v in val_rows.items()}, mesh)
+    # `steps` batches of each split, wrapping round where a split has fewer.
+    train_in = shard_batch_rows({k: np.resize(v, (steps, *v.shape[1:]))
+                                 for k, v in train_rows.items()}, mesh)
+    val_in = shard_batch_rows({k: np.resize(v, (steps, *v.shape[1:]))
+                               for k, v in val_rows.items()}, mesh)
     began = time.perf_counter()
     train = train_chunk.lower(state, tokens, train_in["starts"], train_in["weights"],
                               seq_len=cfg.seq_len).compile()
@@ -121,6 +127,12 @@ def measure_ours(cfg: ExperimentConfig, data: Dataset, steps: int, repeats: int,
                                                            val_in["weights"])), steps, repeats)
     stats = jax.devices()[0].memory_stats() or {}
     return PathResult("tinylm-jax", step_s, eval_s, compile_s, stats.get("peak_bytes_in_use"))
+
+
+def _endless(loader: Iterable) -> Iterator:
+    """A DataLoader's batches, epoch after epoch (reshuffled each time, as the seed's)."""
+    while True:
+        yield from loader
 
 
 def measure_seed_torch(cfg: ExperimentConfig, data: Dataset, steps: int, repeats: int
@@ -148,7 +160,7 @@ def measure_seed_torch(cfg: ExperimentConfig, data: Dataset, steps: int, repeats
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(enabled=cuda)
-    batches, val_batches = iter(loader), iter(val_loader)
+    batches, val_batches = _endless(loader), _endless(val_loader)
 
     def train_steps():
         model.train()
@@ -171,6 +183,8 @@ def measure_seed_torch(cfg: ExperimentConfig, data: Dataset, steps: int, repeats
                 with torch.autocast(device.type, enabled=cuda):
                     criterion(model(x).view(-1, cfg.vocab_size), y.view(-1)).item()
 
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     step_s = _timed(train_steps, steps, repeats)
     eval_s = _timed(eval_steps, steps, repeats)
     peak = torch.cuda.max_memory_allocated() if cuda else None
@@ -183,14 +197,16 @@ import runpy, sys
 sys.argv = sys.argv[1:]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
-except SystemExit:
-    pass
+except SystemExit as done:
+    if done.code:
+        raise
 status = open("/proc/self/status").read().splitlines()
 print([line.split()[1] for line in status if line.startswith("VmHWM")][0], file=sys.stderr)
 """
 
 SEED_DATA_PATH = """
 import sys, torch
+sys.path.insert(0, "REPO")
 from tinylm_jax.data import encode, read_corpus, train_tokenizer
 from pathlib import Path
 text = read_corpus(Path(sys.argv[1]))
@@ -203,22 +219,25 @@ targets = torch.stack([ids[i + 1:i + seq_len + 1] for i in range(len(ids) - seq_
 
 def peak_rss_mb(argv: list[str]) -> float:
     """Peak resident memory of a Python script run as `argv` in a fresh process, in MiB."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # host memory only; leave the GPU alone
     result = subprocess.run([sys.executable, "-c", RSS_PROBE, *argv], capture_output=True,
-                            text=True, cwd=REPO, check=True)
-    return int(result.stderr.strip().splitlines()[-1]) / 1024  # VmHWM is in KiB
+                            text=True, cwd=REPO, env=env)
+    lines = result.stderr.strip().splitlines()
+    if result.returncode != 0 or not lines or not lines[-1].isdigit():
+        raise UserError(f"memory probe of {argv[0]} failed: {(lines or ['no output'])[-1]}")
+    return int(lines[-1]) / 1024  # VmHWM is in KiB
 
 
 def host_memory(corpus: Path, experiment: str, cfg: ExperimentConfig) -> dict[str, float]:
     """Peak RSS of this project's dry run against the seed's data path (corpus to windows)."""
-    probe = REPO / "benchmark_seed_data_path.py"
-    probe.write_text(SEED_DATA_PATH, encoding="utf-8")
-    try:
-        return {"tinylm-jax dry run": peak_rss_mb(["scripts/run_experiment.py", experiment,
-                                                   "--dry-run", "--data", str(corpus)]),
+    with tempfile.TemporaryDirectory() as scratch:
+        probe = Path(scratch) / "seed_data_path.py"
+        probe.write_text(SEED_DATA_PATH.replace("REPO", str(REPO)), encoding="utf-8")
+        return {"tinylm-jax dry run": peak_rss_mb([str(REPO / "scripts" / "run_experiment.py"),
+                                                   experiment, "--dry-run", "--data",
+                                                   str(corpus)]),
                 "seed data path (torch)": peak_rss_mb([str(probe), str(corpus), str(cfg.seq_len),
                                                        str(cfg.vocab_size)])}
-    finally:
-        probe.unlink()
 
 
 def machine_description() -> str:
@@ -237,29 +256,37 @@ def peak_flops(device_kind: str) -> float | None:
     return next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in device_kind), None)
 
 
+def mfu(cfg: ExperimentConfig, result: PathResult, precision: str, devices: int) -> str:
+    """Model FLOPs utilisation against the bf16 peak of all devices; '-' where it means nothing
+    (no known peak, or float32 compute)."""
+    peak = peak_flops(jax.devices()[0].device_kind)
+    if peak is None or np.dtype(compute_dtype(precision)) != np.dtype("bfloat16"):
+        return "-"
+    return f"{model_flops_per_step(cfg) / statistics.median(result.step_s) / (peak * devices):.1%}"
+
+
 def _spread(values: list[float], scale: float = 1.0, fmt: str = "{:.3f}") -> str:
     low, mid, high = (fmt.format(v * scale) for v in (min(values), statistics.median(values),
                                                       max(values)))
     return f"{mid} ({low}–{high})"
 
 
-def results_table(rows: list[tuple[ExperimentConfig, Dataset, PathResult]]) -> list[str]:
+def results_table(rows: list[tuple[ExperimentConfig, Dataset, PathResult]], precision: str,
+                  devices: int) -> list[str]:
     """Markdown rows, with ours/theirs ratios after each experiment's pair."""
-    peak = peak_flops(jax.devices()[0].device_kind)
     lines = ["| Experiment | Path | Compile s | s/step, median (range) | Train tok/s | "
-             "Eval tok/s | Epoch s | Peak device MiB | MFU |",
+             "Eval tok/s | Epoch s (est.) | Peak device MiB | MFU |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     by_experiment: dict[str, list[PathResult]] = {}
     for cfg, data, result in rows:
         by_experiment.setdefault(cfg.name, []).append(result)
-        mfu = (f"{model_flops_per_step(cfg) / statistics.median(result.step_s) / peak:.1%}"
-               if peak else "-")
+        utilisation = mfu(cfg, result, precision, devices if result.path == "tinylm-jax" else 1)
         memory = (f"{result.peak_device_bytes / 2**20:,.0f}"
                   if result.peak_device_bytes is not None else "-")
         compile_s = f"{result.compile_s:.1f}" if result.compile_s is not None else "-"
         lines.append(f"| {cfg.name} | {result.path} | {compile_s} | {_spread(result.step_s)} | "
                      f"{result.train_tokens_per_s(cfg):,.0f} | {result.eval_tokens_per_s(cfg):,.0f}"
-                     f" | {result.epoch_s(cfg, data):,.0f} | {memory} | {mfu} |")
+                     f" | {result.epoch_s(cfg, data):,.0f} | {memory} | {utilisation} |")
         pair = by_experiment[cfg.name]
         if len(pair) == 2:
             ours, theirs = pair
@@ -271,16 +298,17 @@ def results_table(rows: list[tuple[ExperimentConfig, Dataset, PathResult]]) -> l
 
 
 def run_benchmark(names: list[str], corpus: Path, steps: int, repeats: int, precision: str,
-                  devices: int | None, with_torch: bool, log=print) -> str:
+                  devices: int | None, with_torch: bool, log: Callable[[str], None] = print
+                  ) -> str:
     """Measure every experiment both ways; the whole Markdown report."""
     text = read_corpus(corpus)
     mesh = data_mesh(devices)
-    tokenizer = None
+    tokenizers: dict[int, Tokenizer] = {}  # trained once per vocabulary size
     rows = []
     for name in names:
         cfg = load_config(name)
-        data = build_dataset(text, cfg, tokenizer)
-        tokenizer = data.tokenizer  # one tokenizer for all: it depends on the corpus only
+        data = build_dataset(text, cfg, tokenizers.get(cfg.vocab_size))
+        tokenizers[cfg.vocab_size] = data.tokenizer
         check_batch_fits(cfg.batch_size, mesh)
         log(f"{cfg.name}: tinylm-jax, {steps} steps x {repeats}")
         rows.append((cfg, data, measure_ours(cfg, data, steps, repeats, precision, mesh)))
@@ -293,13 +321,16 @@ def run_benchmark(names: list[str], corpus: Path, steps: int, repeats: int, prec
     lines = ["# Training speed: tinylm-jax and the seed's PyTorch loop", "",
              f"- Machine: {machine_description()}.",
              f"- Versions: {versions}; Python {platform.python_version()}.",
-             f"- Precision: {precision} (jax: {np.dtype(compute_dtype(precision))} compute); "
-             f"batch 512; each figure over {steps} steps, {repeats} repeats after a warm-up "
-             "(median and range). Epoch s: one epoch of training plus a full validation pass, "
-             "from the median rates. Compile s: the train and eval chunks, ahead of time.",
+             f"- Precision: {precision} (jax: {np.dtype(compute_dtype(precision))} compute on "
+             f"{mesh.devices.size} device(s); PyTorch: the seed's fp16 autocast on CUDA, float32 "
+             f"on CPU); batch 512; each figure over {steps} steps, {repeats} repeats after a "
+             "warm-up (median and range). Epoch s (est.): one epoch of training plus a full "
+             "validation pass, from the median rates. Compile s: the train and eval chunks, "
+             "ahead of time. Peak device memory: JAX's is the process's peak so far (the "
+             "experiments run in the order listed), PyTorch's is reset per experiment.",
              "- Reproduce: `python scripts/benchmark.py " + " ".join(names)
              + f" --steps {steps} --repeats {repeats}`.", ""]
-    lines += results_table(rows)
+    lines += results_table(rows, precision, mesh.devices.size)
     if with_torch:
         memory = host_memory(corpus, names[0], load_config(names[0]))
         lines += ["", f"Host memory, peak RSS ({names[0]}): "
@@ -326,10 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps if args.steps is not None else default_steps_per_chunk()
         if steps < 1 or args.repeats < 1:
             raise UserError("--steps and --repeats must be positive")
-        if not args.no_torch and importlib.util.find_spec("torch") is None:
-            raise UserError("torch is not installed: pip install torch, or pass --no-torch")
         for name in args.experiments:
             load_config(name)
+        if not args.no_torch and importlib.util.find_spec("torch") is None:
+            raise UserError("torch is not installed: pip install torch, or pass --no-torch")
         corpus = resolve_corpus(args.data)
         report = run_benchmark(args.experiments, corpus, steps, args.repeats, args.precision,
                                args.devices, not args.no_torch, log=print)

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps-per-chunk", type=int, help="training steps per compiled call "
                         "(default: 100 on GPU/TPU, 10 on CPU); results do not depend on it")
     parser.add_argument("--devices", type=int, help="split each batch over the first N devices "
-                        "(default: all local devices)")
+                        "(default: all devices, of every process)")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0, to train as one of "
                         "several processes (with --num-processes and --process-id)")
     parser.add_argument("--num-processes", type=int, default=1, help="processes in the run")
@@ -77,6 +77,8 @@ def _config(name: str, args: argparse.Namespace) -> ExperimentConfig:
 def run(args: argparse.Namespace) -> int:
     if args.coordinator:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    elif (args.num_processes, args.process_id) != (1, 0):
+        raise UserError("--num-processes and --process-id need --coordinator")
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     if args.max_epochs is not None and args.max_epochs < 1:

@@ -190,6 +190,7 @@ def train_prepared(run: PreparedRun, log: Callable[[str], None] = print) -> dict
     """Train a prepared run to its end (epoch limit or early stop); returns the summary."""
     cfg, opts, out = run.cfg, run.opts, run.opts.out_dir
     primary = is_primary()  # with several processes, one writes the files; all checkpoint
+    log = log if primary else (lambda _: None)
     barrier("checked")  # every process has read the run folder before it changes
     if primary and opts.overwrite and not opts.resume and out.exists():
         shutil.rmtree(out)

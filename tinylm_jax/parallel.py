@@ -26,7 +26,11 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
         raise UserError(f"--process-id must lie in [0, {num_processes - 1}], got {process_id}")
     # CPU devices need an implementation of collectives; accelerators bring their own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    try:
+        jax.distributed.initialize(coordinator, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=120)
+    except Exception as err:  # jax raises bare RuntimeErrors and XlaRuntimeErrors here
+        raise UserError(f"cannot join the run at {coordinator}: {err}".splitlines()[0]) from None
 
 
 def is_primary() -> bool:
@@ -41,16 +45,19 @@ def barrier(name: str) -> None:
 
 
 def data_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh over the first `num_devices` devices (default: all, across processes)."""
+    """A 1-D mesh over the first `num_devices` devices (default: all, of every process)."""
     available = jax.devices()
     if num_devices is not None and not 1 <= num_devices <= len(available):
         raise UserError(f"--devices must lie in [1, {len(available)}], got {num_devices}")
+    if num_devices not in (None, len(available)) and jax.process_count() > 1:
+        raise UserError("--devices cannot leave out devices of a multi-process run")
     devices = available[:num_devices]
     # Auto axes: linen's Embed rejects the explicit-sharding default of jax.make_mesh.
     return jax.make_mesh((len(devices),), ("data",), (AxisType.Auto,), devices=devices)
 
 
 def check_batch_fits(batch_size: int, mesh: Mesh) -> None:
+    """Refuse a batch that cannot be split into equal shares, one per device."""
     devices = mesh.devices.size
     if batch_size % devices:
         raise UserError(f"batch_size {batch_size} does not split evenly over {devices} devices; "

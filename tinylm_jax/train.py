@@ -1,10 +1,11 @@
-"""Train state, optimiser, the jitted train/eval steps and one-epoch loops.
+"""Train state, optimiser, the jitted train/eval steps and the epoch loops that chain them.
 
 `train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> metrics` are pure,
 module-level and jitted once per model; `train_step` donates its state. A batch is a dict:
   inputs (B, L) int32, targets (B, L) int32, weights (B,) float32 (0 marks a padding window).
 Metrics are sums, `loss_sum` over real target tokens and `tokens` their count, so that means over
-a split are token-weighted however its last batch is padded.
+a split are token-weighted however its last batch is padded. Epochs run `train_chunk` and
+`eval_chunk`: the same steps, scanned over C batches per compiled call.
 """
 
 from __future__ import annotations
@@ -184,9 +185,10 @@ def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig, epoch: 
     """One pass over the training windows in the order of (seed, epoch); `max_steps` cuts it.
 
     The steps run in compiled chunks of `steps_per_chunk` with no host sync inside a chunk; the
-    progress bar moves between chunks. Throughput is measured from the end of the first chunk,
-    so compilation does not count. With a `mesh`, each batch is split over its devices (the
-    state and tokens must then be replicated on it: `parallel.replicate`).
+    progress bar moves between chunks. Throughput is measured from the end of the first chunk, so
+    its compilation does not count unless it is the only chunk; a shorter last chunk compiles
+    once inside the measured time. With a `mesh`, each batch is split over its devices
+    (the state and tokens must then be replicated on it: `parallel.replicate`).
     """
     rows = batch_rows(train_order(cfg.seed, epoch, data.splits.num_train), cfg.batch_size)
     total = len(rows["starts"]) if max_steps is None else min(len(rows["starts"]), max_steps)
@@ -194,7 +196,7 @@ def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig, epoch: 
     chunk_size = steps_per_chunk or default_steps_per_chunk()
     metrics: list[dict[str, jax.Array]] = []
     began = time.perf_counter()
-    steady_from, first_tokens = began, 0.0
+    steady_from, first_tokens, first_steps = began, 0.0, 0
     with tqdm(total=total, desc=f"epoch {epoch}", unit="step", disable=not progress or None,
               leave=False, dynamic_ncols=True) as bar:
         for chunk in _chunks(rows, chunk_size):
@@ -204,10 +206,10 @@ def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig, epoch: 
             metrics.append(chunk_metrics)
             if len(metrics) == 1 and total > len(chunk["starts"]):
                 first_tokens = float(np.sum(jax.device_get(chunk_metrics)["tokens"]))
-                steady_from = time.perf_counter()
-            elif bar.disable is False:
+                steady_from, first_steps = time.perf_counter(), len(chunk["starts"])
+            elif not bar.disable:
                 last = jax.device_get(chunk_metrics)  # syncs, for the bar only
-                done = (bar.n + len(chunk["starts"])) * cfg.batch_size * cfg.seq_len
+                done = (bar.n + len(chunk["starts"]) - first_steps) * cfg.batch_size * cfg.seq_len
                 bar.set_postfix(loss=f"{last['loss_sum'][-1] / last['tokens'][-1]:.4f}",
                                 tok_s=f"{done / (time.perf_counter() - steady_from):,.0f}")
             bar.update(len(chunk["starts"]))
