@@ -13,6 +13,11 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
+def snapshot(folder: Path) -> dict[Path, bytes]:
+    """Every file under `folder` and its bytes: equal snapshots mean nothing was written."""
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 @pytest.fixture(scope="session")
 def corpus_path() -> Path:
     path = Path(os.environ.get("TINYLM_DATA") or DEFAULT_CORPUS)

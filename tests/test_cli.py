@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, snapshot
 
 from tinylm_jax.checkpoint import load_run
 from tinylm_jax.cli import main
@@ -22,10 +23,6 @@ def _run(toml, corpus, out, *extra):
 def _history(run_dir):
     with (run_dir / "history.csv").open() as f:
         return list(csv.DictReader(f))
-
-
-def _snapshot(folder):
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture
@@ -85,12 +82,12 @@ def test_an_existing_run_folder_is_never_silently_overwritten(one_epoch_run, tin
 
 def test_resuming_with_another_config_is_refused(one_epoch_run, tiny_toml, tiny_corpus, capsys):
     out = one_epoch_run
-    before = _snapshot(out)
+    before = snapshot(out)
     assert _run(tiny_toml, tiny_corpus, out, "--resume", "--seed", "7") == 2
     assert "seed (0 -> 7)" in capsys.readouterr().err
     assert _run(tiny_toml, tiny_corpus, out, "--resume", "--max-steps-per-epoch", "3") == 2
     assert "--max-steps-per-epoch (None -> 3)" in capsys.readouterr().err
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -149,7 +146,7 @@ def test_comparison_table_sets_ours_beside_the_seed():
 def test_the_script_reports_bad_input_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "scripts/run_experiment.py", "nosuch",
                              "--out", str(tmp_path / "x")], capture_output=True, text=True,
-                            cwd=__file__.rsplit("/tests/", 1)[0])
+                            cwd=REPO)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: unknown experiment") and result.stderr.count("\n") == 1
@@ -187,10 +184,10 @@ def test_all_runs_the_three_and_resumes_what_is_missing(tmp_path, tiny_toml, tin
 
 def test_dry_run_ignores_an_existing_run_folder(one_epoch_run, tiny_toml, tiny_corpus, capsys):
     out = one_epoch_run
-    before = _snapshot(out)
+    before = snapshot(out)
     assert _run(tiny_toml, tiny_corpus, out, "--dry-run", "--seed", "5") == 0
     assert "seed = 5" in capsys.readouterr().out
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 def test_overwrite_only_replaces_a_run_folder(tmp_path, tiny_toml, tiny_corpus, capsys):

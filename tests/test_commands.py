@@ -8,13 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO, snapshot
 
 from tinylm_jax import plots
 from tinylm_jax.analysis import open_corpus
 from tinylm_jax.cli import main as run_experiment_main
 from tinylm_jax.commands import analyze_main, generate_main, plot_attention_main
 
-REPO = __file__.rsplit("/tests/", 1)[0]
 PER_RUN_FILES = ["tokenizer_report.md", "token_frequencies.png", "loss_curves.png", "val_ppl.png",
                  "attention.npz", "attention/grid.png", "attention/layer1_head3.png",
                  "attention_stats.md", "attention_stats.csv", "samples.md"]
@@ -26,10 +26,6 @@ def run_copy(tiny_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     return copy, corpus
-
-
-def _snapshot(folder):
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def _is_png(path):
@@ -172,7 +168,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path, capsys, co
                                                    message):
     run, corpus = tiny_run
     root = run.parent  # the run, its corpus and anything written beside them
-    before = _snapshot(root)
+    before = snapshot(root)
     values = {"run": run, "corpus": corpus, "root": root, "missing": tmp_path / "none"}
     try:
         code = command([arg.format(**values) for arg in argv])
@@ -181,7 +177,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path, capsys, co
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
-    assert _snapshot(root) == before
+    assert snapshot(root) == before
 
 
 def test_the_scripts_have_help_and_no_tracebacks(tmp_path):

@@ -8,10 +8,9 @@ import sys
 import textwrap
 
 import pytest
+from conftest import REPO
 
 from tinylm_jax.cli import main
-
-REPO = __file__.rsplit("/tests/", 1)[0]
 
 EIGHT_DEVICES = textwrap.dedent("""
     import dataclasses, sys
@@ -50,7 +49,7 @@ EIGHT_DEVICES = textwrap.dedent("""
 
 def test_eight_devices_train_like_one(tiny_corpus):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "PYTHONPATH": REPO}
+           "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(tiny_corpus)], env=env,
                             capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -121,10 +121,9 @@ def test_an_epoch_lowers_the_loss_and_counts_every_window(corpus_text, tiny_cfg)
 
 
 def _stepwise_eval(state, data, cfg):
-    starts = np.arange(data.splits.num_train, data.splits.num_train + data.splits.num_val)
     sums = [eval_step(state, make_batch(data.tokens, rows["starts"], rows["weights"],
                                         seq_len=cfg.seq_len))
-            for rows in batches(starts.astype(np.int32), cfg.batch_size)]
+            for rows in batches(data.splits.validation_starts(), cfg.batch_size)]
     return (float(np.sum([m["loss_sum"] for m in sums], dtype=np.float64))
             / float(np.sum([m["tokens"] for m in sums], dtype=np.float64)))
 

@@ -37,6 +37,7 @@ from tinylm_jax.data import (
     resolve_corpus,
     train_order,
 )
+from tinylm_jax.experiment import package_versions
 from tinylm_jax.model import build_model, count_params, init_params
 from tinylm_jax.parallel import check_batch_fits, data_mesh, replicate, shard_batch_rows
 from tinylm_jax.train import (
@@ -102,9 +103,7 @@ def measure_ours(cfg: ExperimentConfig, data: Dataset, steps: int, repeats: int,
     state = replicate(create_train_state(cfg, precision), mesh)
     tokens = replicate(data.tokens, mesh)
     train_rows = batch_rows(train_order(cfg.seed, 1, data.splits.num_train), cfg.batch_size)
-    val_starts = np.arange(data.splits.num_train, data.splits.num_train + data.splits.num_val,
-                           dtype=np.int32)
-    val_rows = batch_rows(val_starts, cfg.batch_size)
+    val_rows = batch_rows(data.splits.validation_starts(), cfg.batch_size)
     # `steps` batches of each split, wrapping round where a split has fewer.
     train_in = shard_batch_rows({k: np.resize(v, (steps, *v.shape[1:]))
                                  for k, v in train_rows.items()}, mesh)
@@ -140,14 +139,11 @@ def measure_seed_torch(cfg: ExperimentConfig, data: Dataset, steps: int, repeats
     """The seed notebook's loop, step for step (its model from `torch_reference`)."""
     import torch
 
-    from tinylm_jax.torch_reference import TinyTransformerLM
+    from tinylm_jax.torch_reference import TinyTransformerLM, seed_windows
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    ids = torch.tensor(np.asarray(data.tokens), dtype=torch.long)
-    count = len(ids) - cfg.seq_len
-    inputs = torch.stack([ids[i:i + cfg.seq_len] for i in range(count)])
-    targets = torch.stack([ids[i + 1:i + cfg.seq_len + 1] for i in range(count)])
+    inputs, targets = seed_windows(np.asarray(data.tokens), cfg.seq_len)
     split = data.splits.num_train
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(inputs[:split], targets[:split]),
@@ -205,15 +201,13 @@ print([line.split()[1] for line in status if line.startswith("VmHWM")][0], file=
 """
 
 SEED_DATA_PATH = """
-import sys, torch
+import sys
 sys.path.insert(0, "REPO")
-from tinylm_jax.data import encode, read_corpus, train_tokenizer
 from pathlib import Path
+from tinylm_jax.data import encode, read_corpus, train_tokenizer
+from tinylm_jax.torch_reference import seed_windows
 text = read_corpus(Path(sys.argv[1]))
-ids = torch.as_tensor(encode(train_tokenizer(text, int(sys.argv[3])), text), dtype=torch.long)
-seq_len = int(sys.argv[2])
-inputs = torch.stack([ids[i:i + seq_len] for i in range(len(ids) - seq_len)])
-targets = torch.stack([ids[i + 1:i + seq_len + 1] for i in range(len(ids) - seq_len)])
+windows = seed_windows(encode(train_tokenizer(text, int(sys.argv[3])), text), int(sys.argv[2]))
 """
 
 
@@ -315,9 +309,8 @@ def run_benchmark(names: list[str], corpus: Path, steps: int, repeats: int, prec
         if with_torch:
             log(f"{cfg.name}: PyTorch seed loop, {steps} steps x {repeats}")
             rows.append((cfg, data, measure_seed_torch(cfg, data, steps, repeats)))
-    versions = ", ".join(f"{pkg} {importlib.metadata.version(pkg)}"
-                         for pkg in ("jax", "jaxlib", "flax", "optax")
-                         + (("torch",) if with_torch else ()))
+    versions = ", ".join(f"{pkg} {version}" for pkg, version in
+                         package_versions(*(("torch",) if with_torch else ())).items())
     lines = ["# Training speed: tinylm-jax and the seed's PyTorch loop", "",
              f"- Machine: {machine_description()}.",
              f"- Versions: {versions}; Python {platform.python_version()}.",

@@ -128,6 +128,10 @@ class Splits:
                             "to validate")
         return splits
 
+    def validation_starts(self) -> np.ndarray:
+        """Token positions (int32) where the validation windows begin, in order."""
+        return np.arange(self.num_train, self.num_train + self.num_val, dtype=np.int32)
+
 
 @dataclass(frozen=True)
 class Dataset:

@@ -181,8 +181,9 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
         writer.writerows(history)
 
 
-def _versions() -> dict[str, str]:
-    names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tokenizers", "numpy")
+def package_versions(*extra: str) -> dict[str, str]:
+    """Installed versions of the packages a run's numbers depend on, and of `extra` ones."""
+    names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tokenizers", "numpy", *extra)
     return {name: importlib.metadata.version(name) for name in names}
 
 
@@ -272,7 +273,7 @@ def _summary(run: PreparedRun, history: list[dict[str, Any]], wall: float) -> di
         "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind,
         "devices": int(run.mesh.devices.size),
-        "versions": _versions(),
+        "versions": package_versions(),
         "wall_time_s": wall,
     }
 

@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
+from tinylm_jax.experiment import best_epoch  # noqa: E402
+
 DPI = 120
 
 
@@ -67,7 +69,7 @@ def val_perplexity(history: list[dict[str, float]], name: str, path: Path) -> Pa
     """Seed figure 4: validation perplexity per epoch, the best epoch marked."""
     epochs = [row["epoch"] for row in history]
     ppl = [row["val_ppl"] for row in history]
-    best = int(np.nanargmin(ppl))
+    best = epochs.index(best_epoch(history))
     fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
     ax.plot(epochs, ppl, marker="o", label="Validation perplexity")
     ax.scatter([epochs[best]], [ppl[best]], s=120, facecolors="none", edgecolors="red",

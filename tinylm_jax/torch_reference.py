@@ -76,3 +76,12 @@ class TinyTransformerLM(nn.Module):
             attention.append(weights)
         logits = self.head(self.norm(h))
         return (logits, attention) if return_attn else logits
+
+
+def seed_windows(ids, seq_len):
+    """The seed's data path: every window materialised, inputs and targets, each (N, L) int64."""
+    ids = torch.tensor(ids, dtype=torch.long)  # a copy: jax hands out read-only arrays
+    count = len(ids) - seq_len
+    inputs = torch.stack([ids[i:i + seq_len] for i in range(count)])
+    targets = torch.stack([ids[i + 1:i + seq_len + 1] for i in range(count)])
+    return inputs, targets

@@ -223,9 +223,7 @@ def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig, epoch: 
 def evaluate(state: TrainState, data: Dataset, cfg: ExperimentConfig,
              steps_per_chunk: int | None = None, mesh: Mesh | None = None) -> float:
     """Token-weighted mean loss over every validation window, in order, in compiled chunks."""
-    starts = np.arange(data.splits.num_train, data.splits.num_train + data.splits.num_val,
-                       dtype=np.int32)
-    rows = batch_rows(starts, cfg.batch_size)
+    rows = batch_rows(data.splits.validation_starts(), cfg.batch_size)
     chunk_size = steps_per_chunk or default_steps_per_chunk()
     metrics = []
     for chunk in _chunks(rows, chunk_size):
