@@ -60,33 +60,48 @@ def test_bad_state_dicts_are_refused_by_name(cfg, edit, message):
         params_from_torch_state_dict(state, cfg)
 
 
-def test_optimiser_steps_match_torch_adamw_with_clipping(cfg):
-    """Three steps of clipping + AdamW (torch defaults) from the same weights agree with torch."""
+@pytest.mark.parametrize("grad_scale, growth_interval", [(1.0, 0), (2.0**16, 2)])
+def test_optimiser_steps_match_torch_adamw_with_clipping(cfg, grad_scale, growth_interval):
+    """Four steps of clipping + AdamW (torch defaults) from the same weights agree with torch.
+
+    With a scale, torch runs the seed's GradScaler loop, clipping the scaled gradients, and the
+    scale doubles after step 2, so both the replay and its growth are checked.
+    """
     from tinylm_jax.train import create_train_state, train_step
 
-    cfg = cfg.replace(lr=1e-2, grad_clip_norm=0.5)  # these gradients' norms are about 0.9
+    cfg = cfg.replace(lr=1e-2, grad_clip_norm=0.5,  # these gradients' norms are about 0.9
+                      grad_scale=grad_scale, grad_scale_growth_interval=growth_interval)
     reference = _torch_model(cfg).train()
     optimizer = torch.optim.AdamW(reference.parameters(), lr=cfg.lr)  # weight decay 0.01
+    scaler = torch.amp.GradScaler("cpu", init_scale=grad_scale,
+                                  growth_interval=growth_interval or 2000)
     state = create_train_state(cfg, "fp32")
     state = state.replace(params=params_from_torch_state_dict(reference.state_dict(), cfg))
+    start = jax.tree.map(np.array, state.params)
     rng = np.random.default_rng(1)
     norms = []
-    for _ in range(3):
+    for _ in range(4):
         ids = rng.integers(0, cfg.vocab_size, (4, cfg.seq_len + 1))
         logits = reference(torch.as_tensor(ids[:, :-1]))
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size),
                                                  torch.as_tensor(ids[:, 1:]).reshape(-1))
         optimizer.zero_grad()
-        loss.backward()
+        scaler.scale(loss).backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(),
                                                           cfg.grad_clip_norm)))
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         batch = {"inputs": ids[:, :-1].astype(np.int32), "targets": ids[:, 1:].astype(np.int32),
                  "weights": np.ones(4, np.float32)}
         state, metrics = train_step(state, batch)
         assert float(metrics["loss_sum"] / metrics["tokens"]) == pytest.approx(loss.item(),
                                                                                rel=1e-5)
     assert min(norms) > cfg.grad_clip_norm  # clipping took part in every step
+    assert scaler.get_scale() == grad_scale * (4 if growth_interval else 1)
     want = params_from_torch_state_dict(reference.state_dict(), cfg)
-    for got, expected in zip(jax.tree.leaves(state.params), jax.tree.leaves(want), strict=True):
+    moved = 0.0
+    for got, expected, first in zip(jax.tree.leaves(state.params), jax.tree.leaves(want),
+                                    jax.tree.leaves(start), strict=True):
         np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0)
+        moved = max(moved, float(np.abs(got - first).max()))
+    assert moved > 1e-3  # the steps were not damped to nothing

@@ -42,6 +42,10 @@ class ExperimentConfig:
     adam_b2: float = 0.999  # AdamW second-moment decay
     adam_eps: float = 1e-8  # AdamW denominator epsilon
     grad_clip_norm: float = 1.0  # gradients are clipped to this global L2 norm before AdamW
+    # The seed clipped gradients still multiplied by torch's GradScaler scale, so the true gradient
+    # was clipped at grad_clip_norm / scale; these two fields replay that (1 and 0 turn it off).
+    grad_scale: float = 1.0  # the GradScaler's initial scale (the seed's: 65536)
+    grad_scale_growth_interval: int = 0  # steps between its doublings (seed: 2000); 0: never
     # --- protocol ---
     num_epochs: int = 20  # upper bound on training epochs
     early_stop_patience: int = 1  # stop after this many epochs without a strictly better val PPL
@@ -59,7 +63,7 @@ class ExperimentConfig:
 
 _FIELD_TYPES = typing.get_type_hints(ExperimentConfig)
 _POSITIVE = ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff", "batch_size",
-             "num_epochs", "early_stop_patience", "lr", "adam_eps", "grad_clip_norm")
+             "num_epochs", "early_stop_patience", "lr", "adam_eps", "grad_clip_norm", "grad_scale")
 # (field, smallest allowed value) for fields that must also stay below 1.
 _FRACTIONS = (("train_fraction", None), ("plateau_factor", None), ("plateau_threshold", None),
               ("adam_b1", 0.0), ("adam_b2", None), ("weight_decay", 0.0))
@@ -99,8 +103,9 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Experime
             raise UserError(f"{source}: '{key}' must be positive, got {getattr(cfg, key)!r}")
     if not 0 <= cfg.seed <= MAX_SEED:
         raise UserError(f"{source}: 'seed' must lie in [0, {MAX_SEED}], got {cfg.seed!r}")
-    if cfg.plateau_patience < 0:
-        raise UserError(f"{source}: 'plateau_patience' must be non-negative")
+    for key in ("plateau_patience", "grad_scale_growth_interval"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"{source}: '{key}' must be non-negative, got {getattr(cfg, key)!r}")
     for key, lowest in _FRACTIONS:
         value = getattr(cfg, key)
         if not ((value > 0 if lowest is None else value >= lowest) and value < 1):
