@@ -1,3 +1,5 @@
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,10 @@ import pytest
 from tinylm_jax.config import ExperimentConfig
 from tinylm_jax.data import batches, build_dataset, gather_windows, train_order
 from tinylm_jax.train import (
+    EpochProgress,
+    TrainingDiverged,
     create_train_state,
+    epoch_steps,
     eval_step,
     evaluate,
     make_batch,
@@ -114,9 +119,13 @@ def test_an_epoch_lowers_the_loss_and_counts_every_window(corpus_text, tiny_cfg)
     data = build_dataset(corpus_text[:8000], tiny_cfg)
     state = create_train_state(tiny_cfg, "fp32")
     before = evaluate(state, data, tiny_cfg)
-    state, metrics = train_epoch(state, data, tiny_cfg, epoch=1, progress=False)
-    assert metrics["train_tokens"] == data.splits.num_train * tiny_cfg.seq_len
-    assert metrics["steps"] == -(-data.splits.num_train // tiny_cfg.batch_size)
+    state, progress = train_epoch(state, data, tiny_cfg,
+                                  EpochProgress(1, epoch_steps(tiny_cfg, data)),
+                                  show_progress=False)
+    assert sum(progress.token_counts) == data.splits.num_train * tiny_cfg.seq_len
+    assert progress.finished
+    assert progress.steps_done == len(progress.loss_sums) == -(-data.splits.num_train
+                                                                // tiny_cfg.batch_size)
     assert evaluate(state, data, tiny_cfg) < before
 
 
@@ -137,14 +146,56 @@ def test_compiled_chunks_equal_the_step_by_step_path(corpus_text, tiny_cfg):
         losses.append(metrics["loss_sum"])
     expected = float(np.sum(losses, dtype=np.float64)) / (data.splits.num_train * tiny_cfg.seq_len)
     for steps_per_chunk in (1, 7, 1000):  # one step a call, a remainder chunk, the whole epoch
-        chunked, metrics = train_epoch(create_train_state(tiny_cfg, "fp32"), data, tiny_cfg, 1,
-                                       progress=False, steps_per_chunk=steps_per_chunk)
-        assert metrics["train_loss"] == pytest.approx(expected, rel=1e-12)  # float64 sums
+        chunked, progress = train_epoch(create_train_state(tiny_cfg, "fp32"), data, tiny_cfg,
+                                        EpochProgress(1, epoch_steps(tiny_cfg, data)),
+                                        show_progress=False, steps_per_chunk=steps_per_chunk)
+        assert progress.train_loss == pytest.approx(expected, rel=1e-12)  # float64 sums
         for a, b in zip(jax.tree.leaves(chunked.params), jax.tree.leaves(stepwise.params),
                         strict=True):
             np.testing.assert_array_equal(a, b)
         assert evaluate(chunked, data, tiny_cfg, steps_per_chunk) == pytest.approx(
             _stepwise_eval(stepwise, data, tiny_cfg), rel=1e-12)
+
+
+def test_an_epoch_stopped_and_continued_equals_one_run_straight_through(corpus_text, tiny_cfg):
+    """Stop at step 5 (not a chunk boundary) and at a requested stop, continue from a JSON round
+    trip of the progress: params, optimiser state and the epoch's loss are bit-identical."""
+    data = build_dataset(corpus_text[:8000], tiny_cfg)
+    steps = epoch_steps(tiny_cfg, data)
+    straight, whole = train_epoch(create_train_state(tiny_cfg, "fp32"), data, tiny_cfg,
+                                  EpochProgress(2, steps), show_progress=False, steps_per_chunk=3)
+    state, part = train_epoch(create_train_state(tiny_cfg, "fp32"), data, tiny_cfg,
+                              EpochProgress(2, steps), until=5, show_progress=False,
+                              steps_per_chunk=3)
+    assert (part.steps_done, part.finished) == (5, False)
+    calls = []
+    state, part = train_epoch(state, data, tiny_cfg,
+                              EpochProgress.from_record(json.loads(json.dumps(part.to_record()))),
+                              show_progress=False, steps_per_chunk=2,
+                              stop_requested=lambda: calls.append(1) or len(calls) > 2)
+    assert part.steps_done == 9  # two chunks of 2, then the stop
+    state, part = train_epoch(state, data, tiny_cfg, part, show_progress=False)
+    assert part.finished and part.train_loss == whole.train_loss
+    assert part.loss_sums == whole.loss_sums
+    for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
+                    jax.tree.leaves((straight.params, straight.opt_state)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_non_finite_loss_stops_the_epoch(corpus_text, tiny_cfg):
+    data = build_dataset(corpus_text[:8000], tiny_cfg)
+    state = create_train_state(tiny_cfg, "fp32")
+    state = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+    with pytest.raises(TrainingDiverged, match="epoch 1, steps 1-2: non-finite training loss"):
+        train_epoch(state, data, tiny_cfg, EpochProgress(1, epoch_steps(tiny_cfg, data)),
+                    show_progress=False, steps_per_chunk=2)
+
+
+def test_evaluation_stops_between_chunks_when_asked(corpus_text, tiny_cfg):
+    data = build_dataset(corpus_text[:8000], tiny_cfg)
+    state = create_train_state(tiny_cfg, "fp32")
+    assert evaluate(state, data, tiny_cfg, 1, stop_requested=lambda: True) is None
+    assert evaluate(state, data, tiny_cfg, 1, stop_requested=lambda: False) is not None
 
 
 def test_weighted_loss_ignores_zero_weight_windows():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import typing
 from collections.abc import Callable
@@ -10,16 +11,12 @@ from pathlib import Path
 
 from tinylm_jax import reports
 from tinylm_jax.config import EXPERIMENT_NAMES, MAX_SEED, ExperimentConfig, UserError, load_config
-from tinylm_jax.experiment import (
-    RunOptions,
-    TrainingDiverged,
-    describe,
-    prepare,
-    train_prepared,
-)
+from tinylm_jax.experiment import RunOptions, RunStopped, describe, prepare, train_prepared
 from tinylm_jax.parallel import initialize_distributed, is_primary
-from tinylm_jax.train import PRECISIONS
+from tinylm_jax.train import PRECISIONS, TrainingDiverged
 
+# Exit codes: 0 done (or stopped at --stop-at-step), 2 bad input or a folder/disk problem,
+# 3 the loss went non-finite, 130 stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM.
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
@@ -59,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from the latest "
                         "checkpoint in the run folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    parser.add_argument("--stop-at-step", type=int, help="checkpoint and stop once the run has "
+                        "taken this many optimiser steps in all (e.g. to fit a time slot); "
+                        "--resume continues it")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config, "
                         "parameter count and window counts; train nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         opts = RunOptions(out_dir=out, data=args.data, precision=args.precision,
                           max_steps_per_epoch=args.max_steps_per_epoch, resume=resume,
                           overwrite=args.overwrite, progress=not args.no_progress,
-                          steps_per_chunk=args.steps_per_chunk, devices=args.devices)
+                          steps_per_chunk=args.steps_per_chunk, devices=args.devices,
+                          stop_at_step=args.stop_at_step)
         prepared[stem] = prepare(_config(name, args), opts, dry_run=args.dry_run)
     if args.dry_run:
         print("\n\n".join(describe(one) for one in prepared.values()))
@@ -122,10 +123,30 @@ def print_paths(paths: list[Path]) -> None:
         print(f"wrote {path}")
 
 
-def guarded(action: Callable[[], int]) -> int:
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this one: the same, with --resume and no --overwrite
+    or --stop-at-step."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--stop-at-step":
+            skip = True
+        elif arg != "--overwrite" and not arg.startswith("--stop-at-step="):
+            kept.append(arg)
+    if "--resume" not in kept:
+        kept.append("--resume")
+    return shlex.join(["python", sys.argv[0], *kept])
+
+
+def guarded(action: Callable[[], int], argv: list[str] | None = None) -> int:
     """Run a command: a user's mistake or a diverged run is one `error:` line and an exit code."""
     try:
         return action()
+    except RunStopped as err:
+        print(f"{err}; continue with: {resume_command(sys.argv[1:] if argv is None else argv)}",
+              file=sys.stderr)
+        return err.exit_code
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -136,11 +157,11 @@ def guarded(action: Callable[[], int]) -> int:
         print(f"error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume (the last finished epoch is checkpointed)",
-              file=sys.stderr)
+        print("interrupted at once: nothing new was checkpointed; --resume continues from the "
+              "last checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return guarded(lambda: run(args))
+    return guarded(lambda: run(args), argv)

@@ -8,13 +8,14 @@ silently overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import importlib.metadata
+import io
 import json
 import math
-import os
-import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,23 +26,41 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from tinylm_jax.checkpoint import RunCheckpoints, read_run_record, read_run_tokenizer
+from tinylm_jax.checkpoint import RunCheckpoints, read_run_tokenizer
 from tinylm_jax.config import EXPERIMENT_NAMES, ExperimentConfig, UserError, load_config
 from tinylm_jax.data import Dataset, build_dataset, file_sha256, read_corpus, resolve_corpus
 from tinylm_jax.model import build_model, count_params, init_params
 from tinylm_jax.parallel import barrier, check_batch_fits, data_mesh, is_primary, replicate
-from tinylm_jax.train import compute_dtype, create_train_state, evaluate, train_epoch
+from tinylm_jax.runfolder import (
+    RunFolderLock,
+    check_resumable,
+    check_run_folder,
+    clear_run_folder,
+    write_text_atomic,
+)
+from tinylm_jax.signals import StopSignals
+from tinylm_jax.train import (
+    EpochProgress,
+    TrainingDiverged,
+    compute_dtype,
+    create_train_state,
+    epoch_steps,
+    evaluate,
+    train_epoch,
+)
 
 # The seed report's Table 1: best validation perplexity and the epoch it was reached.
 SEED_TABLE1 = {"baseline": (60.00, 6), "medium": (63.24, 5), "wider": (58.35, 10)}
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_ppl", "lr", "epoch_seconds",
                   "train_tokens_per_s")
-# Fields that may change when a run is resumed; any other difference is refused.
-RESUMABLE_CHANGES = ("name", "num_epochs", "early_stop_patience")
 
 
-class TrainingDiverged(Exception):
-    """A non-finite loss: the run stops without checkpointing the broken state."""
+class RunStopped(Exception):
+    """Training stopped on request, its exact position checkpointed; `--resume` continues it."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,7 @@ class RunOptions:
     progress: bool = True  # show a progress bar per epoch
     steps_per_chunk: int | None = None  # steps per compiled call; None: the backend's default
     devices: int | None = None  # split batches over the first N devices; None: all of them
+    stop_at_step: int | None = None  # checkpoint and stop once the run has taken this many steps
 
 
 @dataclass(frozen=True)
@@ -68,49 +88,11 @@ class PreparedRun:
     mesh: Mesh  # the devices training splits each batch over
 
 
-def _check_run_folder(opts: RunOptions) -> None:
-    out = opts.out_dir
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    used = out.is_dir() and any(out.iterdir())
-    if opts.resume:
-        if not (out / "config.json").is_file():
-            raise UserError(f"{out}: nothing to resume (no run folder there)")
-    elif used and not opts.overwrite:
-        raise UserError(f"{out}: run folder exists; pass --resume to continue it or "
-                        "--overwrite to replace it")
-    elif used:
-        read_run_record(out)  # only a readable run folder may be overwritten
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not _writable(existing):
-        raise UserError(f"{existing}: output folder is not writable")
-
-
-def _writable(folder: Path) -> bool:
-    try:
-        probe = folder / f".tinylm_write_probe_{os.getpid()}"  # one per process
-        probe.touch()
-        probe.unlink()
-        return True
-    except OSError:
-        return False
-
-
-def _check_resumable(opts: RunOptions, cfg: ExperimentConfig, corpus_sha256: str) -> None:
-    stored, record = read_run_record(opts.out_dir)
-    old, new = stored.to_dict(), cfg.to_dict()
-    changed = [f"{k} ({old[k]!r} -> {new[k]!r})" for k in old
-               if k not in RESUMABLE_CHANGES and old[k] != new[k]]
-    if record.get("max_steps_per_epoch") != opts.max_steps_per_epoch:
-        changed.append(f"--max-steps-per-epoch ({record.get('max_steps_per_epoch')} -> "
-                       f"{opts.max_steps_per_epoch})")
-    if record.get("corpus_sha256") != corpus_sha256:
-        changed.append("corpus (its sha256 differs)")
-    if changed:
-        raise UserError(f"{opts.out_dir}: cannot resume with a different config: "
-                        f"{', '.join(changed)}")
+def _run_settings(opts: RunOptions, corpus_sha256: str) -> dict[str, Any]:
+    """What config.json records beside the config; a resume must match all of it."""
+    return {"precision": opts.precision,
+            "compute_dtype": str(np.dtype(compute_dtype(opts.precision))),
+            "max_steps_per_epoch": opts.max_steps_per_epoch, "corpus_sha256": corpus_sha256}
 
 
 def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> PreparedRun:
@@ -119,17 +101,18 @@ def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> P
     mesh = data_mesh(opts.devices)
     check_batch_fits(cfg.batch_size, mesh)
     for flag, value in (("--max-steps-per-epoch", opts.max_steps_per_epoch),
-                        ("--steps-per-chunk", opts.steps_per_chunk)):
+                        ("--steps-per-chunk", opts.steps_per_chunk),
+                        ("--stop-at-step", opts.stop_at_step)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be positive, got {value}")
     if not dry_run:
-        _check_run_folder(opts)
+        check_run_folder(opts.out_dir, opts.resume, opts.overwrite)
     corpus = resolve_corpus(opts.data)
     text = read_corpus(corpus)
     corpus_sha256 = file_sha256(corpus)
     tokenizer = None
     if opts.resume and not dry_run:
-        _check_resumable(opts, cfg, corpus_sha256)
+        check_resumable(opts.out_dir, cfg, _run_settings(opts, corpus_sha256))
         tokenizer = read_run_tokenizer(opts.out_dir)
     data = build_dataset(text, cfg, tokenizer)
     params = jax.eval_shape(lambda: init_params(build_model(cfg), cfg.seed))
@@ -175,10 +158,11 @@ def should_stop(history: list[dict[str, Any]], cfg: ExperimentConfig) -> bool:
 
 
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
-        writer.writeheader()
-        writer.writerows(history)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS)
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(path, text.getvalue())
 
 
 def package_versions(*extra: str) -> dict[str, str]:
@@ -187,71 +171,123 @@ def package_versions(*extra: str) -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in names}
 
 
-def train_prepared(run: PreparedRun, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train a prepared run to its end (epoch limit or early stop); returns the summary."""
-    cfg, opts, out = run.cfg, run.opts, run.opts.out_dir
+def _print(message: str) -> None:
+    print(message, flush=True)  # flushed, so that a log file follows the run
+
+
+def train_prepared(run: PreparedRun, log: Callable[[str], None] = _print) -> dict[str, Any]:
+    """Train a prepared run to its end (epoch limit or early stop); returns the summary.
+
+    Raises `RunStopped` after checkpointing, if a signal or `stop_at_step` stops it first.
+    """
+    opts, out = run.opts, run.opts.out_dir
     primary = is_primary()  # with several processes, one writes the files; all checkpoint
     log = log if primary else (lambda _: None)
     barrier("checked")  # every process has read the run folder before it changes
-    if primary and opts.overwrite and not opts.resume and out.exists():
-        shutil.rmtree(out)
     began = time.perf_counter()
-    if primary:
-        out.mkdir(parents=True, exist_ok=True)
-        config_record = {"experiment": cfg.to_dict(), "precision": opts.precision,
-                         "max_steps_per_epoch": opts.max_steps_per_epoch,
-                         "corpus_sha256": run.corpus_sha256}
-        (out / "config.json").write_text(json.dumps(config_record, indent=2) + "\n",
-                                         encoding="utf-8")
-        run.data.tokenizer.save(str(out / "tokenizer.json"))
-    barrier("written")
-
-    state = replicate(create_train_state(cfg, opts.precision), run.mesh)
-    data = dataclasses.replace(run.data, tokens=replicate(run.data.tokens, run.mesh))
-    checkpoints = RunCheckpoints(out)
-    history: list[dict[str, Any]] = []
-    earlier_seconds = 0.0
-    latest = checkpoints.latest_epoch() if opts.resume else None
-    if latest is not None:
-        state, record = checkpoints.restore(latest, state)
-        history, earlier_seconds = record["history"], record["wall_time_s"]
-        log(f"resumed {out} after epoch {latest}")
-    try:
-        for epoch in range(len(history) + 1, cfg.num_epochs + 1):
-            if should_stop(history, cfg):
-                break
-            lr = state.learning_rate
-            state, train_metrics = train_epoch(state, data, cfg, epoch,
-                                               opts.max_steps_per_epoch, opts.progress,
-                                               opts.steps_per_chunk, run.mesh)
-            val_loss = evaluate(state, data, cfg, opts.steps_per_chunk, run.mesh)
-            if not (math.isfinite(train_metrics["train_loss"]) and math.isfinite(val_loss)):
-                raise TrainingDiverged(f"epoch {epoch}: non-finite loss (train "
-                                       f"{train_metrics['train_loss']}, val {val_loss}); "
-                                       "stopped without saving it")
-            state = state.step_plateau(val_loss)
-            history.append({"epoch": epoch, "train_loss": train_metrics["train_loss"],
-                            "val_loss": val_loss, "val_ppl": perplexity(val_loss), "lr": lr,
-                            "epoch_seconds": train_metrics["epoch_seconds"],
-                            "train_tokens_per_s": train_metrics["train_tokens_per_s"]})
-            wall = earlier_seconds + time.perf_counter() - began
-            checkpoints.save(epoch, state, {"history": history, "wall_time_s": wall}, val_loss)
-            if primary:
-                _write_history(out / "history.csv", history)
-            row = history[-1]
-            note = "new best" if best_epoch(history) == epoch else "no improvement"
-            log(f"epoch {epoch}/{cfg.num_epochs}: train_loss={row['train_loss']:.4f} "
-                f"val_loss={val_loss:.4f} val_ppl={row['val_ppl']:.2f} lr={lr:.2e} "
-                f"{row['epoch_seconds']:.1f}s {row['train_tokens_per_s']:,.0f} tok/s ({note})")
-    finally:
-        checkpoints.close()
-    summary = _summary(run, history, earlier_seconds + time.perf_counter() - began)
-    if primary:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n",
-                                          encoding="utf-8")
-    log(f"{cfg.name}: best val_ppl={summary['best_val_ppl']:.2f} at epoch "
+    with RunFolderLock(out) if primary else contextlib.nullcontext():
+        if primary:
+            if opts.overwrite and not opts.resume:
+                clear_run_folder(out)
+            config_record = {"experiment": run.cfg.to_dict(),
+                             **_run_settings(opts, run.corpus_sha256)}
+            write_text_atomic(out / "config.json", json.dumps(config_record, indent=2) + "\n")
+            run.data.tokenizer.save(str(out / "tokenizer.json"))
+        barrier("written")
+        checkpoints = RunCheckpoints(out)
+        try:
+            with StopSignals() as signals:
+                history, earlier_seconds = _train_epochs(run, checkpoints, signals, began, log)
+        finally:
+            checkpoints.close()
+        summary = _summary(run, history, earlier_seconds + time.perf_counter() - began)
+        if primary:
+            write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    log(f"{run.cfg.name}: best val_ppl={summary['best_val_ppl']:.2f} at epoch "
         f"{summary['best_epoch']} ({out})")
     return summary
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _train_epochs(run: PreparedRun, checkpoints: RunCheckpoints, signals: StopSignals,
+                  began: float, log: Callable[[str], None]
+                  ) -> tuple[list[dict[str, Any]], float]:
+    """The epoch loop, from the newest intact checkpoint if resuming; (history, earlier time)."""
+    cfg, opts, out = run.cfg, run.opts, run.opts.out_dir
+    state = replicate(create_train_state(cfg, opts.precision), run.mesh)
+    data = dataclasses.replace(run.data, tokens=replicate(run.data.tokens, run.mesh))
+    steps = epoch_steps(cfg, run.data, opts.max_steps_per_epoch)
+    history: list[dict[str, Any]] = []
+    earlier_seconds, progress = 0.0, None
+    restored = checkpoints.restore_newest_intact(state, _warn) if opts.resume else None
+    if restored is not None:
+        state, record = restored
+        history, earlier_seconds = record["history"], record["wall_time_s"]
+        if record["epoch_in_progress"]:
+            progress = EpochProgress.from_record(record["epoch_in_progress"])
+        log(f"resumed {out} at {_position(len(history), progress)}")
+    log(f"training {cfg.name} in {out}: {steps} steps per epoch, up to {cfg.num_epochs} epochs")
+
+    def save(val_loss: float | None = None, progress: EpochProgress | None = None) -> int:
+        wall = earlier_seconds + time.perf_counter() - began
+        record = {"history": history, "wall_time_s": wall,
+                  "epoch_in_progress": progress.to_record() if progress else None}
+        return checkpoints.save(state, record, val_loss)
+
+    while len(history) < cfg.num_epochs and not should_stop(history, cfg):
+        epoch = len(history) + 1
+        progress = progress or EpochProgress(epoch, steps)
+        done_before = progress.steps_done
+        until = None if opts.stop_at_step is None else opts.stop_at_step - (epoch - 1) * steps
+        lr = state.learning_rate
+        state, progress = train_epoch(state, data, cfg, progress, until, opts.progress,
+                                      opts.steps_per_chunk, run.mesh, signals.requested)
+        val_loss = (evaluate(state, data, cfg, opts.steps_per_chunk, run.mesh, signals.requested)
+                    if progress.finished else None)
+        if val_loss is None:  # stopped at stop_at_step, or by a signal
+            saved = save(progress=progress) if progress.steps_done > done_before else None
+            if until is not None and progress.steps_done >= until:
+                reason, code = f"stopped at step {opts.stop_at_step} as asked", 0
+            else:
+                reason, code = f"stopped by {signals.signal_name}", signals.exit_code
+            raise RunStopped(_stop_message(reason, progress, saved, out), code)
+        if not (math.isfinite(progress.train_loss) and math.isfinite(val_loss)):
+            raise TrainingDiverged(f"epoch {epoch}: non-finite loss (train "
+                                   f"{progress.train_loss}, val {val_loss}); stopped without "
+                                   "checkpointing it")
+        state = state.step_plateau(val_loss)
+        history.append({"epoch": epoch, "train_loss": progress.train_loss,
+                        "val_loss": val_loss, "val_ppl": perplexity(val_loss), "lr": lr,
+                        "epoch_seconds": progress.seconds,
+                        "train_tokens_per_s": progress.tokens_per_s})
+        save(val_loss)
+        progress = None
+        if is_primary():
+            _write_history(out / "history.csv", history)
+        row = history[-1]
+        note = "new best" if best_epoch(history) == epoch else "no improvement"
+        log(f"epoch {epoch}/{cfg.num_epochs}: train_loss={row['train_loss']:.4f} "
+            f"val_loss={val_loss:.4f} val_ppl={row['val_ppl']:.2f} lr={lr:.2e} "
+            f"{row['epoch_seconds']:.1f}s {row['train_tokens_per_s']:,.0f} tok/s ({note})")
+    return history, earlier_seconds
+
+
+def _position(epochs_done: int, progress: EpochProgress | None) -> str:
+    if progress is None:
+        return f"the end of epoch {epochs_done}"
+    return f"epoch {progress.epoch}, step {progress.steps_done} of {progress.steps_total}"
+
+
+def _stop_message(reason: str, progress: EpochProgress, saved: int | None, out: Path) -> str:
+    where = _position(progress.epoch - 1, progress)
+    if progress.finished:
+        where += " (before its validation)"
+    kept = (f"saved checkpoint {saved} in {out / 'checkpoints'}" if saved is not None
+            else "nothing new to save")
+    return f"{reason} at {where}; {kept}"
 
 
 def _summary(run: PreparedRun, history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
@@ -279,7 +315,7 @@ def _summary(run: PreparedRun, history: list[dict[str, Any]], wall: float) -> di
 
 
 def run_experiment(cfg: ExperimentConfig, opts: RunOptions,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
+                   log: Callable[[str], None] = _print) -> dict[str, Any]:
     return train_prepared(prepare(cfg, opts), log)
 
 

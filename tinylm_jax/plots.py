@@ -138,5 +138,5 @@ def attention_grid(attention: np.ndarray, title: str, path: Path) -> Path:
 
 def describe_source(metadata: dict[str, Any]) -> str:
     """A short figure subtitle: which run, checkpoint and text an export came from."""
-    return (f"{metadata.get('experiment', '?')}, epoch {metadata.get('epoch', '?')}"
+    return (f"{metadata.get('experiment', '?')}, {metadata.get('position', 'epoch ?')}"
             f" ({metadata.get('checkpoint', '?')}); {metadata.get('source', '')}")

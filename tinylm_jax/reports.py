@@ -98,7 +98,8 @@ def write_comparison(run_dirs: list[Path], out_dir: Path) -> list[Path]:
 def attention_metadata(run_dir: Path, run: LoadedRun, which: str, source: str) -> dict[str, Any]:
     """What an export needs to say where it came from."""
     return {"run_dir": str(run_dir), "experiment": run.config.name, "checkpoint": which,
-            "epoch": run.epoch, "source": source, "config": run.config.to_dict()}
+            "epoch": run.epoch, "position": run.position, "source": source,
+            "config": run.config.to_dict()}
 
 
 def write_attention(run_dir: Path, run: LoadedRun, corpus: RunCorpus, which: str,
@@ -163,7 +164,7 @@ def write_attention_stats(run_dir: Path, run: LoadedRun, corpus: RunCorpus,
         writer.writeheader()
         writer.writerows(rows)
     report = run_dir / "attention_stats.md"
-    source = f"{run.config.name}, {corpus.config.seq_len} tokens each, epoch {run.epoch}"
+    source = f"{run.config.name}, {corpus.config.seq_len} tokens each, {run.position}"
     report.write_text(stats_markdown(rows, len(windows), source), encoding="utf-8")
     return [report, table]
 
@@ -176,7 +177,7 @@ def samples_markdown(run: LoadedRun, corpus: RunCorpus, which: str, seed: int = 
                                     temperature=temperature, seed=seed))
     fence = "```"
     return "\n".join([
-        f"# Samples: {run.config.name} ({which} checkpoint, epoch {run.epoch})", "",
+        f"# Samples: {run.config.name} ({which} checkpoint, {run.position})", "",
         "## Top-5 next tokens", "", fence, top_k_table(run, corpus).rstrip(), fence, "",
         "## Predicted vs actual (validation window 0)", "",
         f"Prompt: the window's first {continuation.prompt_len} tokens; the model continues to "

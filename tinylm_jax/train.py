@@ -10,9 +10,11 @@ a split are token-weighted however its last batch is padded. Epochs run `train_c
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,7 +27,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from tinylm_jax.config import ExperimentConfig, UserError
-from tinylm_jax.data import Dataset, batch_rows, gather_windows, train_order
+from tinylm_jax.data import Dataset, batch_rows, gather_windows, num_batches, train_order
 from tinylm_jax.model import build_model, init_params
 from tinylm_jax.parallel import shard_batch_rows
 
@@ -97,8 +99,9 @@ def create_train_state(cfg: ExperimentConfig, precision: str = "auto") -> TrainS
     model = build_model(cfg, compute_dtype(precision))
     params = init_params(model, cfg.seed)
     plateau = make_plateau(cfg)
-    return TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(cfg),
-                             plateau=plateau, plateau_state=plateau.init(params), base_lr=cfg.lr)
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(cfg),
+                              plateau=plateau, plateau_state=plateau.init(params), base_lr=cfg.lr)
+    return state.replace(step=jnp.zeros((), jnp.int32))  # the dtype training gives it
 
 
 def weighted_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
@@ -171,73 +174,138 @@ def default_steps_per_chunk() -> int:
     return 10 if jax.default_backend() == "cpu" else 100
 
 
-def _chunks(batch_rows: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:
-    for begin in range(0, len(batch_rows["starts"]), size):
-        yield {key: rows[begin:begin + size] for key, rows in batch_rows.items()}
+class TrainingDiverged(Exception):
+    """A non-finite loss: the run stops, and the broken state is never checkpointed."""
 
 
-def _mean_loss(metrics: list[dict[str, jax.Array]]) -> tuple[float, int]:
-    """Token-weighted mean loss over stacked step metrics (summed in float64 on the host)."""
-    host = jax.device_get(metrics)
-    loss_sum = float(np.sum([np.sum(m["loss_sum"], dtype=np.float64) for m in host]))
-    tokens = int(np.sum([np.sum(m["tokens"], dtype=np.float64) for m in host]))
-    return loss_sum / tokens, tokens
+@dataclasses.dataclass
+class EpochProgress:
+    """How far one epoch has got: enough to continue it mid-way with nothing changed.
+
+    The per-step sums are kept, not a running total, so that an epoch continued after a stop sums
+    exactly the same numbers in the same order as one that ran straight through.
+    """
+
+    epoch: int  # 1-based epoch number; it fixes the order of the training windows
+    steps_total: int  # optimiser steps this epoch takes when it runs to its end
+    steps_done: int = 0  # steps taken so far
+    loss_sums: list[float] = dataclasses.field(default_factory=list)  # summed CE, one per step
+    token_counts: list[float] = dataclasses.field(default_factory=list)  # its tokens, per step
+    seconds: float = 0.0  # training time spent on this epoch so far, over every session
+    tokens_per_s: float = math.nan  # throughput of the latest session, first chunk excluded
+
+    @property
+    def finished(self) -> bool:
+        return self.steps_done == self.steps_total
+
+    @property
+    def train_loss(self) -> float:
+        """Token-weighted mean training loss over the steps done (summed in float64)."""
+        return (float(np.sum(np.asarray(self.loss_sums, np.float64)))
+                / float(np.sum(np.asarray(self.token_counts, np.float64))))
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> EpochProgress:
+        return cls(**record)
+
+
+def epoch_steps(cfg: ExperimentConfig, data: Dataset, max_steps: int | None = None) -> int:
+    """Optimiser steps per epoch: every training window once, or `max_steps` if fewer."""
+    steps = num_batches(data.splits.num_train, cfg.batch_size)
+    return steps if max_steps is None else min(steps, max_steps)
 
 
 def _placed(chunk: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, Any]:
     return chunk if mesh is None else shard_batch_rows(chunk, mesh)
 
 
-def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig, epoch: int,
-                max_steps: int | None = None, progress: bool = True,
-                steps_per_chunk: int | None = None, mesh: Mesh | None = None
-                ) -> tuple[TrainState, dict[str, Any]]:
-    """One pass over the training windows in the order of (seed, epoch); `max_steps` cuts it.
+def _never() -> bool:
+    return False
 
-    The steps run in compiled chunks of `steps_per_chunk` with no host sync inside a chunk; the
-    progress bar moves between chunks. Throughput is measured from the end of the first chunk, so
-    its compilation does not count unless it is the only chunk; a shorter last chunk compiles
-    once inside the measured time. With a `mesh`, each batch is split over its devices
-    (the state and tokens must then be replicated on it: `parallel.replicate`).
+
+def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig,
+                progress: EpochProgress, until: int | None = None, show_progress: bool = True,
+                steps_per_chunk: int | None = None, mesh: Mesh | None = None,
+                stop_requested: Callable[[], bool] = _never
+                ) -> tuple[TrainState, EpochProgress]:
+    """Continue an epoch from `progress.steps_done` in the window order of (seed, epoch).
+
+    It runs to the epoch's end, to step `until` of it, or to the first chunk boundary at which
+    `stop_requested()` is true, whichever comes first. The steps run in compiled chunks of
+    `steps_per_chunk` with no host sync inside a chunk: each chunk's losses are fetched and checked
+    while the next one runs, so a non-finite loss raises `TrainingDiverged` a chunk late, before
+    anything can save it. With a `mesh`, each batch is split over its devices (the state and
+    tokens must then be replicated on it: `parallel.replicate`).
     """
-    rows = batch_rows(train_order(cfg.seed, epoch, data.splits.num_train), cfg.batch_size)
-    total = len(rows["starts"]) if max_steps is None else min(len(rows["starts"]), max_steps)
-    rows = {key: value[:total] for key, value in rows.items()}
+    rows = batch_rows(train_order(cfg.seed, progress.epoch, data.splits.num_train),
+                      cfg.batch_size)
+    end = progress.steps_total if until is None else min(progress.steps_total, until)
     chunk_size = steps_per_chunk or default_steps_per_chunk()
-    metrics: list[dict[str, jax.Array]] = []
     began = time.perf_counter()
-    steady_from, first_tokens, first_steps = began, 0.0, 0
-    with tqdm(total=total, desc=f"epoch {epoch}", unit="step", disable=not progress or None,
-              leave=False, dynamic_ncols=True) as bar:
-        for chunk in _chunks(rows, chunk_size):
+    steady_from, steady_steps = began, 0
+    pending: list[tuple[int, dict[str, jax.Array]]] = []  # (first step, metrics) not yet fetched
+
+    def fetch_oldest() -> None:
+        first, metrics = pending.pop(0)
+        host = jax.device_get(metrics)
+        if not np.all(np.isfinite(host["loss_sum"])):
+            raise TrainingDiverged(f"epoch {progress.epoch}, steps {first + 1}-"
+                                   f"{first + len(host['loss_sum'])}: non-finite training loss; "
+                                   "stopped without checkpointing it")
+        progress.loss_sums.extend(float(x) for x in host["loss_sum"])
+        progress.token_counts.extend(float(x) for x in host["tokens"])
+
+    with tqdm(total=progress.steps_total, initial=progress.steps_done,
+              desc=f"epoch {progress.epoch}", unit="step",
+              disable=not show_progress or None, leave=False, dynamic_ncols=True) as bar:
+        step = progress.steps_done
+        while step < end and not stop_requested():
+            chunk = {key: value[step:min(step + chunk_size, end)] for key, value in rows.items()}
             placed = _placed(chunk, mesh)
-            state, chunk_metrics = train_chunk(state, data.tokens, placed["starts"],
-                                               placed["weights"], seq_len=cfg.seq_len)
-            metrics.append(chunk_metrics)
-            if len(metrics) == 1 and total > len(chunk["starts"]):
-                first_tokens = float(np.sum(jax.device_get(chunk_metrics)["tokens"]))
-                steady_from, first_steps = time.perf_counter(), len(chunk["starts"])
-            elif not bar.disable:
-                last = jax.device_get(chunk_metrics)  # syncs, for the bar only
-                done = (bar.n + len(chunk["starts"]) - first_steps) * cfg.batch_size * cfg.seq_len
-                bar.set_postfix(loss=f"{last['loss_sum'][-1] / last['tokens'][-1]:.4f}",
-                                tok_s=f"{done / (time.perf_counter() - steady_from):,.0f}")
+            state, metrics = train_chunk(state, data.tokens, placed["starts"],
+                                         placed["weights"], seq_len=cfg.seq_len)
+            pending.append((step, metrics))
+            if len(pending) > 1:
+                fetch_oldest()
+            if step == progress.steps_done:  # the first chunk compiles: time from its end
+                jax.block_until_ready(metrics)
+                steady_from = time.perf_counter()
+            else:
+                steady_steps += len(chunk["starts"])
+            step += len(chunk["starts"])
             bar.update(len(chunk["starts"]))
-    loss, tokens = _mean_loss(metrics)
+            if not bar.disable and progress.loss_sums:
+                bar.set_postfix(loss=f"{progress.loss_sums[-1] / progress.token_counts[-1]:.4f}")
+        while pending:
+            fetch_oldest()
     ended = time.perf_counter()
-    return state, {"train_loss": loss, "steps": total, "train_tokens": tokens,
-                   "epoch_seconds": ended - began,
-                   "train_tokens_per_s": (tokens - first_tokens) / (ended - steady_from)}
+    progress.steps_done = step
+    progress.seconds += ended - began
+    if steady_steps:
+        progress.tokens_per_s = steady_steps * cfg.batch_size * cfg.seq_len / (ended - steady_from)
+    return state, progress
 
 
 def evaluate(state: TrainState, data: Dataset, cfg: ExperimentConfig,
-             steps_per_chunk: int | None = None, mesh: Mesh | None = None) -> float:
-    """Token-weighted mean loss over every validation window, in order, in compiled chunks."""
+             steps_per_chunk: int | None = None, mesh: Mesh | None = None,
+             stop_requested: Callable[[], bool] = _never) -> float | None:
+    """Token-weighted mean loss over every validation window, in order, in compiled chunks.
+
+    None if `stop_requested()` turned true first: the pass is abandoned between chunks.
+    """
     rows = batch_rows(data.splits.validation_starts(), cfg.batch_size)
     chunk_size = steps_per_chunk or default_steps_per_chunk()
     metrics = []
-    for chunk in _chunks(rows, chunk_size):
-        placed = _placed(chunk, mesh)
+    for begin in range(0, len(rows["starts"]), chunk_size):
+        if metrics and stop_requested():
+            return None
+        placed = _placed({key: value[begin:begin + chunk_size] for key, value in rows.items()},
+                         mesh)
         metrics.append(eval_chunk(state, data.tokens, placed["starts"], placed["weights"],
                                   seq_len=cfg.seq_len))
-    return _mean_loss(metrics)[0]
+    host = jax.device_get(metrics)
+    loss_sum = float(np.sum([np.sum(m["loss_sum"], dtype=np.float64) for m in host]))
+    return loss_sum / float(np.sum([np.sum(m["tokens"], dtype=np.float64) for m in host]))
