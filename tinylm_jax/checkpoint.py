@@ -80,11 +80,12 @@ def _record_sha256(record: dict[str, Any]) -> str:
 
 
 def _disk_full(err: BaseException | None) -> bool:
-    """ENOSPC as an OSError, or as tensorstore's RESOURCE_EXHAUSTED, anywhere in the chain."""
+    """ENOSPC anywhere in the chain: as an OSError, or in the text of tensorstore's
+    `RESOURCE_EXHAUSTED: ... [OS error: No space left on device]` (not XLA's out-of-memory)."""
     while err is not None:
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             return True
-        if "RESOURCE_EXHAUSTED" in str(err) or "No space left on device" in str(err):
+        if "No space left on device" in str(err):
             return True
         err = err.__cause__ or err.__context__
     return False
@@ -144,8 +145,7 @@ class RunCheckpoints:
                                "not saved; the earlier checkpoints are intact: free some space, "
                                "then --resume") from None
             raise
-        if not saved:
-            raise RuntimeError(f"orbax declined to save checkpoint {number} in {self.folder}")
+        assert saved, "orbax skips a step number it has seen; ours only grow"
         return number
 
     def latest(self) -> int | None:
@@ -160,6 +160,11 @@ class RunCheckpoints:
         try:
             restored = self.manager.restore(number, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
+        except OSError as err:
+            if not isinstance(err, FileNotFoundError):  # e.g. permissions: not the files' fault
+                raise
+            raise CorruptCheckpoint(f"checkpoint {number} in {self.folder} is missing a file "
+                                    f"({_first_line(err)})") from None
         except Exception as err:  # orbax and tensorstore raise many types for damaged files
             raise CorruptCheckpoint(f"checkpoint {number} in {self.folder} cannot be read "
                                     f"({_first_line(err)})") from None
@@ -180,11 +185,13 @@ class RunCheckpoints:
         out of orbax's way; if no checkpoint is intact, nothing is moved and this raises.
         """
         damaged: list[int] = []
-        for number in sorted(self.manager.all_steps(), reverse=True):
+        numbers = sorted(self.manager.all_steps(), reverse=True)
+        for index, number in enumerate(numbers):
             try:
                 restored = self.restore(number, template)
             except CorruptCheckpoint as err:
-                warn(f"warning: {err}; trying an older checkpoint")
+                older = "; trying an older one" if index + 1 < len(numbers) else ""
+                warn(f"warning: {err}{older}")
                 damaged.append(number)
                 continue
             self._set_aside(damaged)

@@ -23,7 +23,14 @@ EXIT_INTERRUPTED = 130
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one `error:` line and exit code 2, like every other."""
+    """argparse, but a usage mistake is one `error:` line and exit code 2, like every other.
+
+    Flags must be spelled out (no `--over` for `--overwrite`), so that the resume command printed
+    after a stop can be derived from the command line reliably.
+    """
+
+    def __init__(self, **kwargs: typing.Any):
+        super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(EXIT_USER_ERROR, f"error: {message} (see --help)\n")

@@ -68,6 +68,10 @@ _POSITIVE = ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff", 
 _FRACTIONS = (("train_fraction", None), ("plateau_factor", None), ("plateau_threshold", None),
               ("adam_b1", 0.0), ("adam_b2", None), ("weight_decay", 0.0))
 MAX_SEED = 2**31 - 1
+# Upper bounds far above any model this kit trains: a typo (an extra zero or ten) is refused in one
+# line instead of hanging or crashing inside the tokenizer or XLA. Other integers stop at MAX_SEED.
+_LARGEST = {"vocab_size": 2**20, "seq_len": 2**16, "d_model": 2**16, "n_layers": 2**10,
+            "n_heads": 2**10, "d_ff": 2**18, "batch_size": 2**20}
 
 
 def _check_type(key: str, value: Any, source: str) -> Any:
@@ -103,6 +107,10 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Experime
             raise UserError(f"{source}: '{key}' must be positive, got {getattr(cfg, key)!r}")
     if not 0 <= cfg.seed <= MAX_SEED:
         raise UserError(f"{source}: 'seed' must lie in [0, {MAX_SEED}], got {cfg.seed!r}")
+    for key, kind in _FIELD_TYPES.items():
+        largest = _LARGEST.get(key, MAX_SEED)
+        if kind is int and getattr(cfg, key) > largest:
+            raise UserError(f"{source}: '{key}' must be at most {largest}, got {getattr(cfg, key)}")
     for key in ("plateau_patience", "grad_scale_growth_interval"):
         if getattr(cfg, key) < 0:
             raise UserError(f"{source}: '{key}' must be non-negative, got {getattr(cfg, key)!r}")

@@ -114,7 +114,10 @@ def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> P
     if opts.resume and not dry_run:
         check_resumable(opts.out_dir, cfg, _run_settings(opts, corpus_sha256))
         tokenizer = read_run_tokenizer(opts.out_dir)
-    data = build_dataset(text, cfg, tokenizer)
+    try:
+        data = build_dataset(text, cfg, tokenizer)
+    except UserError as err:  # the corpus cannot serve this config: say which corpus
+        raise UserError(f"{corpus}: {err}") from None
     params = jax.eval_shape(lambda: init_params(build_model(cfg), cfg.seed))
     return PreparedRun(cfg, opts, corpus, corpus_sha256, data, count_params(params), mesh)
 
@@ -178,33 +181,37 @@ def _print(message: str) -> None:
 def train_prepared(run: PreparedRun, log: Callable[[str], None] = _print) -> dict[str, Any]:
     """Train a prepared run to its end (epoch limit or early stop); returns the summary.
 
-    Raises `RunStopped` after checkpointing, if a signal or `stop_at_step` stops it first.
+    Raises `RunStopped` after checkpointing, if a signal or `stop_at_step` stops it first, and
+    after the summary if a signal came as the run ended (so that `all` goes no further).
     """
     opts, out = run.opts, run.opts.out_dir
     primary = is_primary()  # with several processes, one writes the files; all checkpoint
     log = log if primary else (lambda _: None)
     barrier("checked")  # every process has read the run folder before it changes
     began = time.perf_counter()
-    with RunFolderLock(out) if primary else contextlib.nullcontext():
-        if primary:
+    with RunFolderLock(out) if primary else contextlib.nullcontext(), StopSignals() as signals:
+        if primary:  # checked again under the lock: another run may have used it since
+            check_run_folder(out, opts.resume, opts.overwrite)
             if opts.overwrite and not opts.resume:
                 clear_run_folder(out)
-            config_record = {"experiment": run.cfg.to_dict(),
-                             **_run_settings(opts, run.corpus_sha256)}
-            write_text_atomic(out / "config.json", json.dumps(config_record, indent=2) + "\n")
-            run.data.tokenizer.save(str(out / "tokenizer.json"))
-        barrier("written")
+        barrier("cleared")
         checkpoints = RunCheckpoints(out)
         try:
-            with StopSignals() as signals:
-                history, earlier_seconds = _train_epochs(run, checkpoints, signals, began, log)
+            start = _resume_point(run, checkpoints, log)
+            if primary:  # only now: a resume refused above has changed nothing
+                _write_run_files(run, start.history)
+            barrier("written")
+            history, wall = _train_epochs(run, checkpoints, signals, start, began, log)
         finally:
             checkpoints.close()
-        summary = _summary(run, history, earlier_seconds + time.perf_counter() - began)
+        summary = _summary(run, history, wall)
         if primary:
             write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     log(f"{run.cfg.name}: best val_ppl={summary['best_val_ppl']:.2f} at epoch "
         f"{summary['best_epoch']} ({out})")
+    if signals.received is not None:
+        raise RunStopped(f"stopped by {signals.signal_name} as {run.cfg.name} finished",
+                         signals.exit_code)
     return summary
 
 
@@ -212,28 +219,65 @@ def _warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _train_epochs(run: PreparedRun, checkpoints: RunCheckpoints, signals: StopSignals,
-                  began: float, log: Callable[[str], None]
-                  ) -> tuple[list[dict[str, Any]], float]:
-    """The epoch loop, from the newest intact checkpoint if resuming; (history, earlier time)."""
-    cfg, opts, out = run.cfg, run.opts, run.opts.out_dir
-    state = replicate(create_train_state(cfg, opts.precision), run.mesh)
-    data = dataclasses.replace(run.data, tokens=replicate(run.data.tokens, run.mesh))
-    steps = epoch_steps(cfg, run.data, opts.max_steps_per_epoch)
-    history: list[dict[str, Any]] = []
-    earlier_seconds, progress = 0.0, None
-    restored = checkpoints.restore_newest_intact(state, _warn) if opts.resume else None
+@dataclass
+class _Start:
+    """Where training starts: a fresh state, or a restored checkpoint's."""
+
+    state: Any  # the TrainState, replicated over the run's mesh
+    history: list[dict[str, Any]]
+    progress: EpochProgress | None  # the epoch in progress, if stopped mid-way
+    earlier_seconds: float  # wall time of the sessions before this one
+
+    def global_step(self, steps_per_epoch: int) -> int:
+        return len(self.history) * steps_per_epoch + (self.progress.steps_done
+                                                      if self.progress else 0)
+
+
+def _resume_point(run: PreparedRun, checkpoints: RunCheckpoints, log: Callable[[str], None]
+                  ) -> _Start:
+    """A fresh start, or the newest intact checkpoint when resuming; checks --stop-at-step."""
+    cfg, opts = run.cfg, run.opts
+    start = _Start(replicate(create_train_state(cfg, opts.precision), run.mesh), [], None, 0.0)
+    restored = checkpoints.restore_newest_intact(start.state, _warn) if opts.resume else None
     if restored is not None:
         state, record = restored
-        history, earlier_seconds = record["history"], record["wall_time_s"]
-        if record["epoch_in_progress"]:
-            progress = EpochProgress.from_record(record["epoch_in_progress"])
-        log(f"resumed {out} at {_position(len(history), progress)}")
+        progress = (EpochProgress.from_record(record["epoch_in_progress"])
+                    if record["epoch_in_progress"] else None)
+        start = _Start(state, record["history"], progress, record["wall_time_s"])
+        log(f"resumed {opts.out_dir} at {_position(len(start.history), progress)}")
+    done = start.global_step(epoch_steps(cfg, run.data, opts.max_steps_per_epoch))
+    if opts.stop_at_step is not None and opts.stop_at_step <= done:
+        raise UserError(f"--stop-at-step {opts.stop_at_step}: the run has already taken "
+                        f"{done} steps")
+    return start
+
+
+def _write_run_files(run: PreparedRun, history: list[dict[str, Any]]) -> None:
+    """config.json (the run's record), tokenizer.json, and the restored history if any."""
+    out = run.opts.out_dir
+    if not run.opts.resume:  # a resumed run keeps the tokenizer it was trained with
+        run.data.tokenizer.save(str(out / "tokenizer.json"))
+    config_record = {"experiment": run.cfg.to_dict(), **_run_settings(run.opts, run.corpus_sha256)}
+    write_text_atomic(out / "config.json", json.dumps(config_record, indent=2) + "\n")
+    if history:  # after a fallback to an older checkpoint, the later rows are gone
+        _write_history(out / "history.csv", history)
+
+
+def _train_epochs(run: PreparedRun, checkpoints: RunCheckpoints, signals: StopSignals,
+                  start: _Start, began: float, log: Callable[[str], None]
+                  ) -> tuple[list[dict[str, Any]], float]:
+    """The epoch loop from `start`; returns the history and the run's total wall time."""
+    cfg, opts, out = run.cfg, run.opts, run.opts.out_dir
+    data = dataclasses.replace(run.data, tokens=replicate(run.data.tokens, run.mesh))
+    steps = epoch_steps(cfg, run.data, opts.max_steps_per_epoch)
+    state, history, progress = start.state, start.history, start.progress
     log(f"training {cfg.name} in {out}: {steps} steps per epoch, up to {cfg.num_epochs} epochs")
 
+    def wall() -> float:
+        return start.earlier_seconds + time.perf_counter() - began
+
     def save(val_loss: float | None = None, progress: EpochProgress | None = None) -> int:
-        wall = earlier_seconds + time.perf_counter() - began
-        record = {"history": history, "wall_time_s": wall,
+        record = {"history": history, "wall_time_s": wall(),
                   "epoch_in_progress": progress.to_record() if progress else None}
         return checkpoints.save(state, record, val_loss)
 
@@ -249,15 +293,14 @@ def _train_epochs(run: PreparedRun, checkpoints: RunCheckpoints, signals: StopSi
                     if progress.finished else None)
         if val_loss is None:  # stopped at stop_at_step, or by a signal
             saved = save(progress=progress) if progress.steps_done > done_before else None
-            if until is not None and progress.steps_done >= until:
+            if until is not None and progress.steps_done >= until and not progress.finished:
                 reason, code = f"stopped at step {opts.stop_at_step} as asked", 0
             else:
                 reason, code = f"stopped by {signals.signal_name}", signals.exit_code
             raise RunStopped(_stop_message(reason, progress, saved, out), code)
-        if not (math.isfinite(progress.train_loss) and math.isfinite(val_loss)):
-            raise TrainingDiverged(f"epoch {epoch}: non-finite loss (train "
-                                   f"{progress.train_loss}, val {val_loss}); stopped without "
-                                   "checkpointing it")
+        if not math.isfinite(val_loss):  # train losses were checked chunk by chunk
+            raise TrainingDiverged(f"epoch {epoch}: non-finite validation loss ({val_loss}); "
+                                   "stopped without checkpointing it")
         state = state.step_plateau(val_loss)
         history.append({"epoch": epoch, "train_loss": progress.train_loss,
                         "val_loss": val_loss, "val_ppl": perplexity(val_loss), "lr": lr,
@@ -272,7 +315,7 @@ def _train_epochs(run: PreparedRun, checkpoints: RunCheckpoints, signals: StopSi
         log(f"epoch {epoch}/{cfg.num_epochs}: train_loss={row['train_loss']:.4f} "
             f"val_loss={val_loss:.4f} val_ppl={row['val_ppl']:.2f} lr={lr:.2e} "
             f"{row['epoch_seconds']:.1f}s {row['train_tokens_per_s']:,.0f} tok/s ({note})")
-    return history, earlier_seconds
+    return history, wall()
 
 
 def _position(epochs_done: int, progress: EpochProgress | None) -> str:
