@@ -174,6 +174,12 @@ def default_steps_per_chunk() -> int:
     return 10 if jax.default_backend() == "cpu" else 100
 
 
+def token_weighted_mean(loss_sums: Any, token_counts: Any) -> float:
+    """Mean loss per token from per-step sums, summed in float64 in their given order."""
+    return (float(np.sum(np.asarray(loss_sums, np.float64)))
+            / float(np.sum(np.asarray(token_counts, np.float64))))
+
+
 class TrainingDiverged(Exception):
     """A non-finite loss: the run stops, and the broken state is never checkpointed."""
 
@@ -200,9 +206,8 @@ class EpochProgress:
 
     @property
     def train_loss(self) -> float:
-        """Token-weighted mean training loss over the steps done (summed in float64)."""
-        return (float(np.sum(np.asarray(self.loss_sums, np.float64)))
-                / float(np.sum(np.asarray(self.token_counts, np.float64))))
+        """Token-weighted mean training loss over the steps done."""
+        return token_weighted_mean(self.loss_sums, self.token_counts)
 
     def to_record(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -307,5 +312,5 @@ def evaluate(state: TrainState, data: Dataset, cfg: ExperimentConfig,
         metrics.append(eval_chunk(state, data.tokens, placed["starts"], placed["weights"],
                                   seq_len=cfg.seq_len))
     host = jax.device_get(metrics)
-    loss_sum = float(np.sum([np.sum(m["loss_sum"], dtype=np.float64) for m in host]))
-    return loss_sum / float(np.sum([np.sum(m["tokens"], dtype=np.float64) for m in host]))
+    return token_weighted_mean(np.concatenate([m["loss_sum"] for m in host]),
+                               np.concatenate([m["tokens"] for m in host]))
