@@ -2,6 +2,7 @@
 a finished run of that experiment."""
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,20 @@ DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.tx
 def snapshot(folder: Path) -> dict[Path, bytes]:
     """Every file under `folder` and its bytes: equal snapshots mean nothing was written."""
     return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def refused(command: Callable[[list[str]], int], argv: list[str],
+            capsys: pytest.CaptureFixture) -> str:
+    """Run a command line in-process on input it must refuse: exit code 2 and one `error:`
+    line on stderr, which is returned."""
+    try:
+        code = command(argv)
+    except SystemExit as usage_error:  # argparse's own checks exit from inside the parser
+        code = usage_error.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    return err
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tinylm_jax.analysis import RunCorpus, is_punctuation, md_token, tokenizer_study
+from tinylm_jax.analysis import RunCorpus, md_token, tokenizer_study
 from tinylm_jax.attention import (
     AttentionExport,
+    is_punctuation,
     load_attention,
     stats_rows,
     uniform_causal,

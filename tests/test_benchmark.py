@@ -20,9 +20,10 @@ def test_the_benchmark_measures_ours_beside_the_seeds_loop(tiny_toml, tiny_corpu
     report = run_benchmark([str(tiny_toml)], tiny_corpus, steps=200, repeats=1, precision="fp32",
                            devices=None, with_torch=True, log=lambda *_: None)
     rows = [line for line in report.splitlines() if line.startswith("| tiny |")]
-    assert [row.split(" | ")[1] for row in rows] == ["tinylm-jax", "PyTorch, seed's loop",
-                                                     "**speed, ours / theirs**"]
-    assert all(float(row.split(" | ")[4].replace(",", "")) > 0 for row in rows[:2])  # tok/s
+    seed, autocast = "PyTorch, seed's loop", "PyTorch, seed's loop, CPU bf16 autocast"
+    assert [row.split(" | ")[1] for row in rows] == ["tinylm-jax", seed, autocast,
+                                                     f"**ours / {seed}**", f"**ours / {autocast}**"]
+    assert all(float(row.split(" | ")[4].replace(",", "")) > 0 for row in rows[:3])  # tok/s
     memory = re.search(r"dry run ([\d,]+) MiB; seed data path \(torch\) ([\d,]+) MiB", report)
     assert memory and all(int(m.replace(",", "")) > 50 for m in memory.groups())
 

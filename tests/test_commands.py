@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, snapshot
+from conftest import REPO, refused, snapshot
 
 from tinylm_jax import plots
 from tinylm_jax.analysis import open_corpus
@@ -17,7 +17,8 @@ from tinylm_jax.commands import analyze_main, generate_main, plot_attention_main
 
 PER_RUN_FILES = ["tokenizer_report.md", "token_frequencies.png", "loss_curves.png", "val_ppl.png",
                  "attention.npz", "attention/grid.png", "attention/layer1_head3.png",
-                 "attention_stats.md", "attention_stats.csv", "samples.md"]
+                 "attention_stats.md", "attention_stats.csv", "samples.md",
+                 "attention_by_epoch.png"]
 
 
 @pytest.fixture
@@ -96,6 +97,20 @@ def test_curves_and_a_comparison_need_no_corpus(run_copy, tmp_path, capsys):
     assert _is_png(tmp_path / "cmp" / "val_ppl_comparison.png")
 
 
+def test_the_attention_by_epoch_plot_needs_only_the_run_folder_and_its_record(run_copy, capsys):
+    run, _ = run_copy
+    assert analyze_main(["attention-epochs", str(run)]) == 0
+    assert capsys.readouterr().out == f"wrote {run / 'attention_by_epoch.png'}\n"
+    assert _is_png(run / "attention_by_epoch.png")
+    (run / "attention_by_epoch.png").unlink()
+    (run / "attention_by_epoch.csv").unlink()  # as in a run folder from before the record
+    before = snapshot(run)
+    err = refused(analyze_main, ["attention-epochs", str(run)], capsys)
+    assert err == f"error: {run}: no attention_by_epoch.csv (the run predates the per-epoch " \
+                  "attention record)\n"
+    assert snapshot(run) == before
+
+
 def test_a_comparison_draws_every_run_even_of_one_experiment(run_copy, tmp_path, monkeypatch,
                                                               capsys):
     run, _ = run_copy
@@ -170,13 +185,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path, capsys, co
     root = run.parent  # the run, its corpus and anything written beside them
     before = snapshot(root)
     values = {"run": run, "corpus": corpus, "root": root, "missing": tmp_path / "none"}
-    try:
-        code = command([arg.format(**values) for arg in argv])
-    except SystemExit as usage_error:  # argparse's own checks exit from inside the parser
-        code = usage_error.code
-    assert code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert message in refused(command, [arg.format(**values) for arg in argv], capsys)
     assert snapshot(root) == before
 
 

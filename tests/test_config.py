@@ -34,6 +34,9 @@ def test_a_toml_path_loads(tmp_path):
     ({"train_fraction": 1.0}, "'train_fraction' must lie in"),
     ({"plateau_threshold": 1.5}, "'plateau_threshold' must lie in"),
     ({"name": ""}, "'name' must be a non-empty string"),
+    ({"positional_encoding": "learned"},
+     "'positional_encoding' must be one of sinusoidal, none, got 'learned'"),
+    ({"d_model": 33, "n_heads": 1}, "must be even for the sinusoidal positions"),
 ])
 def test_invalid_values_name_the_field(values, message):
     with pytest.raises(UserError, match=message):
@@ -50,3 +53,14 @@ def test_broken_toml_is_a_user_error(tmp_path):
     path.write_text("seq_len = = 3")
     with pytest.raises(UserError, match="not valid TOML"):
         load_config(str(path))
+
+
+def test_only_the_sinusoidal_positions_need_an_even_width():
+    cfg = config_from_dict({"d_model": 33, "n_heads": 1, "positional_encoding": "none"})
+    assert (cfg.d_model, cfg.positional_encoding) == (33, "none")
+
+
+def test_a_config_stored_before_positional_encoding_existed_loads_as_sinusoidal():
+    stored = load_config("baseline").to_dict()
+    del stored["positional_encoding"]
+    assert config_from_dict(stored).positional_encoding == "sinusoidal"

@@ -1,10 +1,16 @@
+import re
+
 import jax
 import numpy as np
 import pytest
 
 from tinylm_jax.config import ExperimentConfig
-from tinylm_jax.interop import params_from_torch_state_dict
-from tinylm_jax.model import build_model
+from tinylm_jax.interop import (
+    IGNORED_BUFFERS,
+    params_from_torch_state_dict,
+    torch_state_dict_from_params,
+)
+from tinylm_jax.model import build_model, init_params
 
 torch = pytest.importorskip("torch")
 from tinylm_jax.torch_reference import TinyTransformerLM as TorchLM  # noqa: E402
@@ -60,6 +66,31 @@ def test_bad_state_dicts_are_refused_by_name(cfg, edit, message):
         params_from_torch_state_dict(state, cfg)
 
 
+def test_torch_to_jax_to_torch_is_the_identity(cfg):
+    original = _torch_model(cfg).state_dict()
+    back = torch_state_dict_from_params(params_from_torch_state_dict(original, cfg), cfg)
+    assert sorted(back) == sorted(original)  # buffers included: a strict load takes it
+    for key, value in original.items():
+        assert back[key].dtype == np.float32 and back[key].flags.c_contiguous
+        if key.rsplit(".", 1)[-1] in IGNORED_BUFFERS:  # recomputed in numpy, to float rounding
+            np.testing.assert_allclose(back[key], value.numpy(), atol=1e-5, rtol=0)
+        else:
+            np.testing.assert_array_equal(back[key], value.numpy())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p.pop("head"), "missing param head/kernel"),
+    (lambda p: p["layers_1"].update(extra={"bias": np.zeros(3)}),
+     "unexpected param layers_1/extra/bias"),
+    (lambda p: p["norm"].update(weight=np.ones(3)), "norm/weight has shape (3,), expected (32,)"),
+])
+def test_bad_params_are_refused_by_name(cfg, edit, message):
+    params = params_from_torch_state_dict(_torch_model(cfg).state_dict(), cfg)
+    edit(params)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        torch_state_dict_from_params(params, cfg)
+
+
 @pytest.mark.parametrize("grad_scale, growth_interval", [(1.0, 0), (2.0**16, 2)])
 def test_optimiser_steps_match_torch_adamw_with_clipping(cfg, grad_scale, growth_interval):
     """Four steps of clipping + AdamW (torch defaults) from the same weights agree with torch.
@@ -105,3 +136,10 @@ def test_optimiser_steps_match_torch_adamw_with_clipping(cfg, grad_scale, growth
         np.testing.assert_allclose(got, expected, atol=2e-5, rtol=0)
         moved = max(moved, float(np.abs(got - first).max()))
     assert moved > 1e-3  # the steps were not damped to nothing
+
+
+def test_a_model_without_positions_is_refused_for_the_seeds_model(cfg):
+    cfg = cfg.replace(positional_encoding="none")
+    params = init_params(build_model(cfg), 0)
+    with pytest.raises(ValueError, match="always adds sinusoidal positions"):
+        torch_state_dict_from_params(params, cfg)

@@ -3,12 +3,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tinylm_jax.config import load_config
+from tinylm_jax import model as model_module
+from tinylm_jax.config import EXPERIMENTS_DIR, load_config
 from tinylm_jax.model import build_model, count_params, init_params, sinusoidal_positions
+
+NO_POSITIONS = str(EXPERIMENTS_DIR / "baseline_no_positions.toml")
 
 
 @pytest.mark.parametrize("name, expected", [("baseline", 391_552), ("medium", 391_552),
-                                            ("wider", 1_307_392)])
+                                            ("wider", 1_307_392), (NO_POSITIONS, 391_552)])
 def test_parameter_counts_match_the_seed(name, expected):
     cfg = load_config(name)
     params = jax.eval_shape(lambda: init_params(build_model(cfg), cfg.seed))
@@ -63,6 +66,19 @@ def test_initialisation_follows_pytorch_defaults():
         bound = 1 / np.sqrt(fan_in)  # U(+-1/sqrt(fan_in)) fills its whole range
         assert bound * 0.9 < np.abs(leaf).max() <= bound
     np.testing.assert_array_equal(params["norm"]["weight"], 1.0)
+
+
+def test_the_no_position_model_differs_from_the_default_only_in_the_missing_addition(
+        tiny_cfg, monkeypatch):
+    default, bare = build_model(tiny_cfg), build_model(tiny_cfg.replace(positional_encoding="none"))
+    params = init_params(default, 0)
+    assert jax.tree.map(jnp.shape, init_params(bare, 0)) == jax.tree.map(jnp.shape, params)
+    ids = jax.random.randint(jax.random.key(4), (2, tiny_cfg.seq_len), 0, tiny_cfg.vocab_size)
+    without = bare.apply({"params": params}, ids)
+    assert not np.allclose(default.apply({"params": params}, ids), without)
+    monkeypatch.setattr(model_module, "sinusoidal_positions",
+                        lambda length, width: np.zeros((length, width), np.float32))
+    np.testing.assert_array_equal(default.apply({"params": params}, ids), without)
 
 
 def test_sinusoidal_table_alternates_sin_and_cos():

@@ -10,6 +10,7 @@ import textwrap
 import pytest
 from conftest import REPO
 
+from tinylm_jax.attention import STAT_NAMES
 from tinylm_jax.cli import main
 
 EIGHT_DEVICES = textwrap.dedent("""
@@ -67,6 +68,13 @@ def _losses(run_dir):
         return [(float(row["train_loss"]), float(row["val_loss"])) for row in csv.DictReader(f)]
 
 
+def _attention_stats(run_dir):
+    """attention_by_epoch.csv as (epoch, layer, head) and the statistics' values."""
+    with (run_dir / "attention_by_epoch.csv").open() as f:
+        return [((row["epoch"], row["layer"], row["head"]),
+                 [float(row[name]) for name in STAT_NAMES]) for row in csv.DictReader(f)]
+
+
 def test_two_processes_train_like_one(tmp_path, tiny_toml, tiny_corpus):
     tiny_toml.write_text(tiny_toml.read_text().replace("num_epochs = 4", "num_epochs = 2"))
     single = tmp_path / "single"
@@ -86,6 +94,10 @@ def test_two_processes_train_like_one(tmp_path, tiny_toml, tiny_corpus):
     assert (shared / "checkpoints" / "2").is_dir() and (shared / "summary.json").is_file()
     for one, two in zip(_losses(single), _losses(shared), strict=True):
         assert two == pytest.approx(one, rel=1e-4)  # an all-reduce sums in another order
+    attention = _attention_stats(single)
+    assert {key[0] for key, _ in attention} == {"0", "1", "2"}
+    for (key_one, one), (key_two, two) in zip(attention, _attention_stats(shared), strict=True):
+        assert key_one == key_two and two == pytest.approx(one, rel=1e-3)  # from those params
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -5,6 +5,7 @@ means bitwise: params, optimiser state, plateau state, step, and the history's n
 its timings).
 """
 
+import csv
 import errno
 import json
 import math
@@ -21,6 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO, TINY_TOML, snapshot
 
+from tinylm_jax.attention import EPOCHS_FILE
 from tinylm_jax.checkpoint import CORRUPT_FOLDER, RunCheckpoints, read_run_record
 from tinylm_jax.cli import main
 from tinylm_jax.config import ExperimentConfig
@@ -81,6 +83,11 @@ def _numbers(record):
     return [{k: v for k, v in row.items() if k not in TIMINGS} for row in record["history"]]
 
 
+def _attention_lines(out):
+    """attention_by_epoch.csv's lines: a resumed run's must be a straight run's, byte for byte."""
+    return (out / EPOCHS_FILE).read_bytes().splitlines()
+
+
 @pytest.fixture(scope="module")
 def straight(setup):
     """Run A: three epochs straight through."""
@@ -118,6 +125,17 @@ def test_stopped_mid_epoch_in_one_process_and_resumed_in_another_equals_straight
     state_c, record_c = _latest(out)
     assert _same_state(state_c, straight[0])
     assert _numbers(record_c) == _numbers(straight[1])
+    assert _attention_lines(out) == _attention_lines(setup[0] / "straight")
+
+
+def test_the_attention_record_holds_every_epoch_from_initialisation(setup, straight):
+    with (setup[0] / "straight" / EPOCHS_FILE).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    per_epoch = 2 * 4 + 2 + 1  # every head, the two layer means and the uniform head
+    assert [int(row["epoch"]) for row in rows] == [e for e in range(4) for _ in range(per_epoch)]
+    assert rows[0]["layer"] == "0" and rows[per_epoch - 1]["layer"] == "uniform"
+    assert straight[1]["attention_by_epoch"][-1]["epoch"] == 3
+    assert rows[0] != {**rows[-per_epoch], "epoch": "0"}  # training changed the attention
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +186,7 @@ def test_a_signal_checkpoints_the_position_and_resume_equals_the_straight_run(
     final, record = _latest(out)
     expected, expected_record = _latest(straight_run)
     assert _same_state(final, expected) and _numbers(record) == _numbers(expected_record)
+    assert _attention_lines(out) == _attention_lines(straight_run)
 
 
 def test_stop_at_step_at_an_epoch_end_and_below_the_current_step(setup, straight, capsys,
@@ -244,6 +263,27 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact(setup, stra
     assert len(aside) == 1 and aside[0].name.startswith("2-")
     state, record = _latest(out)
     assert _same_state(state, straight[0]) and _numbers(record) == _numbers(straight[1])
+    assert _attention_lines(out) == _attention_lines(setup[0] / "straight")
+
+
+def test_a_run_folder_from_before_positions_and_the_attention_record_resumes(setup, straight,
+                                                                              stopped_copy):
+    out = stopped_copy
+    config = json.loads((out / "config.json").read_text())
+    del config["experiment"]["positional_encoding"]  # as config.json was then
+    (out / "config.json").write_text(json.dumps(config))
+    state, record = _latest(out)
+    del record["attention_by_epoch"]
+    checkpoints = RunCheckpoints(out)
+    checkpoints.save(state, record)  # checkpoint 3: the stop's, as saved then
+    checkpoints.close()
+    (out / EPOCHS_FILE).unlink()
+    assert _run(setup, out, "--resume") == 0
+    state, record = _latest(out)
+    assert _same_state(state, straight[0]) and _numbers(record) == _numbers(straight[1])
+    assert read_run_record(out)[0].positional_encoding == "sinusoidal"
+    header, *rows = _attention_lines(setup[0] / "straight")
+    assert _attention_lines(out) == [header, *(r for r in rows if r[:2] in (b"2,", b"3,"))]
 
 
 def test_no_intact_checkpoint_is_refused_and_changes_nothing(setup, capsys, stopped_copy):
@@ -367,6 +407,7 @@ def test_resuming_with_other_settings_is_refused_before_anything_changes(setup, 
     ("d_model = 64\n", "d_model (32 -> 64)"),
     ("lr = 0.001\n", "lr (0.03 -> 0.001)"),
     ("grad_clip_norm = 0.5\n", "grad_clip_norm (1.0 -> 0.5)"),
+    ('positional_encoding = "none"\n', "positional_encoding ('sinusoidal' -> 'none')"),
 ])
 def test_resuming_with_another_model_or_optimiser_is_refused(setup, tmp_path, capsys, change,
                                                              message, stopped_copy):

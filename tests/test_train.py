@@ -157,14 +157,16 @@ def test_compiled_chunks_equal_the_step_by_step_path(corpus_text, tiny_cfg):
             _stepwise_eval(stepwise, data, tiny_cfg), rel=1e-12)
 
 
-def test_an_epoch_stopped_and_continued_equals_one_run_straight_through(corpus_text, tiny_cfg):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the CPU fast path
+def test_an_epoch_stopped_and_continued_equals_one_run_straight_through(corpus_text, tiny_cfg,
+                                                                        precision):
     """Stop at step 5 (not a chunk boundary) and at a requested stop, continue from a JSON round
     trip of the progress: params, optimiser state and the epoch's loss are bit-identical."""
     data = build_dataset(corpus_text[:8000], tiny_cfg)
     steps = epoch_steps(tiny_cfg, data)
-    straight, whole = train_epoch(create_train_state(tiny_cfg, "fp32"), data, tiny_cfg,
+    straight, whole = train_epoch(create_train_state(tiny_cfg, precision), data, tiny_cfg,
                                   EpochProgress(2, steps), show_progress=False, steps_per_chunk=3)
-    state, part = train_epoch(create_train_state(tiny_cfg, "fp32"), data, tiny_cfg,
+    state, part = train_epoch(create_train_state(tiny_cfg, precision), data, tiny_cfg,
                               EpochProgress(2, steps), until=5, show_progress=False,
                               steps_per_chunk=3)
     assert (part.steps_done, part.finished) == (5, False)

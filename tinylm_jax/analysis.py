@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from tinylm_jax.attention import EPOCH_FIELDS, EPOCHS_FILE
 from tinylm_jax.checkpoint import LoadedRun, read_run_record, read_run_tokenizer
 from tinylm_jax.config import ExperimentConfig, UserError
 from tinylm_jax.data import Splits, file_sha256, read_corpus, resolve_corpus
@@ -86,11 +87,6 @@ def open_corpus(run_dir: Path, data: str | None = None) -> RunCorpus:
         raise UserError(f"{path}: not the corpus {run_dir} was trained on (sha256 differs); "
                         "pass that one with --data")
     return RunCorpus.build(cfg, tokenizer, text)
-
-
-def is_punctuation(token: str) -> bool:
-    """A token made only of punctuation marks (special tokens like [PAD] excluded)."""
-    return bool(token) and not any(ch.isalnum() or ch.isspace() for ch in token)
 
 
 # --- Tokenizer study (seed section 2) ------------------------------------------------------------
@@ -165,21 +161,37 @@ def tokenizer_report(study: TokenizerStudy, figure_name: str) -> str:
 
 # --- Training curves (seed figures 2-4, Table 1) -------------------------------------------------
 
-def read_history(run_dir: Path) -> list[dict[str, float]]:
-    """A run's `history.csv` as rows of numbers (epoch as int)."""
-    path = Path(run_dir) / "history.csv"
-    if not path.is_file():
-        raise UserError(f"{run_dir}: no history.csv (has the run finished an epoch?)")
+def _read_epoch_rows(path: Path, fields: tuple[str, ...], what: str,
+                     text_fields: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """A per-epoch CSV's rows: `text_fields` as written, epoch as int, the rest as floats."""
     try:
         with path.open(newline="", encoding="utf-8") as f:
-            rows = [{key: float(row[key]) for key in HISTORY_FIELDS} for row in csv.DictReader(f)]
+            rows = [{key: row[key] if key in text_fields else float(row[key]) for key in fields}
+                    for row in csv.DictReader(f)]
     except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{path}: unreadable history ({err!r})") from None
+        raise UserError(f"{path}: unreadable {what} ({err!r})") from None
     if not rows:
         raise UserError(f"{path}: no epochs recorded")
     for row in rows:
         row["epoch"] = int(row["epoch"])
     return rows
+
+
+def read_history(run_dir: Path) -> list[dict[str, float]]:
+    """A run's `history.csv` as rows of numbers (epoch as int)."""
+    path = Path(run_dir) / "history.csv"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no history.csv (has the run finished an epoch?)")
+    return _read_epoch_rows(path, HISTORY_FIELDS, "history")
+
+
+def read_attention_by_epoch(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's `attention_by_epoch.csv`: statistics as floats, layer and head as written."""
+    path = Path(run_dir) / EPOCHS_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no {EPOCHS_FILE} (the run predates the per-epoch "
+                        "attention record)")
+    return _read_epoch_rows(path, EPOCH_FIELDS, "attention record", ("layer", "head"))
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

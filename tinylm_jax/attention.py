@@ -13,6 +13,9 @@ windows and over query positions q (keys k <= q):
   punct_mass      mass on keys that are punctuation tokens
   entropy         -sum_k w[q,k] ln w[q,k], in nats (0: one key; ln(q+1): uniform)
 A uniform causal head, scored on the same windows, is the reference row.
+
+Training records the same statistics on fixed validation windows at initialisation (epoch 0) and
+after every epoch, in the run folder's `attention_by_epoch.csv` (`EPOCH_FIELDS`).
 """
 
 from __future__ import annotations
@@ -28,10 +31,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tokenizers import Tokenizer
 
 from tinylm_jax.config import UserError
+from tinylm_jax.data import Splits
 
 STAT_NAMES = ("mean_distance", "self_mass", "prev_mass", "punct_mass", "entropy")
+# How tables and figures name the statistics.
+STAT_LABELS = {"mean_distance": "Mean distance", "self_mass": "Self mass",
+               "prev_mass": "Previous-token mass", "punct_mass": "Punctuation mass",
+               "entropy": "Entropy (nats)"}
+EPOCHS_FILE = "attention_by_epoch.csv"  # the statistics per epoch, written by training
+EPOCH_FIELDS = ("epoch", "layer", "head", *STAT_NAMES)
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,38 @@ def attention_weights(model: nn.Module, params: Any, ids: jax.Array) -> jax.Arra
     """(layers, B, H, L, L) float32 attention weights for token ids (B, L)."""
     _, attention = model.apply({"params": params}, ids, return_attention=True)
     return jnp.stack(attention)
+
+
+def is_punctuation(token: str) -> bool:
+    """A token made only of punctuation marks (special tokens like [PAD] excluded)."""
+    return bool(token) and not any(ch.isalnum() or ch.isspace() for ch in token)
+
+
+def spread_window_starts(splits: Splits, num_windows: int) -> np.ndarray:
+    """Token positions of `num_windows` validation windows spread evenly over the split."""
+    num_val = splits.num_val
+    if not 1 <= num_windows <= num_val:
+        raise UserError(f"--windows must lie in [1, {num_val}], got {num_windows}")
+    offsets = np.linspace(0, num_val - 1, num_windows).round().astype(np.int64)  # distinct
+    return splits.num_train + offsets
+
+
+@dataclass(frozen=True)
+class StatWindows:
+    """The validation windows the statistics are averaged over."""
+
+    ids: np.ndarray  # (N, L) token ids
+    punct_keys: np.ndarray  # (N, L) bool, True on punctuation tokens
+
+    @classmethod
+    def spread(cls, tokens: np.ndarray, splits: Splits, tokenizer: Tokenizer, num_windows: int
+               ) -> StatWindows:
+        """`num_windows` windows of `tokens` (T,) spread evenly over the validation split."""
+        starts = spread_window_starts(splits, num_windows)
+        ids = np.asarray(tokens)[starts[:, None] + np.arange(splits.seq_len)]
+        punctuation = np.array([is_punctuation(tokenizer.id_to_token(i))
+                                for i in range(tokenizer.get_vocab_size())])
+        return cls(ids, punctuation[ids])
 
 
 def window_statistics(weights: jax.Array, punct_keys: jax.Array) -> dict[str, jax.Array]:
@@ -153,10 +196,16 @@ def stats_rows(heads: dict[str, np.ndarray], uniform: dict[str, float]) -> list[
     return rows
 
 
+def epoch_rows(model: nn.Module, params: Any, windows: StatWindows, epoch: int
+               ) -> list[dict[str, Any]]:
+    """The `stats_rows` of `params` on `windows`, each tagged with `epoch` (0: initialisation)."""
+    heads, uniform = head_statistics(model, params, windows.ids, windows.punct_keys)
+    return [{"epoch": epoch, **row} for row in stats_rows(heads, uniform)]
+
+
 def stats_markdown(rows: list[dict[str, Any]], num_windows: int, source: str) -> str:
     """The table of `stats_rows`, with what its columns mean."""
-    header = "| Layer | Head | Mean distance | Self mass | Previous-token mass | " \
-             "Punctuation mass | Entropy (nats) |"
+    header = f"| Layer | Head | {' | '.join(STAT_LABELS[name] for name in STAT_NAMES)} |"
     lines = ["# Attention statistics per head", "",
              f"Averaged over {num_windows:,} validation windows ({source}) and all query "
              "positions (all but the first for the previous-token mass). Distance counts tokens "

@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 
 from tinylm_jax.cli import OneLineParser, guarded
 from tinylm_jax.config import EXPERIMENT_NAMES, ExperimentConfig, UserError, load_config
+from tinylm_jax.cpu_bf16 import keep_host_buffers
 from tinylm_jax.data import (
     Dataset,
     batch_rows,
@@ -134,15 +135,21 @@ def _endless(loader: Iterable) -> Iterator:
         yield from loader
 
 
-def measure_seed_torch(cfg: ExperimentConfig, data: Dataset, steps: int, repeats: int
-                       ) -> PathResult:
-    """The seed notebook's loop, step for step (its model from `torch_reference`)."""
+def measure_seed_torch(cfg: ExperimentConfig, data: Dataset, steps: int, repeats: int,
+                       cpu_bf16: bool = False) -> PathResult:
+    """The seed notebook's loop, step for step (its model from `torch_reference`).
+
+    `cpu_bf16`: on a CPU, the same loop under `torch.autocast("cpu", torch.bfloat16)`, the
+    strongest CPU peer (oneDNN's AMX/AVX512-BF16 kernels); there is no scaler to replay on CPU.
+    """
     import torch
 
     from tinylm_jax.torch_reference import TinyTransformerLM, seed_windows
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
+    autocast = {"device_type": device.type, "enabled": cuda or cpu_bf16,
+                "dtype": torch.float16 if cuda else torch.bfloat16}
     inputs, targets = seed_windows(np.asarray(data.tokens), cfg.seq_len)
     split = data.splits.num_train
     loader = torch.utils.data.DataLoader(
@@ -163,7 +170,7 @@ def measure_seed_torch(cfg: ExperimentConfig, data: Dataset, steps: int, repeats
         for _ in range(steps):
             x, y = (t.to(device) for t in next(batches))
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=cuda):
+            with torch.autocast(**autocast):
                 loss = criterion(model(x).view(-1, cfg.vocab_size), y.view(-1))
             scaler.scale(loss).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
@@ -176,7 +183,7 @@ def measure_seed_torch(cfg: ExperimentConfig, data: Dataset, steps: int, repeats
         with torch.no_grad():
             for _ in range(steps):
                 x, y = (t.to(device) for t in next(val_batches))
-                with torch.autocast(device.type, enabled=cuda):
+                with torch.autocast(**autocast):
                     criterion(model(x).view(-1, cfg.vocab_size), y.view(-1)).item()
 
     if cuda:
@@ -184,7 +191,8 @@ def measure_seed_torch(cfg: ExperimentConfig, data: Dataset, steps: int, repeats
     step_s = _timed(train_steps, steps, repeats)
     eval_s = _timed(eval_steps, steps, repeats)
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    return PathResult("PyTorch, seed's loop", step_s, eval_s, None, peak)
+    path = "PyTorch, seed's loop" + (", CPU bf16 autocast" if cpu_bf16 else "")
+    return PathResult(path, step_s, eval_s, None, peak)
 
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec.
@@ -267,7 +275,8 @@ def _spread(values: list[float], scale: float = 1.0, fmt: str = "{:.3f}") -> str
 
 def results_table(rows: list[tuple[ExperimentConfig, Dataset, PathResult]], precision: str,
                   devices: int) -> list[str]:
-    """Markdown rows, with ours/theirs ratios after each experiment's pair."""
+    """Markdown rows, each experiment's paths followed by ours/theirs ratios against each of
+    its PyTorch paths (ours is measured first)."""
     lines = ["| Experiment | Path | Compile s | s/step, median (range) | Train tok/s | "
              "Eval tok/s | Epoch s (est.) | Peak device MiB | MFU |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -281,13 +290,14 @@ def results_table(rows: list[tuple[ExperimentConfig, Dataset, PathResult]], prec
         lines.append(f"| {cfg.name} | {result.path} | {compile_s} | {_spread(result.step_s)} | "
                      f"{result.train_tokens_per_s(cfg):,.0f} | {result.eval_tokens_per_s(cfg):,.0f}"
                      f" | {result.epoch_s(cfg, data):,.0f} | {memory} | {utilisation} |")
-        pair = by_experiment[cfg.name]
-        if len(pair) == 2:
-            ours, theirs = pair
-            lines.append(f"| {cfg.name} | **speed, ours / theirs** | | | "
-                         f"**{ours.train_tokens_per_s(cfg) / theirs.train_tokens_per_s(cfg):.2f}x**"
-                         f" | {ours.eval_tokens_per_s(cfg) / theirs.eval_tokens_per_s(cfg):.2f}x | "
-                         f"{theirs.epoch_s(cfg, data) / ours.epoch_s(cfg, data):.2f}x | | |")
+    for cfg, data, result in rows:
+        ours = by_experiment[cfg.name][0]
+        if result is ours:
+            continue
+        lines.append(f"| {cfg.name} | **ours / {result.path}** | | | "
+                     f"**{ours.train_tokens_per_s(cfg) / result.train_tokens_per_s(cfg):.2f}x**"
+                     f" | {ours.eval_tokens_per_s(cfg) / result.eval_tokens_per_s(cfg):.2f}x | "
+                     f"{result.epoch_s(cfg, data) / ours.epoch_s(cfg, data):.2f}x | | |")
     return lines
 
 
@@ -309,15 +319,20 @@ def run_benchmark(names: list[str], corpus: Path, steps: int, repeats: int, prec
         if with_torch:
             log(f"{cfg.name}: PyTorch seed loop, {steps} steps x {repeats}")
             rows.append((cfg, data, measure_seed_torch(cfg, data, steps, repeats)))
+            if jax.default_backend() == "cpu":
+                log(f"{cfg.name}: PyTorch seed loop under CPU bf16 autocast")
+                rows.append((cfg, data, measure_seed_torch(cfg, data, steps, repeats,
+                                                           cpu_bf16=True)))
     versions = ", ".join(f"{pkg} {version}" for pkg, version in
                          package_versions(*(("torch",) if with_torch else ())).items())
     lines = ["# Training speed: tinylm-jax and the seed's PyTorch loop", "",
              f"- Machine: {machine_description()}.",
              f"- Versions: {versions}; Python {platform.python_version()}.",
              f"- Precision: {precision} (jax: {np.dtype(compute_dtype(precision))} compute on "
-             f"{mesh.devices.size} device(s); PyTorch: the seed's fp16 autocast on CUDA, float32 "
-             f"on CPU); batch 512; each figure over {steps} steps, {repeats} repeats after a "
-             "warm-up (median and range). Epoch s (est.): one epoch of training plus a full "
+             f"{mesh.devices.size} device(s); PyTorch: the seed's fp16 autocast on CUDA; on CPU "
+             "float32 as the seed, and again under bf16 autocast); batch 512; "
+             f"each figure over {steps} steps, {repeats} repeats after a warm-up (median and "
+             "range). Epoch s (est.): one epoch of training plus a full "
              "validation pass, from the median rates. Compile s: the train and eval chunks, "
              "ahead of time. Peak device memory: JAX's is the process's peak so far (the "
              "experiments run in the order listed), PyTorch's is reset per experiment.",
@@ -345,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-torch", action="store_true", help="measure this project only")
     parser.add_argument("--out", type=Path, help="also write the table to this .md file")
     args = parser.parse_args(argv)
+    keep_host_buffers()  # as training does
 
     def run() -> int:
         steps = args.steps if args.steps is not None else default_steps_per_chunk()

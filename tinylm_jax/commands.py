@@ -1,7 +1,9 @@
-"""Command lines of `scripts/analyze.py`, `scripts/generate.py` and `scripts/plot_attention.py`.
+"""Command lines of `scripts/analyze.py`, `scripts/generate.py`, `scripts/plot_attention.py` and
+`scripts/export_torch.py`.
 
-Each parses, checks its flags, and calls `reports` (files) or `sampling` (text on stdout); bad
-input is one `error:` line and exit code 2, as for `run_experiment.py`.
+Each parses, checks its flags, and calls `reports` (files), `sampling` (text on stdout) or
+`interop` (weights for PyTorch); bad input is one `error:` line and exit code 2, as for
+`run_experiment.py`.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from pathlib import Path
 
 from tinylm_jax import reports
 from tinylm_jax.analysis import SEED_PROMPTS, open_corpus, predicted_vs_actual, top_k_table
+from tinylm_jax.attention import spread_window_starts
 from tinylm_jax.checkpoint import load_run
 from tinylm_jax.cli import OneLineParser, guarded, print_paths
 from tinylm_jax.config import MAX_SEED, UserError
+from tinylm_jax.interop import save_torch_weights
 from tinylm_jax.sampling import generate
 
-ANALYSES = ("all", "tokenizer", "curves", "compare", "attention", "attention-stats", "topk",
-            "predict")
+ANALYSES = ("all", "tokenizer", "curves", "compare", "attention", "attention-stats",
+            "attention-epochs", "topk", "predict")
 
 
 def _common(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
@@ -26,8 +30,12 @@ def _common(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     parser.add_argument("--data", help="the run's corpus (default: $TINYLM_DATA, else the "
                         "verified download cache)")
     if checkpoint:
-        parser.add_argument("--which", choices=("best", "latest"), default="best",
-                            help="checkpoint to analyse (default: best)")
+        _which(parser, "analyse")
+
+
+def _which(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("--which", choices=("best", "latest"), default="best",
+                        help=f"checkpoint to {verb} (default: best)")
 
 
 def _sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +50,7 @@ def analyze_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS",
                                 parser_class=OneLineParser)
     everything = sub.add_parser("all", help="every analysis below for one run (compare "
-                                "excepted)")
+                                "excepted; attention-epochs if the run recorded it)")
     _common(everything)
     everything.add_argument("--windows", type=int, default=reports.DEFAULT_STAT_WINDOWS,
                      help="validation windows for attention-stats")
@@ -70,6 +78,9 @@ def analyze_parser() -> argparse.ArgumentParser:
     stats.add_argument("--windows", type=int, default=reports.DEFAULT_STAT_WINDOWS,
                        help=f"validation windows, evenly spread (default "
                        f"{reports.DEFAULT_STAT_WINDOWS})")
+    epochs = sub.add_parser("attention-epochs", help="attention_by_epoch.png: the per-layer "
+                            "attention statistics training recorded, against the epoch")
+    epochs.add_argument("run_dir", type=Path, help="a run folder")
     topk = sub.add_parser("topk", help="the k likeliest next tokens per prompt, with bars")
     _common(topk)
     topk.add_argument("--prompt", action="append", help="a prompt (repeatable; default the "
@@ -102,6 +113,9 @@ def analyze(args: argparse.Namespace) -> int:
     if args.analysis == "curves":
         print_paths(reports.write_curves(run_dir))
         return 0
+    if args.analysis == "attention-epochs":
+        print_paths(reports.write_attention_epochs(run_dir))
+        return 0
     if args.analysis == "all":
         print_paths(reports.analyze_run(run_dir, args.data, args.which, args.windows, args.seed))
         return 0
@@ -112,7 +126,7 @@ def analyze(args: argparse.Namespace) -> int:
         print_paths(reports.write_tokenizer_study(run_dir, corpus))
         return 0
     if args.analysis == "attention-stats":
-        reports.stat_window_starts(corpus, args.windows)  # refuse a bad count before loading
+        spread_window_starts(corpus.splits, args.windows)  # refuse a bad count before loading
     run = load_run(run_dir, args.which)
     if args.analysis == "attention":
         print_paths(reports.write_attention(run_dir, run, corpus, args.which, args.window,
@@ -186,3 +200,36 @@ def plot_attention(args: argparse.Namespace) -> int:
 def plot_attention_main(argv: list[str] | None = None) -> int:
     args = plot_attention_parser().parse_args(argv)
     return guarded(lambda: plot_attention(args))
+
+
+def export_torch_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="export_torch.py", description="A run's weights as the seed "
+                           "notebook's PyTorch state_dict, in a safetensors file: "
+                           "model.load_state_dict(safetensors.torch.load_file(OUT)).")
+    parser.add_argument("run_dir", type=Path, help="a run folder written by run_experiment.py")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="the .safetensors file to write (replaced if it exists)")
+    _which(parser, "export")
+    return parser
+
+
+def export_torch(args: argparse.Namespace) -> int:
+    out = args.out
+    if out.suffix != ".safetensors":
+        raise UserError(f"{out}: --out must be a .safetensors file")
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder")
+    reports.output_folder(out.parent)  # refused before the run is loaded
+    run = load_run(args.run_dir, args.which)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"run_dir": str(args.run_dir), "checkpoint": args.which, "position": run.position}
+    try:
+        print_paths([save_torch_weights(run.params, run.config, out, metadata)])
+    except ValueError as err:  # a model the seed's cannot hold
+        raise UserError(f"{args.run_dir}: {err}") from None
+    return 0
+
+
+def export_torch_main(argv: list[str] | None = None) -> int:
+    args = export_torch_parser().parse_args(argv)
+    return guarded(lambda: export_torch(args))

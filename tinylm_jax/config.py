@@ -16,6 +16,7 @@ from typing import Any
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 # The three experiments of the seed report, in the order `all` runs them.
 EXPERIMENT_NAMES = ("baseline", "medium", "wider")
+POSITIONAL_ENCODINGS = ("sinusoidal", "none")
 
 
 class UserError(Exception):
@@ -34,6 +35,10 @@ class ExperimentConfig:
     n_layers: int = 2  # number of pre-norm Transformer blocks
     n_heads: int = 4  # attention heads per block; d_model must divide evenly among them
     d_ff: int = 256  # hidden width of each block's feed-forward network
+    # What tells the model where each token stands: "sinusoidal" adds the seed's fixed sin/cos
+    # table to the token embeddings; "none" leaves them as they are (only the causal mask then
+    # carries order), to measure the seed's claim that positions are essential.
+    positional_encoding: str = "sinusoidal"
     # --- optimiser (AdamW with torch's defaults, as the seed) ---
     lr: float = 3e-4  # initial learning rate
     batch_size: int = 512  # windows per optimiser step
@@ -122,7 +127,10 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Experime
     if cfg.d_model % cfg.n_heads:
         raise UserError(f"{source}: d_model ({cfg.d_model}) must be divisible by "
                         f"n_heads ({cfg.n_heads})")
-    if cfg.d_model % 2:
+    if cfg.positional_encoding not in POSITIONAL_ENCODINGS:
+        raise UserError(f"{source}: 'positional_encoding' must be one of "
+                        f"{', '.join(POSITIONAL_ENCODINGS)}, got {cfg.positional_encoding!r}")
+    if cfg.positional_encoding == "sinusoidal" and cfg.d_model % 2:
         raise UserError(f"{source}: d_model ({cfg.d_model}) must be even for the sinusoidal "
                         "positions")
     if cfg.vocab_size < 3:

@@ -1,18 +1,16 @@
 """One experiment end to end: data, run folder, epochs with early stopping, checkpoints, summary.
 
 A run folder holds `config.json`, `tokenizer.json`, `history.csv` (one row per epoch),
-`summary.json` and `checkpoints/`. Every check of the user's input happens before anything is
-written or trained; an existing folder is continued (`resume`) or replaced (`overwrite`), never
-silently overwritten.
+`attention_by_epoch.csv` (attention statistics from initialisation on), `summary.json` and
+`checkpoints/`. Every check of the user's input happens before anything is written or trained;
+an existing folder is continued (`resume`) or replaced (`overwrite`), never silently overwritten.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import importlib.metadata
-import io
 import json
 import math
 import sys
@@ -26,16 +24,25 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from tinylm_jax.attention import EPOCH_FIELDS, EPOCHS_FILE, StatWindows, epoch_rows
 from tinylm_jax.checkpoint import RunCheckpoints, read_run_tokenizer
 from tinylm_jax.config import EXPERIMENT_NAMES, ExperimentConfig, UserError, load_config
 from tinylm_jax.data import Dataset, build_dataset, file_sha256, read_corpus, resolve_corpus
 from tinylm_jax.model import build_model, count_params, init_params
-from tinylm_jax.parallel import barrier, check_batch_fits, data_mesh, is_primary, replicate
+from tinylm_jax.parallel import (
+    barrier,
+    check_batch_fits,
+    data_mesh,
+    is_primary,
+    local_replica,
+    replicate,
+)
 from tinylm_jax.runfolder import (
     RunFolderLock,
     check_resumable,
     check_run_folder,
     clear_run_folder,
+    write_csv_atomic,
     write_text_atomic,
 )
 from tinylm_jax.signals import StopSignals
@@ -53,6 +60,9 @@ from tinylm_jax.train import (
 SEED_TABLE1 = {"baseline": (60.00, 6), "medium": (63.24, 5), "wider": (58.35, 10)}
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_ppl", "lr", "epoch_seconds",
                   "train_tokens_per_s")
+# Validation windows whose attention statistics are recorded at the start and after each epoch:
+# enough for stable means, few enough to cost well under a second on a CPU.
+ATTENTION_WINDOWS = 64
 
 
 class RunStopped(Exception):
@@ -71,7 +81,7 @@ class RunOptions:
     max_steps_per_epoch: int | None = None  # cut epochs short, for quick runs
     resume: bool = False  # continue the run folder's latest checkpoint
     overwrite: bool = False  # replace an existing run folder
-    progress: bool = True  # show a progress bar per epoch
+    progress: bool = True  # show training and validation bars (on a terminal only)
     steps_per_chunk: int | None = None  # steps per compiled call; None: the backend's default
     devices: int | None = None  # split batches over the first N devices; None: all of them
     stop_at_step: int | None = None  # checkpoint and stop once the run has taken this many steps
@@ -86,6 +96,7 @@ class PreparedRun:
     data: Dataset
     param_count: int
     mesh: Mesh  # the devices training splits each batch over
+    attention_windows: StatWindows  # fixed validation windows for the per-epoch statistics
 
 
 def _run_settings(opts: RunOptions, corpus_sha256: str) -> dict[str, Any]:
@@ -119,7 +130,10 @@ def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> P
     except UserError as err:  # the corpus cannot serve this config: say which corpus
         raise UserError(f"{corpus}: {err}") from None
     params = jax.eval_shape(lambda: init_params(build_model(cfg), cfg.seed))
-    return PreparedRun(cfg, opts, corpus, corpus_sha256, data, count_params(params), mesh)
+    windows = StatWindows.spread(data.tokens, data.splits, data.tokenizer,
+                                 min(ATTENTION_WINDOWS, data.splits.num_val))
+    return PreparedRun(cfg, opts, corpus, corpus_sha256, data, count_params(params), mesh,
+                       windows)
 
 
 def describe(run: PreparedRun) -> str:
@@ -160,14 +174,6 @@ def should_stop(history: list[dict[str, Any]], cfg: ExperimentConfig) -> bool:
     return bool(history) and best is not None and len(history) - best >= cfg.early_stop_patience
 
 
-def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS)
-    writer.writeheader()
-    writer.writerows(history)
-    write_text_atomic(path, text.getvalue())
-
-
 def package_versions(*extra: str) -> dict[str, str]:
     """Installed versions of the packages a run's numbers depend on, and of `extra` ones."""
     names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tokenizers", "numpy", *extra)
@@ -199,7 +205,7 @@ def train_prepared(run: PreparedRun, log: Callable[[str], None] = _print) -> dic
         try:
             start = _resume_point(run, checkpoints, log)
             if primary:  # only now: a resume refused above has changed nothing
-                _write_run_files(run, start.history)
+                _write_run_files(run, start)
             barrier("written")
             history, wall = _train_epochs(run, checkpoints, signals, start, began, log)
         finally:
@@ -227,6 +233,7 @@ class _Start:
     history: list[dict[str, Any]]
     progress: EpochProgress | None  # the epoch in progress, if stopped mid-way
     earlier_seconds: float  # wall time of the sessions before this one
+    attention: list[dict[str, Any]]  # attention_by_epoch.csv's rows so far
 
     def global_step(self, steps_per_epoch: int) -> int:
         return len(self.history) * steps_per_epoch + (self.progress.steps_done
@@ -235,32 +242,47 @@ class _Start:
 
 def _resume_point(run: PreparedRun, checkpoints: RunCheckpoints, log: Callable[[str], None]
                   ) -> _Start:
-    """A fresh start, or the newest intact checkpoint when resuming; checks --stop-at-step."""
+    """A fresh start, or the newest intact checkpoint when resuming; checks --stop-at-step.
+    A fresh start records the attention of the initial params as epoch 0."""
     cfg, opts = run.cfg, run.opts
-    start = _Start(replicate(create_train_state(cfg, opts.precision), run.mesh), [], None, 0.0)
+    start = _Start(replicate(create_train_state(cfg, opts.precision), run.mesh), [], None, 0.0,
+                   [])
     restored = checkpoints.restore_newest_intact(start.state, _warn) if opts.resume else None
     if restored is not None:
         state, record = restored
         progress = (EpochProgress.from_record(record["epoch_in_progress"])
                     if record["epoch_in_progress"] else None)
-        start = _Start(state, record["history"], progress, record["wall_time_s"])
+        # A checkpoint older than the attention record has none: it continues without.
+        start = _Start(state, record["history"], progress, record["wall_time_s"],
+                       record.get("attention_by_epoch", []))
         log(f"resumed {opts.out_dir} at {_position(len(start.history), progress)}")
     done = start.global_step(epoch_steps(cfg, run.data, opts.max_steps_per_epoch))
     if opts.stop_at_step is not None and opts.stop_at_step <= done:
         raise UserError(f"--stop-at-step {opts.stop_at_step}: the run has already taken "
                         f"{done} steps")
+    if restored is None:
+        start.attention = _attention_rows(run, start.state, 0)
     return start
 
 
-def _write_run_files(run: PreparedRun, history: list[dict[str, Any]]) -> None:
-    """config.json (the run's record), tokenizer.json, and the restored history if any."""
+def _attention_rows(run: PreparedRun, state: Any, epoch: int) -> list[dict[str, Any]]:
+    """The attention statistics of `state`'s params on the run's fixed validation windows,
+    computed on one replica: the same rows in every process, and no collective."""
+    model = build_model(run.cfg, compute_dtype(run.opts.precision))  # the run's own model
+    return epoch_rows(model, local_replica(state.params), run.attention_windows, epoch)
+
+
+def _write_run_files(run: PreparedRun, start: _Start) -> None:
+    """config.json (the run's record), tokenizer.json, and the restored per-epoch files if any."""
     out = run.opts.out_dir
     if not run.opts.resume:  # a resumed run keeps the tokenizer it was trained with
         run.data.tokenizer.save(str(out / "tokenizer.json"))
     config_record = {"experiment": run.cfg.to_dict(), **_run_settings(run.opts, run.corpus_sha256)}
     write_text_atomic(out / "config.json", json.dumps(config_record, indent=2) + "\n")
-    if history:  # after a fallback to an older checkpoint, the later rows are gone
-        _write_history(out / "history.csv", history)
+    if start.history:  # after a fallback to an older checkpoint, the later rows are gone
+        write_csv_atomic(out / "history.csv", HISTORY_FIELDS, start.history)
+    if start.attention:
+        write_csv_atomic(out / EPOCHS_FILE, EPOCH_FIELDS, start.attention)
 
 
 def _train_epochs(run: PreparedRun, checkpoints: RunCheckpoints, signals: StopSignals,
@@ -271,13 +293,14 @@ def _train_epochs(run: PreparedRun, checkpoints: RunCheckpoints, signals: StopSi
     data = dataclasses.replace(run.data, tokens=replicate(run.data.tokens, run.mesh))
     steps = epoch_steps(cfg, run.data, opts.max_steps_per_epoch)
     state, history, progress = start.state, start.history, start.progress
+    attention = start.attention
     log(f"training {cfg.name} in {out}: {steps} steps per epoch, up to {cfg.num_epochs} epochs")
 
     def wall() -> float:
         return start.earlier_seconds + time.perf_counter() - began
 
     def save(val_loss: float | None = None, progress: EpochProgress | None = None) -> int:
-        record = {"history": history, "wall_time_s": wall(),
+        record = {"history": history, "attention_by_epoch": attention, "wall_time_s": wall(),
                   "epoch_in_progress": progress.to_record() if progress else None}
         return checkpoints.save(state, record, val_loss)
 
@@ -289,8 +312,10 @@ def _train_epochs(run: PreparedRun, checkpoints: RunCheckpoints, signals: StopSi
         lr = state.learning_rate
         state, progress = train_epoch(state, data, cfg, progress, until, opts.progress,
                                       opts.steps_per_chunk, run.mesh, signals.requested)
-        val_loss = (evaluate(state, data, cfg, opts.steps_per_chunk, run.mesh, signals.requested)
-                    if progress.finished else None)
+        val_began = time.perf_counter()
+        val_loss = (evaluate(state, data, cfg, opts.steps_per_chunk, run.mesh, signals.requested,
+                             opts.progress) if progress.finished else None)
+        val_seconds = time.perf_counter() - val_began  # logged only: history.csv keeps its columns
         if val_loss is None:  # stopped at stop_at_step, or by a signal
             saved = save(progress=progress) if progress.steps_done > done_before else None
             if until is not None and progress.steps_done >= until and not progress.finished:
@@ -306,15 +331,18 @@ def _train_epochs(run: PreparedRun, checkpoints: RunCheckpoints, signals: StopSi
                         "val_loss": val_loss, "val_ppl": perplexity(val_loss), "lr": lr,
                         "epoch_seconds": progress.seconds,
                         "train_tokens_per_s": progress.tokens_per_s})
+        attention.extend(_attention_rows(run, state, epoch))
         save(val_loss)
         progress = None
         if is_primary():
-            _write_history(out / "history.csv", history)
+            write_csv_atomic(out / "history.csv", HISTORY_FIELDS, history)
+            write_csv_atomic(out / EPOCHS_FILE, EPOCH_FIELDS, attention)
         row = history[-1]
         note = "new best" if best_epoch(history) == epoch else "no improvement"
         log(f"epoch {epoch}/{cfg.num_epochs}: train_loss={row['train_loss']:.4f} "
             f"val_loss={val_loss:.4f} val_ppl={row['val_ppl']:.2f} lr={lr:.2e} "
-            f"{row['epoch_seconds']:.1f}s {row['train_tokens_per_s']:,.0f} tok/s ({note})")
+            f"train {row['epoch_seconds']:.1f}s at {row['train_tokens_per_s']:,.0f} tok/s, "
+            f"validation {val_seconds:.1f}s ({note})")
     return history, wall()
 
 

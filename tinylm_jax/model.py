@@ -9,6 +9,8 @@ model), not flax's: Linear weights and biases U(+-1/sqrt(fan_in)), embeddings N(
 scales 1.
 `dtype` is the compute dtype of the matrix products (bfloat16 for mixed precision). As under the
 seed's autocast, the residual stream, norms, attention scores, softmax and logits stay float32.
+`cpu_fast_path` (bfloat16 on CPU) computes the same function with the products in the layouts the
+CPU's bf16 kernels take (`cpu_bf16`), each accumulated in float32, and the GELU in float32.
 Submodule names mirror the seed's PyTorch attribute names so that `interop` maps them one to one.
 """
 
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinylm_jax.config import ExperimentConfig
+from tinylm_jax.cpu_bf16 import bf16_dense
 
 
 def torch_linear_init(fan_in: int) -> nn.initializers.Initializer:
@@ -35,8 +38,32 @@ def torch_linear_init(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
+class Bf16Dense(nn.Module):
+    """nn.Dense's parameters (`kernel` (D, F), `bias` (F,)) over `cpu_bf16.bf16_dense`: float32
+    out, whatever the caller casts it to next. With `splits` > 1, a tuple of that many outputs,
+    one per equal column block of the kernel (the products of a fused projection, unfused)."""
+
+    features: int
+    fan_in: int
+    use_bias: bool
+    splits: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, ...]:
+        init = torch_linear_init(self.fan_in)
+        kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", init, (self.features,), jnp.float32) if self.use_bias else None
+        if self.splits == 1:
+            return bf16_dense(x, kernel, bias)
+        kernels = jnp.split(kernel, self.splits, axis=-1)
+        biases = jnp.split(bias, self.splits) if bias is not None else [None] * self.splits
+        return tuple(bf16_dense(x, w, b) for w, b in zip(kernels, biases, strict=True))
+
+
 def dense(features: int, fan_in: int, use_bias: bool, dtype, name: str,
-          float32_output: bool = False) -> nn.Dense:
+          float32_output: bool = False, cpu_fast_path: bool = False) -> nn.Module:
+    if cpu_fast_path:
+        return Bf16Dense(features, fan_in, use_bias, name=name)
     init = torch_linear_init(fan_in)
     dot_general = (functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
                    if float32_output else None)
@@ -72,22 +99,30 @@ class MultiHeadSelfAttention(nn.Module):
     d_model: int
     n_heads: int
     dtype: jnp.dtype = jnp.float32
+    cpu_fast_path: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         batch, length, _ = x.shape
         head_dim = self.d_model // self.n_heads
-        qkv = dense(3 * self.d_model, self.d_model, False, self.dtype, "qkv_proj")(x)  # (B, L, 3D)
         # The seed's fused layout: the 3D features split as (3, H, K).
-        qkv = qkv.reshape(batch, length, 3, self.n_heads, head_dim)
-        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # each (B, H, L, K)
+        if self.cpu_fast_path:  # three products from the kernel's thirds: no (B, L, 3D) split
+            parts = Bf16Dense(3 * self.d_model, self.d_model, False, splits=3,
+                              name="qkv_proj")(x)  # 3 x (B, L, D) float32
+        else:
+            qkv = dense(3 * self.d_model, self.d_model, False, self.dtype, "qkv_proj")(x)
+            parts = jnp.split(qkv, 3, axis=-1)  # (B, L, 3D) -> 3 x (B, L, D)
+        q, k, v = (part.astype(self.dtype).reshape(batch, length, self.n_heads, head_dim)
+                   .transpose(0, 2, 1, 3) for part in parts)  # each (B, H, L, K)
         scores = jnp.einsum("bhqk,bhsk->bhqs", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(head_dim)  # (B, H, L, L)
         causal = jnp.tril(jnp.ones((length, length), dtype=bool))
         weights = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)  # (B, H, L, L)
         out = jnp.einsum("bhqs,bhsk->bqhk", weights.astype(self.dtype), v)  # (B, L, H, K)
         out = out.reshape(batch, length, self.d_model)
-        return dense(self.d_model, self.d_model, False, self.dtype, "out_proj")(out), weights
+        out_proj = dense(self.d_model, self.d_model, False, self.dtype, "out_proj",
+                         cpu_fast_path=self.cpu_fast_path)
+        return out_proj(out), weights
 
 
 class TransformerBlock(nn.Module):
@@ -95,18 +130,23 @@ class TransformerBlock(nn.Module):
     n_heads: int
     d_ff: int
     dtype: jnp.dtype = jnp.float32
+    cpu_fast_path: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x: the float32 residual stream (B, L, D); the sublayers compute in `dtype`."""
         h = RMSNorm(name="norm1")(x)
         attn_out, weights = MultiHeadSelfAttention(self.d_model, self.n_heads, self.dtype,
-                                                   name="attn")(h)
+                                                   self.cpu_fast_path, name="attn")(h)
         x = x + attn_out.astype(jnp.float32)
         h = RMSNorm(name="norm2")(x)
-        h = dense(self.d_ff, self.d_model, True, self.dtype, "ff_in")(h)  # (B, L, F)
+        fast = self.cpu_fast_path
+        h = dense(self.d_ff, self.d_model, True, self.dtype, "ff_in",
+                  cpu_fast_path=fast)(h)  # (B, L, F)
+        # The fast path's GELU stays float32: XLA:CPU's bf16 erf measured slower than float32's.
         h = nn.gelu(h, approximate=False)
-        h = dense(self.d_model, self.d_ff, True, self.dtype, "ff_out")(h)  # (B, L, D)
+        h = dense(self.d_model, self.d_ff, True, self.dtype, "ff_out",
+                  cpu_fast_path=fast)(h)  # (B, L, D)
         return x + h.astype(jnp.float32), weights
 
 
@@ -118,6 +158,8 @@ class TinyTransformerLM(nn.Module):
     max_seq_len: int
     n_layers: int
     dtype: jnp.dtype = jnp.float32  # compute dtype; parameters are always float32
+    positional_encoding: str = "sinusoidal"  # or "none": embeddings without positions
+    cpu_fast_path: bool = False  # bf16 products in the CPU kernels' layouts (`cpu_bf16`)
 
     @nn.compact
     def __call__(self, ids: jax.Array, return_attention: bool = False
@@ -127,23 +169,30 @@ class TinyTransformerLM(nn.Module):
         length = ids.shape[-1]
         embed = nn.Embed(self.vocab_size, self.d_model, param_dtype=jnp.float32,
                          embedding_init=nn.initializers.normal(1.0), name="token_embedding")
-        positions = sinusoidal_positions(self.max_seq_len, self.d_model)[:length]  # (L, D)
-        h = embed(ids) + positions  # (B, L, D) float32
+        h = embed(ids)  # (B, L, D) float32
+        if self.positional_encoding == "sinusoidal":
+            h = h + sinusoidal_positions(self.max_seq_len, self.d_model)[:length]  # (L, D)
         attention = []
         for i in range(self.n_layers):
             h, weights = TransformerBlock(self.d_model, self.n_heads, self.d_ff, self.dtype,
-                                          name=f"layers_{i}")(h)
+                                          self.cpu_fast_path, name=f"layers_{i}")(h)
             attention.append(weights)
         h = RMSNorm(name="norm")(h)
         logits = dense(self.vocab_size, self.d_model, False, self.dtype, "head",
-                       float32_output=True)(h)  # (B, L, V) float32
+                       float32_output=True, cpu_fast_path=self.cpu_fast_path)(h)  # (B, L, V) f32
         return (logits, attention) if return_attention else logits
 
 
 def build_model(cfg: ExperimentConfig, dtype: jnp.dtype = jnp.float32) -> TinyTransformerLM:
     return TinyTransformerLM(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads,
                              d_ff=cfg.d_ff, max_seq_len=cfg.seq_len, n_layers=cfg.n_layers,
-                             dtype=dtype)
+                             dtype=dtype, positional_encoding=cfg.positional_encoding,
+                             cpu_fast_path=uses_cpu_fast_path(dtype))
+
+
+def uses_cpu_fast_path(dtype: jnp.dtype) -> bool:
+    """bfloat16 compute on a CPU backend takes the fast path; GPUs and TPUs keep flax's Dense."""
+    return np.dtype(dtype) == np.dtype(jnp.bfloat16) and jax.default_backend() == "cpu"
 
 
 def init_params(model: TinyTransformerLM, seed: int) -> dict:

@@ -74,6 +74,12 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: _global_array(x, NamedSharding(mesh, P())), tree)
 
 
+def local_replica(tree: Any) -> Any:
+    """This process's first copy of a replicated `tree`: work on it runs on one device, with no
+    collective across devices or processes."""
+    return jax.tree.map(lambda x: x.addressable_data(0), tree)
+
+
 def shard_batch_rows(rows: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Chunk rows (C, B) split along the batch axis B over the mesh."""
     sharding = NamedSharding(mesh, P(None, "data"))

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
+from tinylm_jax.attention import STAT_LABELS, STAT_NAMES  # noqa: E402
 from tinylm_jax.experiment import best_epoch  # noqa: E402
 
 DPI = 120
@@ -94,6 +95,45 @@ def perplexity_comparison(histories: dict[str, list[dict[str, float]]], path: Pa
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, path)
+
+
+def _epoch_series(rows: list[dict[str, Any]], layer: str, head: str, stat: str
+                  ) -> tuple[list[int], list[float]]:
+    own = [row for row in rows if row["layer"] == layer and row["head"] == head]
+    return [row["epoch"] for row in own], [row[stat] for row in own]
+
+
+def _attention_epoch_panel(ax: plt.Axes, rows: list[dict[str, Any]], layer: str, stat: str
+                           ) -> None:
+    """One layer's `stat` per epoch: every head thin, their mean bold, the uniform head dashed."""
+    for head in dict.fromkeys(row["head"] for row in rows if row["layer"] == layer):
+        mean = head == "mean"
+        ax.plot(*_epoch_series(rows, layer, head, stat), color="black" if mean else None,
+                linewidth=2.2 if mean else 0.9, alpha=1.0 if mean else 0.6,
+                marker="o" if mean else None, markersize=3,
+                label="layer mean" if mean else f"head {head}")
+    ax.plot(*_epoch_series(rows, "uniform", "-", stat), color="grey", linestyle="--",
+            label="uniform causal head")
+    ax.set_title(f"Layer {layer}: {STAT_LABELS[stat]}", fontsize=10)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(True, alpha=0.3)
+
+
+def attention_by_epoch(rows: list[dict[str, Any]], name: str, path: Path) -> Path:
+    """Seed section 5.3: per layer, the attention statistics of attention_by_epoch.csv's `rows`
+    against the epoch."""
+    layers = list(dict.fromkeys(row["layer"] for row in rows if row["layer"] != "uniform"))
+    fig, axes = plt.subplots(len(layers), len(STAT_NAMES), squeeze=False, sharex=True,
+                             figsize=(3.3 * len(STAT_NAMES), 2.8 * len(layers) + 1.0),
+                             layout="constrained")
+    for (layer, stat), ax in np.ndenumerate(axes):
+        _attention_epoch_panel(ax, rows, layers[layer], STAT_NAMES[stat])
+    for ax in axes[-1]:
+        ax.set_xlabel("Epoch (0: initialisation)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6))
+    fig.suptitle(f"Attention statistics per epoch\n{name}")
     return _save(fig, path)
 
 

@@ -5,6 +5,7 @@ Files in a run folder after `analyze all` (seed section in brackets):
   loss_curves.png, val_ppl.png                         training curves [4.1]
   attention.npz, attention/*.png                       one window's attention and its maps [4.2]
   attention_stats.md, attention_stats.csv              per-head statistics over many windows [5.1]
+  attention_by_epoch.png                               those statistics during training [5.3]
   samples.md                                           top-k, predicted vs actual, a sample [4.3]
 A comparison of several runs (comparison.md, val_ppl_comparison.png [3.4-3.5]) goes to their
 common parent folder.
@@ -12,7 +13,6 @@ common parent folder.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,9 @@ from tinylm_jax import plots
 from tinylm_jax.analysis import (
     SEED_PROMPTS,
     RunCorpus,
-    is_punctuation,
     open_corpus,
     predicted_vs_actual,
+    read_attention_by_epoch,
     read_history,
     read_summary,
     tokenizer_report,
@@ -32,16 +32,20 @@ from tinylm_jax.analysis import (
     top_k_table,
 )
 from tinylm_jax.attention import (
+    EPOCHS_FILE,
     STAT_NAMES,
+    StatWindows,
     export_attention,
     head_statistics,
     load_attention,
+    spread_window_starts,
     stats_markdown,
     stats_rows,
 )
 from tinylm_jax.checkpoint import LoadedRun, load_run, read_run_record
 from tinylm_jax.config import UserError
 from tinylm_jax.experiment import comparison_table
+from tinylm_jax.runfolder import write_csv_atomic
 from tinylm_jax.sampling import generate
 
 DEFAULT_STAT_WINDOWS = 512
@@ -141,32 +145,24 @@ def write_attention_maps(export_path: Path, out_dir: Path | None = None) -> list
     return paths
 
 
-def stat_window_starts(corpus: RunCorpus, num_windows: int) -> np.ndarray:
-    """`num_windows` validation windows spread evenly over the validation split."""
-    num_val = corpus.splits.num_val
-    if not 1 <= num_windows <= num_val:
-        raise UserError(f"--windows must lie in [1, {num_val}], got {num_windows}")
-    offsets = np.linspace(0, num_val - 1, num_windows).round().astype(np.int64)  # distinct
-    return corpus.splits.num_train + offsets
-
-
 def write_attention_stats(run_dir: Path, run: LoadedRun, corpus: RunCorpus,
                           num_windows: int = DEFAULT_STAT_WINDOWS) -> list[Path]:
-    starts = stat_window_starts(corpus, num_windows)
-    windows = corpus.ids[starts[:, None] + np.arange(corpus.config.seq_len)]  # (N, L)
-    punctuation = np.array([is_punctuation(corpus.tokenizer.id_to_token(i))
-                            for i in range(corpus.tokenizer.get_vocab_size())])
-    heads, uniform = head_statistics(run.model, run.params, windows, punctuation[windows])
+    windows = StatWindows.spread(corpus.ids, corpus.splits, corpus.tokenizer, num_windows)
+    heads, uniform = head_statistics(run.model, run.params, windows.ids, windows.punct_keys)
     rows = stats_rows(heads, uniform)
     table = run_dir / "attention_stats.csv"
-    with table.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["layer", "head", *STAT_NAMES])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv_atomic(table, ["layer", "head", *STAT_NAMES], rows)
     report = run_dir / "attention_stats.md"
     source = f"{run.config.name}, {corpus.config.seq_len} tokens each, {run.position}"
-    report.write_text(stats_markdown(rows, len(windows), source), encoding="utf-8")
+    report.write_text(stats_markdown(rows, num_windows, source), encoding="utf-8")
     return [report, table]
+
+
+def write_attention_epochs(run_dir: Path) -> list[Path]:
+    """The attention statistics training recorded per epoch, drawn from attention_by_epoch.csv."""
+    name = read_run_record(run_dir)[0].name
+    rows = read_attention_by_epoch(run_dir)
+    return [plots.attention_by_epoch(rows, name, run_dir / "attention_by_epoch.png")]
 
 
 def samples_markdown(run: LoadedRun, corpus: RunCorpus, which: str, seed: int = 0,
@@ -202,11 +198,15 @@ def analyze_run(run_dir: Path, data: str | None = None, which: str = "best",
     input (history, window count, prompts the tokenizer cannot encode) is checked first."""
     corpus = open_corpus(run_dir, data)
     read_history(run_dir)
-    stat_window_starts(corpus, num_windows)
+    recorded = (run_dir / EPOCHS_FILE).is_file()  # runs trained before it have none
+    if recorded:
+        read_attention_by_epoch(run_dir)
+    spread_window_starts(corpus.splits, num_windows)
     for prompt in SEED_PROMPTS:  # the top-k table's, and the sample's first
         corpus.encode_prompt(prompt)
     run = load_run(run_dir, which)
     return (write_tokenizer_study(run_dir, corpus) + write_curves(run_dir)
             + write_attention(run_dir, run, corpus, which)
             + write_attention_stats(run_dir, run, corpus, num_windows)
-            + write_samples(run_dir, run, corpus, which, seed))
+            + write_samples(run_dir, run, corpus, which, seed)
+            + (write_attention_epochs(run_dir) if recorded else []))

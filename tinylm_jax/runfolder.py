@@ -10,9 +10,12 @@
 
 from __future__ import annotations
 
+import csv
 import fcntl
+import io
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -118,11 +121,25 @@ def clear_run_folder(folder: Path) -> None:
             path.unlink()
 
 
+def write_csv_atomic(path: Path, fields: Sequence[str], rows: list[dict[str, Any]]) -> None:
+    """`rows` as a CSV with a header of `fields`, written whole or not at all."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` whole or not at all: a temporary file, then a rename."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all: a temporary file, then a rename."""
     temporary = path.with_name(f".{path.name}.tmp")
     try:
-        temporary.write_text(text, encoding="utf-8")
+        temporary.write_bytes(data)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

@@ -231,6 +231,42 @@ def _never() -> bool:
     return False
 
 
+# tqdm's layout less its own rate (s/step), so that the throughput in the postfix still fits
+# an 80-column terminal.
+BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+
+
+def progress_bar(show: bool, total: int, desc: str, initial: int = 0) -> tqdm:
+    """A bar on a terminal only (tqdm's disable=None: logs stay clean), cleared when done so that
+    the epoch's summary line stands alone."""
+    return tqdm(total=total, initial=initial, desc=desc, disable=not show or None, leave=False,
+                dynamic_ncols=True, bar_format=BAR_FORMAT)
+
+
+@dataclasses.dataclass
+class Throughput:
+    """Items per second from the end of the first chunk on: the first one compiles."""
+
+    since: float | None = None  # when the first chunk was seen done
+    items: float = 0.0  # items of the chunks done after it
+
+    def chunk_done(self, items: float) -> None:
+        if self.since is None:
+            self.since = time.perf_counter()
+        else:
+            self.items += items
+
+    def per_second(self, now: float) -> float:
+        if self.since is None or not self.items:
+            return math.nan
+        return self.items / (now - self.since)
+
+    def text(self, unit: str) -> str:
+        """The rate so far as "32,768 tok/s", or "" before there is a fair figure."""
+        rate = self.per_second(time.perf_counter())
+        return f"{rate:,.0f} {unit}/s" if math.isfinite(rate) else ""
+
+
 def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig,
                 progress: EpochProgress, until: int | None = None, show_progress: bool = True,
                 steps_per_chunk: int | None = None, mesh: Mesh | None = None,
@@ -250,8 +286,10 @@ def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig,
     end = progress.steps_total if until is None else min(progress.steps_total, until)
     chunk_size = steps_per_chunk or default_steps_per_chunk()
     began = time.perf_counter()
-    steady_from, steady_steps = began, 0
+    throughput = Throughput()  # tokens per second
     pending: list[tuple[int, dict[str, jax.Array]]] = []  # (first step, metrics) not yet fetched
+    bar = progress_bar(show_progress, progress.steps_total, f"epoch {progress.epoch}",
+                       progress.steps_done)
 
     def fetch_oldest() -> None:
         first, metrics = pending.pop(0)
@@ -262,10 +300,13 @@ def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig,
                                    "stopped without checkpointing it")
         progress.loss_sums.extend(float(x) for x in host["loss_sum"])
         progress.token_counts.extend(float(x) for x in host["tokens"])
+        steps = len(host["loss_sum"])
+        throughput.chunk_done(steps * cfg.batch_size * cfg.seq_len)
+        loss = progress.loss_sums[-1] / progress.token_counts[-1]
+        bar.set_postfix_str(f"loss={loss:.4f} {throughput.text('tok')}".rstrip(), refresh=False)
+        bar.update(steps)
 
-    with tqdm(total=progress.steps_total, initial=progress.steps_done,
-              desc=f"epoch {progress.epoch}", unit="step",
-              disable=not show_progress or None, leave=False, dynamic_ncols=True) as bar:
+    with bar:
         step = progress.steps_done
         while step < end and not stop_requested():
             chunk = {key: value[step:min(step + chunk_size, end)] for key, value in rows.items()}
@@ -275,42 +316,50 @@ def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig,
             pending.append((step, metrics))
             if len(pending) > 1:
                 fetch_oldest()
-            if step == progress.steps_done:  # the first chunk compiles: time from its end
-                jax.block_until_ready(metrics)
-                steady_from = time.perf_counter()
-            else:
-                steady_steps += len(chunk["starts"])
             step += len(chunk["starts"])
-            bar.update(len(chunk["starts"]))
-            if not bar.disable and progress.loss_sums:
-                bar.set_postfix(loss=f"{progress.loss_sums[-1] / progress.token_counts[-1]:.4f}")
         while pending:
             fetch_oldest()
     ended = time.perf_counter()
     progress.steps_done = step
     progress.seconds += ended - began
-    if steady_steps:
-        progress.tokens_per_s = steady_steps * cfg.batch_size * cfg.seq_len / (ended - steady_from)
+    if throughput.items:
+        progress.tokens_per_s = throughput.per_second(ended)
     return state, progress
 
 
 def evaluate(state: TrainState, data: Dataset, cfg: ExperimentConfig,
              steps_per_chunk: int | None = None, mesh: Mesh | None = None,
-             stop_requested: Callable[[], bool] = _never) -> float | None:
+             stop_requested: Callable[[], bool] = _never, show_progress: bool = True
+             ) -> float | None:
     """Token-weighted mean loss over every validation window, in order, in compiled chunks.
 
-    None if `stop_requested()` turned true first: the pass is abandoned between chunks.
+    None if `stop_requested()` turned true first: the pass is abandoned between chunks. Each
+    chunk is waited for while the next one runs, so that the bar counts batches actually done.
     """
     rows = batch_rows(data.splits.validation_starts(), cfg.batch_size)
     chunk_size = steps_per_chunk or default_steps_per_chunk()
     metrics = []
-    for begin in range(0, len(rows["starts"]), chunk_size):
-        if metrics and stop_requested():
-            return None
-        placed = _placed({key: value[begin:begin + chunk_size] for key, value in rows.items()},
-                         mesh)
-        metrics.append(eval_chunk(state, data.tokens, placed["starts"], placed["weights"],
-                                  seq_len=cfg.seq_len))
+    throughput = Throughput()  # windows per second
+    bar = progress_bar(show_progress, len(rows["starts"]), "validation")
+
+    def wait_for(chunk: int) -> None:
+        jax.block_until_ready(metrics[chunk])
+        weights = rows["weights"][chunk * chunk_size:(chunk + 1) * chunk_size]
+        throughput.chunk_done(float(weights.sum()))  # padding windows weigh 0
+        bar.set_postfix_str(throughput.text("windows"), refresh=False)
+        bar.update(len(weights))
+
+    with bar:
+        for begin in range(0, len(rows["starts"]), chunk_size):
+            if metrics and stop_requested():
+                return None
+            placed = _placed({key: value[begin:begin + chunk_size]
+                              for key, value in rows.items()}, mesh)
+            metrics.append(eval_chunk(state, data.tokens, placed["starts"], placed["weights"],
+                                      seq_len=cfg.seq_len))
+            if len(metrics) > 1:
+                wait_for(len(metrics) - 2)
+        wait_for(len(metrics) - 1)
     host = jax.device_get(metrics)
     return token_weighted_mean(np.concatenate([m["loss_sum"] for m in host]),
                                np.concatenate([m["tokens"] for m in host]))

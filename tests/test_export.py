@@ -1,0 +1,82 @@
+"""export_torch.py: a run's weights into the seed's PyTorch model, and its refusals."""
+
+import json
+import runpy
+
+import numpy as np
+import pytest
+import safetensors
+import safetensors.numpy
+from conftest import REPO, refused, snapshot
+
+from tinylm_jax.checkpoint import load_run
+from tinylm_jax.commands import export_torch_main
+
+
+def _seed_model(path):
+    """The README's recipe: the seed's model built from the file's config, loaded strictly."""
+    torch = pytest.importorskip("torch")
+    import safetensors.torch
+
+    from tinylm_jax.torch_reference import TinyTransformerLM
+
+    with safetensors.safe_open(path, "pt") as f:
+        cfg = json.loads(f.metadata()["config"])
+    model = TinyTransformerLM(cfg["vocab_size"], cfg["d_model"], cfg["n_heads"], cfg["d_ff"],
+                              cfg["seq_len"], cfg["n_layers"])
+    model.load_state_dict(safetensors.torch.load_file(path))  # strict: every key, no other
+    return torch, model.eval()
+
+
+def test_the_exported_weights_give_the_jax_logits_in_the_seeds_model(tiny_run, tmp_path, capsys):
+    run_dir, _ = tiny_run
+    path = tmp_path / "new" / "tiny.safetensors"  # the missing folder is made
+    assert export_torch_main([str(run_dir), "--out", str(path)]) == 0
+    assert capsys.readouterr().out == f"wrote {path}\n"
+    torch, model = _seed_model(path)
+    run = load_run(run_dir)
+    ids = np.random.default_rng(0).integers(0, run.config.vocab_size, (4, run.config.seq_len))
+    with torch.no_grad():
+        want = model(torch.as_tensor(ids)).numpy()
+    got = run.model.apply({"params": run.params}, ids)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_the_latest_checkpoint_is_exported_on_request(tiny_run, tmp_path, capsys):
+    run_dir, _ = tiny_run
+    path = tmp_path / "latest.safetensors"
+    assert export_torch_main([str(run_dir), "--out", str(path), "--which", "latest"]) == 0
+    with safetensors.safe_open(path, "np") as f:
+        metadata = f.metadata()
+    assert metadata["checkpoint"] == "latest" and metadata["position"] == "epoch 2"
+    latest, best = load_run(run_dir, "latest"), load_run(run_dir)  # tiny is best at epoch 1
+    head = safetensors.numpy.load_file(path)["head.weight"]
+    np.testing.assert_array_equal(head, np.asarray(latest.params["head"]["kernel"]).T)
+    assert not np.array_equal(head, np.asarray(best.params["head"]["kernel"]).T)
+
+
+def test_the_command_and_its_script_have_help(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as done:
+        export_torch_main(["--help"])
+    assert done.value.code == 0 and "--which {best,latest}" in capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["export_torch.py", "--help"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(REPO / "scripts" / "export_torch.py"), run_name="__main__")
+    assert done.value.code == 0 and "usage: export_torch.py" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{run}", "--out", "{tmp}/w.pt"], "--out must be a .safetensors file"),
+    (["{tmp}/none", "--out", "{tmp}/w.safetensors"], "not a run folder"),
+    (["{run}", "--out", "{tmp}/folder.safetensors"], "folder.safetensors: is a folder"),
+    (["{run}", "--out", "{corpus}/w.safetensors"], "exists and is not a folder"),
+    (["{run}"], "the following arguments are required: --out"),
+    (["{run}", "--out", "{tmp}/w.safetensors", "--which", "first"], "invalid choice: 'first'"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path, capsys, argv, message):
+    run, corpus = tiny_run
+    (tmp_path / "folder.safetensors").mkdir()
+    before = snapshot(run.parent), snapshot(tmp_path), sorted(tmp_path.rglob("*"))
+    values = {"run": run, "corpus": corpus, "tmp": tmp_path}
+    assert message in refused(export_torch_main, [arg.format(**values) for arg in argv], capsys)
+    assert (snapshot(run.parent), snapshot(tmp_path), sorted(tmp_path.rglob("*"))) == before
