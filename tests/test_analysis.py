@@ -8,16 +8,20 @@ import pytest
 
 from tinylm_jax.analysis import RunCorpus, md_token, tokenizer_study
 from tinylm_jax.attention import (
+    JS_DISTANCE_MAX,
     AttentionExport,
     is_punctuation,
+    js_distance,
     load_attention,
     stats_rows,
     uniform_causal,
     window_statistics,
 )
+from tinylm_jax.budget import BudgetCurve, budget_markdown, seed_curve
 from tinylm_jax.config import UserError, load_config
 from tinylm_jax.data import train_tokenizer
 from tinylm_jax.detokenize import Spacing, seed_separator
+from tinylm_jax.experiment import SEED_TABLE1, SEED_VAL_PPL
 from tinylm_jax.plots import token_label
 
 
@@ -163,3 +167,78 @@ def test_window_index_is_checked(real_corpus):
     with pytest.raises(UserError, match=r"--window must lie in \[0, 89530\]"):
         real_corpus.window_start(89_531)
     assert len(real_corpus.offsets) == 447_717
+
+
+def _one_hot_against_uniform(keys: int) -> float:
+    """The JS distance between attention on one key and uniform attention over `keys` keys, by
+    hand: the mixture puts (1 + 1/n) / 2 on that key and 1 / (2n) on each other."""
+    n = keys
+    kl_one_hot = np.log(2 * n / (n + 1))
+    kl_uniform = np.log(2 / (n + 1)) / n + (n - 1) / n * np.log(2)
+    return float(np.sqrt((kl_one_hot + kl_uniform) / 2))
+
+
+def test_the_js_distance_is_zero_for_equal_rows_and_known_for_one_hot_against_uniform():
+    uniform = np.full(4, 0.25, np.float32)
+    one_hot = np.array([1.0, 0.0, 0.0, 0.0], np.float32)
+    assert float(js_distance(uniform, uniform)) == 0.0
+    assert float(js_distance(one_hot, uniform)) == pytest.approx(_one_hot_against_uniform(4),
+                                                                 rel=1e-5)
+    assert _one_hot_against_uniform(2) == pytest.approx(np.sqrt(0.75 * np.log(4 / 3)))
+    disjoint = float(js_distance(one_hot, np.array([0.0, 0.5, 0.5, 0.0], np.float32)))
+    assert disjoint == pytest.approx(JS_DISTANCE_MAX, rel=1e-6)
+
+
+def test_the_js_distance_of_causal_rows_counts_only_the_keys_each_query_sees():
+    length = 6
+    previous = np.eye(length, k=-1, dtype=np.float32)
+    previous[0, 0] = 1.0  # the first query can only see itself
+    uniform = np.asarray(uniform_causal(1, length))[0, 0]
+    per_query = np.asarray(js_distance(previous, uniform))
+    expected = [_one_hot_against_uniform(q + 1) for q in range(length)]  # q + 1 keys seen
+    np.testing.assert_allclose(per_query, expected, rtol=1e-5, atol=1e-7)
+    assert per_query[0] == 0.0 and float(js_distance(uniform, previous).mean()) == pytest.approx(
+        float(per_query.mean()))
+
+
+def test_table_1_is_the_minimum_of_each_of_the_seeds_curves():
+    for name, (best, epoch) in SEED_TABLE1.items():
+        curve = SEED_VAL_PPL[name]
+        assert (min(curve), curve.index(min(curve)) + 1) == (best, epoch)
+
+
+def test_the_seeds_curves_are_placed_on_its_own_windows():
+    baseline, medium = seed_curve("baseline"), seed_curve("medium")
+    assert baseline.spent["tokens"][0] == 358_122 * 64
+    assert medium.spent["tokens"][0] == 358_071 * 128
+    assert baseline.spent["steps"][-1] == 7 * 700 and "seconds" not in baseline.spent
+    assert baseline.best == (60.00, 6)
+
+
+def _curve(label, ppl, tokens, seconds=None):
+    spent = {"tokens": np.array(tokens, float), "flops": 10 * np.array(tokens, float),
+             "steps": np.arange(1, len(ppl) + 1)}
+    if seconds is not None:
+        spent["seconds"] = np.array(seconds, float)
+    return BudgetCurve(label, "cpu, float32", np.array(ppl, float), spent)
+
+
+def test_the_perplexity_within_a_budget_is_the_best_of_the_epochs_finished_in_it():
+    curve = _curve("a", [5.0, 3.0, 4.0], [10, 20, 30])
+    assert curve.within("tokens", 5) is None
+    assert curve.within("tokens", 25) == (3.0, 2) and curve.within("tokens", 30) == (3.0, 3)
+    assert curve.best == (3.0, 2)
+
+
+def test_the_budget_table_compares_runs_at_the_most_every_run_spent():
+    short = _curve("short", [70.0, 60.0], [100, 200], seconds=[10, 20])
+    long_epochs = _curve("long", [65.0], [300], seconds=[30])
+    seed = _curve("seed report: baseline", [80.0, 62.0, 61.0], [150, 300, 450])
+    table = budget_markdown([short, long_epochs], [seed], "budget.png")
+    assert "| PPL at 20 s | PPL at 200 tokens | PPL at 2.00e+03 FLOPs |" in table
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["short"].endswith("| 60.00 (2 ep.) | 60.00 (2 ep.) | 60.00 (2 ep.) |")
+    assert rows["short"].startswith("| short | cpu, float32 | 2 | 6.0 | 60.00 (2) |")
+    assert rows["long"].endswith("| 2.0 | 65.00 (1) | - | - | - |")  # its one epoch is longer
+    assert rows["seed report: baseline"].endswith("| - | 80.00 (1 ep.) | 80.00 (1 ep.) |")
+    assert "different hardware" not in table

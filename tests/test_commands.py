@@ -12,12 +12,17 @@ from conftest import REPO, refused, snapshot
 
 from tinylm_jax import plots
 from tinylm_jax.analysis import open_corpus
+from tinylm_jax.attention import JS_DISTANCE_MAX
+from tinylm_jax.checkpoint import read_run_record
 from tinylm_jax.cli import main as run_experiment_main
 from tinylm_jax.commands import analyze_main, generate_main, plot_attention_main
+from tinylm_jax.experiment import SEED_VAL_PPL
+from tinylm_jax.model import model_flops_per_step
 
 PER_RUN_FILES = ["tokenizer_report.md", "token_frequencies.png", "loss_curves.png", "val_ppl.png",
                  "attention.npz", "attention/grid.png", "attention/layer1_head3.png",
-                 "attention_stats.md", "attention_stats.csv", "samples.md",
+                 "attention_stats.md", "attention_stats.csv", "head_similarity.md",
+                 "head_similarity.csv", "head_similarity.png", "samples.md",
                  "attention_by_epoch.png"]
 
 
@@ -117,9 +122,82 @@ def test_a_comparison_draws_every_run_even_of_one_experiment(run_copy, tmp_path,
     shutil.copytree(run, tmp_path / "seed1")
     drawn = {}
     monkeypatch.setattr(plots, "perplexity_comparison",
-                        lambda histories, path: drawn.update(histories) or path)
+                        lambda histories, path, seeds: drawn.update(histories) or path)
     assert analyze_main(["compare", str(run), str(tmp_path / "seed1")]) == 0
     assert sorted(drawn) == ["tiny (run)", "tiny (seed1)"]
+
+
+def test_a_comparison_draws_the_seeds_curve_beside_each_run_of_its_experiments(
+        run_copy, tmp_path, monkeypatch, capsys):
+    run, _ = run_copy
+    for name in ("baseline", "wider", "wider_seed1"):
+        shutil.copytree(run, tmp_path / name)
+    drawn = {}
+    monkeypatch.setattr(plots, "perplexity_comparison",
+                        lambda histories, path, seeds: drawn.update(seeds) or path)
+    runs = [str(tmp_path / name) for name in ("run", "baseline", "wider", "wider_seed1")]
+    assert analyze_main(["compare", *runs]) == 0
+    # Matched by folder name here (the tiny runs' experiment is no seed's); each curve once.
+    assert drawn == {"tiny (baseline)": SEED_VAL_PPL["baseline"],
+                     "tiny (wider)": SEED_VAL_PPL["wider"]}
+
+
+def test_the_budget_puts_runs_and_the_seeds_curve_on_time_tokens_and_flops(run_copy, tmp_path,
+                                                                           monkeypatch, capsys):
+    run, _ = run_copy
+    shutil.copytree(run, tmp_path / "baseline")
+    out = tmp_path / "budget"
+    assert analyze_main(["budget", str(run), str(tmp_path / "baseline"), "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote {out / 'budget.md'}\nwrote {out / 'budget.png'}\n"
+    assert _is_png(out / "budget.png")
+    table = (out / "budget.md").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    tokens = 2 * summary["train_windows"] * 16  # the tiny run: 2 epochs of 16-token windows
+    assert f"PPL at {tokens:,} tokens" in table and "| seed report: baseline |" in table
+    assert table.count("| tiny (") == 2 and "cpu, float32" in table
+    drawn = {}
+    monkeypatch.setattr(plots, "budget_curves",
+                        lambda curves, seeds, path: drawn.update(curves=curves, seeds=seeds)
+                        or path)
+    assert analyze_main(["budget", str(run), "--out", str(out)]) == 0
+    curve = drawn["curves"][0]
+    with (run / "history.csv").open() as f:
+        seconds = np.cumsum([float(row["epoch_seconds"]) for row in csv.DictReader(f)])
+    np.testing.assert_allclose(curve.spent["seconds"], seconds)
+    steps = -(-summary["train_windows"] // 32)
+    flops = model_flops_per_step(read_run_record(run)[0])
+    np.testing.assert_allclose(curve.spent["flops"], [steps * flops, 2 * steps * flops])
+    assert drawn["seeds"] == {}  # a run named "run" of a tiny experiment has no seed curve
+
+
+def test_the_budget_of_a_run_with_shortened_epochs_counts_only_the_steps_taken(run_copy,
+                                                                              tmp_path, capsys):
+    run, _ = run_copy
+    record = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**record, "max_steps_per_epoch": 2}))
+    assert analyze_main(["budget", str(run), "--out", str(tmp_path / "budget")]) == 0
+    tokens = 2 * 2 * 32 * 16  # two epochs of two steps of 32 windows of 16 tokens
+    assert f"PPL at {tokens:,} tokens" in (tmp_path / "budget" / "budget.md").read_text()
+
+
+def test_head_similarity_is_a_symmetric_distance_matrix_per_layer(run_copy, capsys):
+    run, corpus = run_copy
+    assert analyze_main(["head-similarity", str(run), "--data", str(corpus),
+                         "--windows", "40"]) == 0
+    with (run / "head_similarity.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 4 and list(rows[0]) == ["layer", "head", "0", "1", "2", "3",
+                                                    "uniform"]
+    for layer in ("0", "1"):
+        matrix = np.array([[float(row[str(h)]) for h in range(4)]
+                           for row in rows if row["layer"] == layer])
+        np.testing.assert_allclose(matrix, matrix.T, atol=1e-12)
+        assert np.all(np.diag(matrix) == 0.0)
+        assert np.all((matrix >= 0) & (matrix <= JS_DISTANCE_MAX))
+    assert all(0 < float(row["uniform"]) <= JS_DISTANCE_MAX for row in rows)
+    report = (run / "head_similarity.md").read_text()
+    assert "over 40 validation windows" in report and "## Layer 1" in report
+    assert _is_png(run / "head_similarity.png")
 
 
 def test_generate_is_reproducible_and_starts_with_the_prompt(tiny_run, capsys):
@@ -161,6 +239,10 @@ D = ["--data", "{corpus}"]
     (analyze_main, ["attention", "{run}", "--text", "x " * 40, *D], "the model reads at most 16"),
     (analyze_main, ["attention", "{run}", "--text", "café", *D], "never saw: é"),
     (analyze_main, ["attention-stats", "{run}", "--windows", "0", *D], "--windows must lie in"),
+    (analyze_main, ["head-similarity", "{run}", "--windows", "0", *D], "--windows must lie in"),
+    (analyze_main, ["budget", "{run}", "{run}"], "need distinct names"),
+    (analyze_main, ["budget", "{root}"], "no summary.json"),
+    (analyze_main, ["budget", "{run}", "--out", "{corpus}"], "is not a folder"),
     (analyze_main, ["topk", "{run}", "--k", "0", *D], "--k must lie in [1, 50]"),
     (analyze_main, ["predict", "{run}", "--temperature", "-1", *D], "--temperature must be"),
     (analyze_main, ["compare", "{run}", "{run}"], "need distinct names"),

@@ -21,7 +21,7 @@ from tinylm_jax.checkpoint import LoadedRun, read_run_record, read_run_tokenizer
 from tinylm_jax.config import ExperimentConfig, UserError
 from tinylm_jax.data import Splits, file_sha256, read_corpus, resolve_corpus
 from tinylm_jax.detokenize import Spacing, separator_accuracy
-from tinylm_jax.experiment import HISTORY_FIELDS
+from tinylm_jax.experiment import HISTORY_FIELDS, seed_experiment
 from tinylm_jax.sampling import generate, probability_bar, top_next_tokens
 
 # The prompts of the seed's top-k table (its notebook misspells the last one "CURIOLANUS:").
@@ -203,6 +203,43 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise UserError(f"{path}: unreadable summary ({err})") from None
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """One of several finished runs, as the analyses that compare them name it."""
+
+    run_dir: Path
+    name: str  # the folder's name: the seed's tables know runs named baseline, medium, wider
+    label: str  # legend label: the experiment, with the folder where two runs share one
+    summary: dict[str, Any]
+
+    @property
+    def seed_experiment(self) -> str | None:
+        """The seed's experiment this run reproduces, if any."""
+        return seed_experiment(self.name, self.summary["experiment"])
+
+
+def read_finished_runs(run_dirs: list[Path]) -> list[FinishedRun]:
+    """Finished runs with their summaries; their folders must have distinct names."""
+    names = [Path(d).resolve().name for d in run_dirs]
+    if len(set(names)) != len(names):
+        raise UserError(f"run folders need distinct names to be compared, got {', '.join(names)}")
+    summaries = [read_summary(d) for d in run_dirs]
+    experiments = [summary["experiment"] for summary in summaries]
+    return [FinishedRun(Path(d), name, e if experiments.count(e) == 1 else f"{e} ({name})", s)
+            for d, name, e, s in zip(run_dirs, names, experiments, summaries, strict=True)]
+
+
+def seed_partners(runs: list[FinishedRun]) -> dict[str, str]:
+    """Run label -> the seed experiment it reproduces, each seed experiment for its first run
+    only: the seed's curve is drawn once, in that run's colour."""
+    partners: dict[str, str] = {}
+    for run in runs:
+        seed = run.seed_experiment
+        if seed is not None and seed not in partners.values():
+            partners[run.label] = seed
+    return partners
 
 
 # --- Inference (seed section 4.3, notebook 6g-6h) -------------------------------------------------

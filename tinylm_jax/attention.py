@@ -14,6 +14,10 @@ windows and over query positions q (keys k <= q):
   entropy         -sum_k w[q,k] ln w[q,k], in nats (0: one key; ln(q+1): uniform)
 A uniform causal head, scored on the same windows, is the reference row.
 
+Head similarity ("redundancy with variation"): per layer, the Jensen-Shannon distance between
+two heads' attention rows over the causal keys, averaged over query positions and windows, with
+each head's distance to the uniform causal head as the reference (`head_similarity`).
+
 Training records the same statistics on fixed validation windows at initialisation (epoch 0) and
 after every epoch, in the run folder's `attention_by_epoch.csv` (`EPOCH_FIELDS`).
 """
@@ -22,7 +26,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,18 +168,24 @@ def _batch_statistics(model: nn.Module, params: Any, ids: jax.Array, punct_keys:
     return stats, window_statistics(uniform_causal(*ids.shape), punct_keys)  # (B, 1)
 
 
+def _padded_batches(arrays: tuple[np.ndarray, ...], batch_size: int
+                    ) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """The rows of `arrays` (each (N, ...)) in batches of `batch_size` rows, the last padded with
+    zeros so that one compiled shape serves them all, each with its count of real rows."""
+    for begin in range(0, len(arrays[0]), batch_size):
+        parts = [array[begin:begin + batch_size] for array in arrays]
+        keep = len(parts[0])
+        yield keep, [np.pad(part, ((0, batch_size - keep),) + ((0, 0),) * (part.ndim - 1))
+                     for part in parts]
+
+
 def head_statistics(model: nn.Module, params: Any, windows: np.ndarray, punct_keys: np.ndarray,
                     batch_size: int = 64) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Statistics averaged over `windows` (N, L) token ids: per head, each (layers, H), and for
     the uniform causal reference, one float each. `punct_keys` (N, L) marks punctuation."""
     parts, reference = [], []
-    for begin in range(0, len(windows), batch_size):
-        ids = windows[begin:begin + batch_size]
-        marks = punct_keys[begin:begin + batch_size]
-        pad = batch_size - len(ids)  # one compiled shape: the last batch is padded, then cut
-        stats, uniform = _batch_statistics(model, params, np.pad(ids, ((0, pad), (0, 0))),
-                                           np.pad(marks, ((0, pad), (0, 0))))
-        keep = batch_size - pad
+    for keep, (ids, marks) in _padded_batches((windows, punct_keys), batch_size):
+        stats, uniform = _batch_statistics(model, params, ids, marks)
         parts.append({name: np.asarray(v)[:, :keep] for name, v in stats.items()})
         reference.append({name: np.asarray(v)[:keep] for name, v in uniform.items()})
     heads = {name: np.concatenate([p[name] for p in parts], axis=1).mean(axis=1, dtype=np.float64)
@@ -217,4 +229,90 @@ def stats_markdown(rows: list[dict[str, Any]], num_windows: int, source: str) ->
     for row in rows:
         cells = [f"{row[name]:.3f}" for name in STAT_NAMES]
         lines.append(f"| {row['layer']} | {row['head']} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- Head similarity ------------------------------------------------------------------------
+
+JS_DISTANCE_MAX = math.sqrt(math.log(2.0))  # two distributions with disjoint supports
+
+
+def js_distance(p: jax.Array, q: jax.Array) -> jax.Array:
+    """Jensen-Shannon distance between the distributions on the last axis (broadcast): the
+    square root of the divergence in nats, 0 for equal rows and at most `JS_DISTANCE_MAX`."""
+    mean = (p + q) / 2
+
+    def divergence(a: jax.Array) -> jax.Array:  # KL(a || mean); mean > 0 wherever a > 0
+        support = a > 0
+        ratio = jnp.where(support, a, 1.0) / jnp.where(support, mean, 1.0)  # 1 off: 0 ln 0 = 0
+        return jnp.sum(a * jnp.log(ratio), axis=-1)
+
+    # Rounding can leave a divergence a hair below 0, where the square root is NaN.
+    return jnp.sqrt(jnp.maximum((divergence(p) + divergence(q)) / 2, 0.0))
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _batch_similarity(model: nn.Module, params: Any, ids: jax.Array
+                      ) -> tuple[jax.Array, jax.Array]:
+    """Per window, the mean over query positions of the distance between every two heads,
+    (layers, B, H, H), and between each head and the uniform causal head, (layers, B, H)."""
+    weights = attention_weights(model, params, ids)  # (layers, B, H, L, L)
+    pairs = js_distance(weights[:, :, :, None], weights[:, :, None]).mean(axis=-1)
+    uniform = uniform_causal(*ids.shape)[None]  # (1, B, 1, L, L)
+    return pairs, js_distance(weights, uniform).mean(axis=-1)
+
+
+def head_similarity(model: nn.Module, params: Any, windows: np.ndarray, batch_size: int = 64
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Distances averaged over `windows` (N, L) token ids: between every two heads of a layer,
+    (layers, H, H) float64, and between each head and the uniform causal head, (layers, H)."""
+    pairs, uniform = [], []
+    for keep, (ids,) in _padded_batches((windows,), batch_size):
+        batch_pairs, batch_uniform = _batch_similarity(model, params, ids)
+        pairs.append(np.asarray(batch_pairs)[:, :keep])
+        uniform.append(np.asarray(batch_uniform)[:, :keep])
+    return (np.concatenate(pairs, axis=1).mean(axis=1, dtype=np.float64),
+            np.concatenate(uniform, axis=1).mean(axis=1, dtype=np.float64))
+
+
+def similarity_rows(distances: np.ndarray, to_uniform: np.ndarray) -> list[dict[str, Any]]:
+    """One row per (layer, head): its distance to each head of its layer, and to uniform."""
+    layers, heads = to_uniform.shape
+    return [{"layer": layer, "head": head,
+             **{str(other): float(distances[layer, head, other]) for other in range(heads)},
+             "uniform": float(to_uniform[layer, head])}
+            for layer in range(layers) for head in range(heads)]
+
+
+def off_diagonal(matrix: np.ndarray) -> np.ndarray:
+    """The entries of a square matrix off its diagonal: the pairs of different heads."""
+    return matrix[~np.eye(len(matrix), dtype=bool)]
+
+
+def similarity_markdown(distances: np.ndarray, to_uniform: np.ndarray, num_windows: int,
+                        source: str, figure_name: str) -> str:
+    """Per layer, a summary line and the H x H table with the uniform reference column."""
+    layers, heads = to_uniform.shape
+    lines = ["# Head similarity per layer", "",
+             "Jensen-Shannon distance (natural log: 0 for identical attention, at most "
+             f"sqrt(ln 2) = {JS_DISTANCE_MAX:.3f} for attention on disjoint keys) between two "
+             "heads' attention rows over the causal keys, averaged over every query position "
+             "(query 0 sees only itself, so it counts 0 for every pair) and over "
+             f"{num_windows:,} validation windows ({source}). `uniform`: each head against a "
+             "head that spreads its attention evenly over the causal past, on the same windows: "
+             "how far from indifference it is. Small distances between heads beside large ones "
+             "to uniform: redundancy; their spread: the variation.", "",
+             f"![head similarity]({figure_name})", "",
+             "| Layer | Mean between heads | Least | Most | Mean to uniform |",
+             "|---|---:|---:|---:|---:|"]
+    for layer in range(layers):
+        pairs = off_diagonal(distances[layer])
+        lines.append(f"| {layer} | {pairs.mean():.3f} | {pairs.min():.3f} | {pairs.max():.3f} | "
+                     f"{to_uniform[layer].mean():.3f} |")
+    for layer in range(layers):
+        lines += ["", f"## Layer {layer}", "",
+                  f"| Head | {' | '.join(str(h) for h in range(heads))} | uniform |",
+                  "|---|" + "---:|" * (heads + 1)]
+        lines += [f"| {head} | {' | '.join(f'{d:.3f}' for d in distances[layer, head])} | "
+                  f"{to_uniform[layer, head]:.3f} |" for head in range(heads)]
     return "\n".join(lines) + "\n"

@@ -39,11 +39,11 @@ from tinylm_jax.data import (
     train_order,
 )
 from tinylm_jax.experiment import package_versions
-from tinylm_jax.model import build_model, count_params, init_params
+from tinylm_jax.model import model_flops_per_step
 from tinylm_jax.parallel import check_batch_fits, data_mesh, replicate, shard_batch_rows
 from tinylm_jax.train import (
     PRECISIONS,
-    compute_dtype,
+    compute_dtype_name,
     create_train_state,
     default_steps_per_chunk,
     eval_chunk,
@@ -77,15 +77,6 @@ class PathResult:
                                                              cfg.batch_size)
                 + statistics.median(self.eval_batch_s) * num_batches(data.splits.num_val,
                                                                      cfg.batch_size))
-
-
-def model_flops_per_step(cfg: ExperimentConfig) -> float:
-    """Training FLOPs of one batch: 6 per matmul parameter per token, plus attention's
-    12 * layers * L * D per token (the PaLM paper's accounting; embeddings are lookups)."""
-    params = count_params(jax.eval_shape(lambda: init_params(build_model(cfg), 0)))
-    matmul_params = params - cfg.vocab_size * cfg.d_model
-    per_token = 6 * matmul_params + 12 * cfg.n_layers * cfg.seq_len * cfg.d_model
-    return float(per_token * cfg.batch_size * cfg.seq_len)
 
 
 def _timed(run: Callable[[], object], steps: int, repeats: int) -> list[float]:
@@ -262,7 +253,7 @@ def mfu(cfg: ExperimentConfig, result: PathResult, precision: str, devices: int)
     """Model FLOPs utilisation against the bf16 peak of all devices; '-' where it means nothing
     (no known peak, or float32 compute)."""
     peak = peak_flops(jax.devices()[0].device_kind)
-    if peak is None or np.dtype(compute_dtype(precision)) != np.dtype("bfloat16"):
+    if peak is None or compute_dtype_name(precision) != "bfloat16":
         return "-"
     return f"{model_flops_per_step(cfg) / statistics.median(result.step_s) / (peak * devices):.1%}"
 
@@ -328,7 +319,7 @@ def run_benchmark(names: list[str], corpus: Path, steps: int, repeats: int, prec
     lines = ["# Training speed: tinylm-jax and the seed's PyTorch loop", "",
              f"- Machine: {machine_description()}.",
              f"- Versions: {versions}; Python {platform.python_version()}.",
-             f"- Precision: {precision} (jax: {np.dtype(compute_dtype(precision))} compute on "
+             f"- Precision: {precision} (jax: {compute_dtype_name(precision)} compute on "
              f"{mesh.devices.size} device(s); PyTorch: the seed's fp16 autocast on CUDA; on CPU "
              "float32 as the seed, and again under bf16 autocast); batch 512; "
              f"each figure over {steps} steps, {repeats} repeats after a warm-up (median and "

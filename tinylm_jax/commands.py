@@ -21,8 +21,8 @@ from tinylm_jax.config import MAX_SEED, UserError
 from tinylm_jax.interop import save_torch_weights
 from tinylm_jax.sampling import generate
 
-ANALYSES = ("all", "tokenizer", "curves", "compare", "attention", "attention-stats",
-            "attention-epochs", "topk", "predict")
+# Analyses of several finished runs, written into --out (default: the first run's parent).
+SEVERAL_RUNS = {"compare": reports.write_comparison, "budget": reports.write_budget}
 
 
 def _common(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
@@ -38,6 +38,18 @@ def _which(parser: argparse.ArgumentParser, verb: str) -> None:
                         help=f"checkpoint to {verb} (default: best)")
 
 
+def _several_runs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", type=Path, nargs="+", help="finished run folders")
+    parser.add_argument("--out", type=Path, help="output folder (default: the first run's "
+                        "parent)")
+
+
+def _windows(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--windows", type=int, default=reports.DEFAULT_STAT_WINDOWS,
+                        help=f"validation windows, evenly spread (default "
+                        f"{reports.DEFAULT_STAT_WINDOWS})")
+
+
 def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--temperature", type=float, default=0.9,
@@ -49,21 +61,20 @@ def analyze_parser() -> argparse.ArgumentParser:
                            "from a finished run, written into its run folder.")
     sub = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS",
                                 parser_class=OneLineParser)
-    everything = sub.add_parser("all", help="every analysis below for one run (compare "
-                                "excepted; attention-epochs if the run recorded it)")
+    everything = sub.add_parser("all", help="every analysis below for one run (compare and "
+                                "budget excepted; attention-epochs if the run recorded it)")
     _common(everything)
-    everything.add_argument("--windows", type=int, default=reports.DEFAULT_STAT_WINDOWS,
-                     help="validation windows for attention-stats")
+    _windows(everything)
     everything.add_argument("--seed", type=int, default=0, help="sampling seed for samples.md")
     _common(sub.add_parser("tokenizer", help="corpus and BPE statistics: tokenizer_report.md, "
                            "token_frequencies.png"), checkpoint=False)
     curves = sub.add_parser("curves", help="loss_curves.png and val_ppl.png from history.csv")
     curves.add_argument("run_dir", type=Path, help="a run folder")
-    compare = sub.add_parser("compare", help="several runs: comparison.md (Table 1 beside the "
-                             "seed's) and val_ppl_comparison.png")
-    compare.add_argument("run_dirs", type=Path, nargs="+", help="finished run folders")
-    compare.add_argument("--out", type=Path, help="output folder (default: the first run's "
-                         "parent)")
+    _several_runs(sub.add_parser("compare", help="several runs: comparison.md (Table 1 beside "
+                                 "the seed's) and val_ppl_comparison.png"))
+    _several_runs(sub.add_parser("budget", help="several runs: budget.md and budget.png, "
+                                 "validation perplexity against training time, tokens and FLOPs "
+                                 "(seed 5.2)"))
     attention = sub.add_parser("attention", help="attention.npz for one sequence, and its maps")
     _common(attention)
     source = attention.add_mutually_exclusive_group()
@@ -75,9 +86,11 @@ def analyze_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("attention-stats", help="attention_stats.md/.csv: per-head numbers "
                            "over many validation windows")
     _common(stats)
-    stats.add_argument("--windows", type=int, default=reports.DEFAULT_STAT_WINDOWS,
-                       help=f"validation windows, evenly spread (default "
-                       f"{reports.DEFAULT_STAT_WINDOWS})")
+    _windows(stats)
+    similarity = sub.add_parser("head-similarity", help="head_similarity.md/.csv/.png: "
+                                "Jensen-Shannon distances between heads (seed 5.1)")
+    _common(similarity)
+    _windows(similarity)
     epochs = sub.add_parser("attention-epochs", help="attention_by_epoch.png: the per-layer "
                             "attention statistics training recorded, against the epoch")
     epochs.add_argument("run_dir", type=Path, help="a run folder")
@@ -105,9 +118,9 @@ def _check_sampling(args: argparse.Namespace) -> None:
 
 def analyze(args: argparse.Namespace) -> int:
     _check_sampling(args)
-    if args.analysis == "compare":
-        print_paths(reports.write_comparison(args.run_dirs, args.out or
-                                              args.run_dirs[0].resolve().parent))
+    if args.analysis in SEVERAL_RUNS:
+        out = args.out or args.run_dirs[0].resolve().parent
+        print_paths(SEVERAL_RUNS[args.analysis](args.run_dirs, out))
         return 0
     run_dir = args.run_dir
     if args.analysis == "curves":
@@ -125,7 +138,7 @@ def analyze(args: argparse.Namespace) -> int:
     if args.analysis == "tokenizer":
         print_paths(reports.write_tokenizer_study(run_dir, corpus))
         return 0
-    if args.analysis == "attention-stats":
+    if args.analysis in ("attention-stats", "head-similarity"):
         spread_window_starts(corpus.splits, args.windows)  # refuse a bad count before loading
     run = load_run(run_dir, args.which)
     if args.analysis == "attention":
@@ -133,6 +146,8 @@ def analyze(args: argparse.Namespace) -> int:
                                              args.text, args.out))
     elif args.analysis == "attention-stats":
         print_paths(reports.write_attention_stats(run_dir, run, corpus, args.windows))
+    elif args.analysis == "head-similarity":
+        print_paths(reports.write_head_similarity(run_dir, run, corpus, args.windows))
     elif args.analysis == "topk":
         print(top_k_table(run, corpus, tuple(args.prompt or SEED_PROMPTS), args.k), end="")
     else:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
 
 from tinylm_jax.attention import EPOCH_FIELDS, EPOCHS_FILE, StatWindows, epoch_rows
@@ -50,6 +49,7 @@ from tinylm_jax.train import (
     EpochProgress,
     TrainingDiverged,
     compute_dtype,
+    compute_dtype_name,
     create_train_state,
     epoch_steps,
     evaluate,
@@ -58,6 +58,15 @@ from tinylm_jax.train import (
 
 # The seed report's Table 1: best validation perplexity and the epoch it was reached.
 SEED_TABLE1 = {"baseline": (60.00, 6), "medium": (63.24, 5), "wider": (58.35, 10)}
+# The seed notebook's printed validation perplexity after each epoch (its figure 2's curves);
+# Table 1 is each curve's minimum.
+SEED_VAL_PPL = {
+    "baseline": (78.06, 67.09, 62.34, 60.94, 60.14, 60.00, 60.19),
+    "medium": (79.47, 69.06, 64.60, 63.75, 63.24, 63.73),
+    "wider": (87.97, 74.69, 67.99, 64.77, 62.19, 60.51, 59.65, 59.17, 58.56, 58.35, 58.37),
+}
+# Tokens of the seed's corpus in its 500-entry BPE: they fix the windows each of its epochs saw.
+SEED_NUM_TOKENS = 447_717
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_ppl", "lr", "epoch_seconds",
                   "train_tokens_per_s")
 # Validation windows whose attention statistics are recorded at the start and after each epoch:
@@ -102,7 +111,7 @@ class PreparedRun:
 def _run_settings(opts: RunOptions, corpus_sha256: str) -> dict[str, Any]:
     """What config.json records beside the config; a resume must match all of it."""
     return {"precision": opts.precision,
-            "compute_dtype": str(np.dtype(compute_dtype(opts.precision))),
+            "compute_dtype": compute_dtype_name(opts.precision),
             "max_steps_per_epoch": opts.max_steps_per_epoch, "corpus_sha256": corpus_sha256}
 
 
@@ -146,7 +155,7 @@ def describe(run: PreparedRun) -> str:
               f"parameters: {run.param_count:,}",
               f"windows: {splits.num_train:,} train / {splits.num_val:,} validation "
               f"(seq_len {splits.seq_len})",
-              f"precision: {run.opts.precision} ({np.dtype(compute_dtype(run.opts.precision))} "
+              f"precision: {run.opts.precision} ({compute_dtype_name(run.opts.precision)} "
               f"compute on {jax.default_backend()})",
               f"devices: {run.mesh.devices.size} x {jax.devices()[0].device_kind} (each batch "
               "split over them)",
@@ -376,7 +385,7 @@ def _summary(run: PreparedRun, history: list[dict[str, Any]], wall: float) -> di
         "train_windows": run.data.splits.num_train,
         "val_windows": run.data.splits.num_val,
         "max_steps_per_epoch": run.opts.max_steps_per_epoch,
-        "precision": str(np.dtype(compute_dtype(run.opts.precision))),
+        "precision": compute_dtype_name(run.opts.precision),
         "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind,
         "devices": int(run.mesh.devices.size),
@@ -390,13 +399,19 @@ def run_experiment(cfg: ExperimentConfig, opts: RunOptions,
     return train_prepared(prepare(cfg, opts), log)
 
 
-def seed_result(key: str, experiment: str) -> tuple[float, int] | None:
-    """The seed's (best PPL, epoch) for a run keyed `key` (baseline, medium, wider) or named
-    like one of the seed's experiments; None for anything else."""
+def seed_experiment(key: str, experiment: str) -> str | None:
+    """Which of the seed's experiments (baseline, medium, wider) a run keyed `key` reproduces:
+    the key itself if it is one, else the one whose config is named `experiment`; or None."""
     if key in SEED_TABLE1:
-        return SEED_TABLE1[key]
+        return key
     names = {load_config(name).name: name for name in EXPERIMENT_NAMES}
-    return SEED_TABLE1.get(names.get(experiment, ""))
+    return names.get(experiment)
+
+
+def seed_result(key: str, experiment: str) -> tuple[float, int] | None:
+    """The seed's (best PPL, epoch) for a run keyed `key`, as `seed_experiment` matches it."""
+    seed = seed_experiment(key, experiment)
+    return SEED_TABLE1[seed] if seed else None
 
 
 def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:

@@ -202,3 +202,12 @@ def init_params(model: TinyTransformerLM, seed: int) -> dict:
 
 def count_params(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def model_flops_per_step(cfg: ExperimentConfig) -> float:
+    """Training FLOPs of one batch: 6 per matmul parameter per token, plus attention's
+    12 * layers * L * D per token (the PaLM paper's accounting; embeddings are lookups)."""
+    params = count_params(jax.eval_shape(lambda: init_params(build_model(cfg), 0)))
+    matmul_params = params - cfg.vocab_size * cfg.d_model
+    per_token = 6 * matmul_params + 12 * cfg.n_layers * cfg.seq_len * cfg.d_model
+    return float(per_token * cfg.batch_size * cfg.seq_len)

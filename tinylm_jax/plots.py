@@ -5,6 +5,7 @@ Every function draws one figure, writes it to `path` and closes it; none shows a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,12 @@ import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
 from tinylm_jax.attention import STAT_LABELS, STAT_NAMES  # noqa: E402
+from tinylm_jax.budget import BUDGET_LABELS, BUDGETS, BudgetCurve  # noqa: E402
 from tinylm_jax.experiment import best_epoch  # noqa: E402
 
 DPI = 120
+# One series of a log-log plot: context lengths, costs, and the fitted (exponent, coefficient).
+ScalingSeries = tuple[Sequence[float], Sequence[float], tuple[float, float]]
 
 
 def token_label(token: str) -> str:
@@ -79,22 +83,63 @@ def val_perplexity(history: list[dict[str, float]], name: str, path: Path) -> Pa
     return _save(fig, path)
 
 
-def perplexity_comparison(histories: dict[str, list[dict[str, float]]], path: Path) -> Path:
-    """Seed figure 2: validation perplexity of several runs on one log-scale axis."""
-    fig, ax = plt.subplots(figsize=(10, 6), layout="constrained")
-    for name, history in histories.items():
-        ax.plot([row["epoch"] for row in history], [row["val_ppl"] for row in history],
-                marker="o", alpha=0.85, label=name)
+def _perplexity_axis(ax: plt.Axes) -> None:
     ax.set_yscale("log")
     # Plain numbers: perplexities span well under a decade, where "6x10^1" labels are unreadable.
     ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _seed_line(ax: plt.Axes, ours: plt.Line2D, x: Sequence[float], ppl: Sequence[float],
+               label: str) -> None:
+    """The seed's curve beside one of ours: dashed, in our curve's colour."""
+    ax.plot(x, ppl, linestyle="--", marker="x", color=ours.get_color(), alpha=0.85, label=label)
+
+
+def perplexity_comparison(histories: dict[str, list[dict[str, float]]], path: Path,
+                          seed_curves: dict[str, Sequence[float]] | None = None) -> Path:
+    """Seed figure 2: validation perplexity of several runs on one log-scale axis, and the
+    seed's per-epoch curve dashed beside each run of `histories` that `seed_curves` names."""
+    seed_curves = seed_curves or {}
+    fig, ax = plt.subplots(figsize=(10, 6), layout="constrained")
+    for name, history in histories.items():
+        ours, = ax.plot([row["epoch"] for row in history], [row["val_ppl"] for row in history],
+                        marker="o", alpha=0.85, label=name)
+        if name in seed_curves:
+            seed = seed_curves[name]
+            _seed_line(ax, ours, range(1, len(seed) + 1), seed, f"{name}, seed report")
+    _perplexity_axis(ax)
     ax.set_xlabel("Epoch")
     ax.set_ylabel("Validation perplexity (log scale)")
     ax.set_title("Validation perplexity per experiment")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
-    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, path)
+
+
+def budget_curves(curves: list[BudgetCurve], seeds: dict[str, BudgetCurve], path: Path) -> Path:
+    """Seed section 5.2: validation perplexity against training time, tokens seen and FLOPs;
+    the seed's curve (`seeds`, keyed by the label of the run it belongs to) dashed where it has
+    that budget. The hardware is in the title, or beside each run where they differ."""
+    places = {curve.hardware for curve in curves}
+    fig, axes = plt.subplots(1, len(BUDGETS), figsize=(5.2 * len(BUDGETS), 5.2), sharey=True,
+                             layout="constrained")
+    for budget, ax in zip(BUDGETS, axes, strict=True):
+        for curve in curves:
+            label = curve.label if len(places) == 1 else f"{curve.label} ({curve.hardware})"
+            ours, = ax.plot(curve.spent[budget], curve.ppl, marker="o", alpha=0.85, label=label)
+            seed = seeds.get(curve.label)
+            if seed is not None and budget in seed.spent:
+                _seed_line(ax, ours, seed.spent[budget], seed.ppl, seed.label)
+        _perplexity_axis(ax)
+        ax.set_xlabel(BUDGET_LABELS[budget])
+    axes[0].set_ylabel("Validation perplexity (log scale)")
+    handles, labels = axes[-1].get_legend_handles_labels()  # the FLOP panel has the seed's too
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4))
+    timed_on = (f"time on {places.pop()}" if len(places) == 1
+                else "time on each run's own hardware")
+    fig.suptitle(f"Validation perplexity against the training budget ({timed_on})")
     return _save(fig, path)
 
 
@@ -134,6 +179,51 @@ def attention_by_epoch(rows: list[dict[str, Any]], name: str, path: Path) -> Pat
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6))
     fig.suptitle(f"Attention statistics per epoch\n{name}")
+    return _save(fig, path)
+
+
+def head_similarity(distances: np.ndarray, title: str, path: Path) -> Path:
+    """Seed section 5.1: per layer, the (H, H) distances between every two heads' attention,
+    each cell labelled with its value, on one colour scale from 0."""
+    layers, heads = distances.shape[:2]
+    fig, axes = plt.subplots(1, layers, figsize=(3.4 * layers + 1.4, 3.9), squeeze=False,
+                             layout="constrained")
+    vmax = max(float(distances.max()), 1e-6)  # all zeros (identical heads) still draws
+    for layer, ax in enumerate(axes[0]):
+        image = ax.imshow(distances[layer], cmap="viridis", vmin=0.0, vmax=vmax)
+        for (row, col), value in np.ndenumerate(distances[layer]):
+            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if value < vmax / 2 else "black")  # legible on viridis
+        ax.set_xticks(range(heads))
+        ax.set_yticks(range(heads))
+        ax.set_xlabel("Head")
+        ax.set_ylabel("Head")
+        ax.set_title(f"Layer {layer}", fontsize=10)
+    fig.colorbar(image, ax=axes, shrink=0.85, label="Jensen-Shannon distance")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def scaling_loglog(panels: dict[str, dict[str, ScalingSeries]], title: str, path: Path) -> Path:
+    """Seed section 5.5: costs against the context length on log-log axes, one panel per
+    y label in `panels`, each series measured (markers) and its fitted power law (dotted)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5.4), squeeze=False,
+                             layout="constrained")
+    for (ylabel, series), ax in zip(panels.items(), axes[0], strict=True):
+        for label, (lengths, costs, (exponent, coefficient)) in series.items():
+            measured, = ax.plot(lengths, costs, marker="o", linestyle="none",
+                                label=f"{label}: slope {exponent:.2f}")
+            fitted = np.geomspace(min(lengths), max(lengths), 50)
+            ax.plot(fitted, coefficient * fitted ** exponent, linestyle=":",
+                    color=measured.get_color())
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.set_xlabel("Context length L (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title)
     return _save(fig, path)
 
 

@@ -5,10 +5,11 @@ Files in a run folder after `analyze all` (seed section in brackets):
   loss_curves.png, val_ppl.png                         training curves [4.1]
   attention.npz, attention/*.png                       one window's attention and its maps [4.2]
   attention_stats.md, attention_stats.csv              per-head statistics over many windows [5.1]
+  head_similarity.md, .csv, .png                       distances between heads [5.1]
   attention_by_epoch.png                               those statistics during training [5.3]
   samples.md                                           top-k, predicted vs actual, a sample [4.3]
-A comparison of several runs (comparison.md, val_ppl_comparison.png [3.4-3.5]) goes to their
-common parent folder.
+A comparison of several runs (comparison.md, val_ppl_comparison.png [3.4-3.5]; budget.md,
+budget.png [5.2]) goes to their common parent folder.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from tinylm_jax.analysis import (
     open_corpus,
     predicted_vs_actual,
     read_attention_by_epoch,
+    read_finished_runs,
     read_history,
-    read_summary,
+    seed_partners,
     tokenizer_report,
     tokenizer_study,
     top_k_table,
@@ -36,15 +38,19 @@ from tinylm_jax.attention import (
     STAT_NAMES,
     StatWindows,
     export_attention,
+    head_similarity,
     head_statistics,
     load_attention,
+    similarity_markdown,
+    similarity_rows,
     spread_window_starts,
     stats_markdown,
     stats_rows,
 )
+from tinylm_jax.budget import budget_markdown, run_curve, seed_curve
 from tinylm_jax.checkpoint import LoadedRun, load_run, read_run_record
 from tinylm_jax.config import UserError
-from tinylm_jax.experiment import comparison_table
+from tinylm_jax.experiment import SEED_VAL_PPL, comparison_table
 from tinylm_jax.runfolder import write_csv_atomic
 from tinylm_jax.sampling import generate
 
@@ -83,20 +89,29 @@ def write_curves(run_dir: Path) -> list[Path]:
 
 
 def write_comparison(run_dirs: list[Path], out_dir: Path) -> list[Path]:
-    """Table 1 and figure 2 for finished runs, keyed by run folder name."""
-    names = [Path(d).resolve().name for d in run_dirs]
-    if len(set(names)) != len(names):
-        raise UserError(f"run folders need distinct names to be compared, got {', '.join(names)}")
-    summaries = {name: read_summary(d) for name, d in zip(names, run_dirs, strict=True)}
-    experiments = [summaries[name]["experiment"] for name in names]
-    # Legend labels are experiment names, with the folder where two runs share one.
-    labels = [e if experiments.count(e) == 1 else f"{e} ({name})"
-              for e, name in zip(experiments, names, strict=True)]
-    histories = {label: read_history(d) for label, d in zip(labels, run_dirs, strict=True)}
+    """Table 1 and figure 2 for finished runs, keyed by run folder name, the seed's curves
+    dashed beside the runs of its experiments."""
+    runs = read_finished_runs(run_dirs)
+    histories = {run.label: read_history(run.run_dir) for run in runs}
+    seeds = {label: SEED_VAL_PPL[seed] for label, seed in seed_partners(runs).items()}
     output_folder(out_dir).mkdir(parents=True, exist_ok=True)
     table = out_dir / "comparison.md"
-    table.write_text(comparison_table(summaries), encoding="utf-8")
-    return [table, plots.perplexity_comparison(histories, out_dir / "val_ppl_comparison.png")]
+    table.write_text(comparison_table({run.name: run.summary for run in runs}), encoding="utf-8")
+    return [table, plots.perplexity_comparison(histories, out_dir / "val_ppl_comparison.png",
+                                               seeds)]
+
+
+def write_budget(run_dirs: list[Path], out_dir: Path) -> list[Path]:
+    """Seed 5.2: perplexity against training time, tokens and FLOPs for finished runs (budget.md,
+    budget.png), the seed's curves beside the runs of its experiments."""
+    runs = read_finished_runs(run_dirs)
+    curves = [run_curve(run) for run in runs]
+    seeds = {label: seed_curve(seed) for label, seed in seed_partners(runs).items()}
+    output_folder(out_dir).mkdir(parents=True, exist_ok=True)
+    figure = plots.budget_curves(curves, seeds, out_dir / "budget.png")
+    table = out_dir / "budget.md"
+    table.write_text(budget_markdown(curves, list(seeds.values()), figure.name), encoding="utf-8")
+    return [table, figure]
 
 
 def attention_metadata(run_dir: Path, run: LoadedRun, which: str, source: str) -> dict[str, Any]:
@@ -158,6 +173,25 @@ def write_attention_stats(run_dir: Path, run: LoadedRun, corpus: RunCorpus,
     return [report, table]
 
 
+def write_head_similarity(run_dir: Path, run: LoadedRun, corpus: RunCorpus,
+                          num_windows: int = DEFAULT_STAT_WINDOWS) -> list[Path]:
+    """Seed 5.1's "redundancy with variation": distances between heads, on the windows of
+    attention-stats."""
+    windows = StatWindows.spread(corpus.ids, corpus.splits, corpus.tokenizer, num_windows)
+    distances, to_uniform = head_similarity(run.model, run.params, windows.ids)
+    heads = distances.shape[1]
+    table = run_dir / "head_similarity.csv"
+    write_csv_atomic(table, ["layer", "head", *map(str, range(heads)), "uniform"],
+                     similarity_rows(distances, to_uniform))
+    source = f"{run.config.name}, {corpus.config.seq_len} tokens each, {run.position}"
+    figure = plots.head_similarity(distances, f"Distance between heads\n{source}",
+                                   run_dir / "head_similarity.png")
+    report = run_dir / "head_similarity.md"
+    report.write_text(similarity_markdown(distances, to_uniform, num_windows, source,
+                                          figure.name), encoding="utf-8")
+    return [report, table, figure]
+
+
 def write_attention_epochs(run_dir: Path) -> list[Path]:
     """The attention statistics training recorded per epoch, drawn from attention_by_epoch.csv."""
     name = read_run_record(run_dir)[0].name
@@ -208,5 +242,6 @@ def analyze_run(run_dir: Path, data: str | None = None, which: str = "best",
     return (write_tokenizer_study(run_dir, corpus) + write_curves(run_dir)
             + write_attention(run_dir, run, corpus, which)
             + write_attention_stats(run_dir, run, corpus, num_windows)
+            + write_head_similarity(run_dir, run, corpus, num_windows)
             + write_samples(run_dir, run, corpus, which, seed)
             + (write_attention_epochs(run_dir) if recorded else []))

@@ -60,6 +60,11 @@ def compute_dtype(precision: str) -> jnp.dtype:
     return jnp.bfloat16 if precision == "bf16" else jnp.float32
 
 
+def compute_dtype_name(precision: str) -> str:
+    """The compute dtype's name ("float32", "bfloat16"): what config.json and summaries record."""
+    return str(np.dtype(compute_dtype(precision)))
+
+
 def clip_norm_schedule(cfg: ExperimentConfig) -> optax.Schedule:
     """The global-norm bound on the true gradient at each step.
 
