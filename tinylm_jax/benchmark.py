@@ -328,7 +328,8 @@ def run_benchmark(names: list[str], corpus: Path, steps: int, repeats: int, prec
              "ahead of time. Peak device memory: JAX's is the process's peak so far (the "
              "experiments run in the order listed), PyTorch's is reset per experiment.",
              "- Reproduce: `python scripts/benchmark.py " + " ".join(names)
-             + f" --steps {steps} --repeats {repeats}`.", ""]
+             + f" --precision {precision} --steps {steps} --repeats {repeats}"
+             + ("" if with_torch else " --no-torch") + "`.", ""]
     lines += results_table(rows, precision, mesh.devices.size)
     if with_torch:
         memory = host_memory(corpus, names[0], load_config(names[0]))
