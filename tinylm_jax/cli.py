@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     elif (args.num_processes, args.process_id) != (1, 0):
         raise UserError("--num-processes and --process-id need --coordinator")
+    keep_host_buffers()  # after jax.distributed starts (it reads the backend), before any step
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     if args.max_epochs is not None and args.max_epochs < 1:
@@ -172,5 +173,4 @@ def guarded(action: Callable[[], int], argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_host_buffers()  # before any compiled call: faster CPU steps, nothing else changes
     return guarded(lambda: run(args), argv)

@@ -236,7 +236,6 @@ def export_torch(args: argparse.Namespace) -> int:
         raise UserError(f"{out}: is a folder")
     reports.output_folder(out.parent)  # refused before the run is loaded
     run = load_run(args.run_dir, args.which)
-    out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"run_dir": str(args.run_dir), "checkpoint": args.which, "position": run.position}
     try:
         print_paths([save_torch_weights(run.params, run.config, out, metadata)])

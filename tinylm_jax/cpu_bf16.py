@@ -26,7 +26,8 @@ _M_MMAP_MAX = -4
 
 
 def keep_host_buffers() -> bool:
-    """Let glibc keep freed memory instead of returning it to the kernel; True if it could.
+    """On a CPU backend, let glibc keep freed memory instead of returning it to the kernel; True
+    if it did. It reads the backend, so call it after `jax.distributed.initialize`.
 
     XLA:CPU allocates each compiled call's temporary buffers anew, and glibc serves blocks over
     32 MiB with fresh mmaps, so every step page-faults its hundreds of MiB of activations in again:
@@ -34,7 +35,7 @@ def keep_host_buffers() -> bool:
     the memory kept. Nothing numerical changes. Call it before the first compiled call.
     """
     name = ctypes.util.find_library("c")
-    if name is None:
+    if name is None or jax.default_backend() != "cpu":  # device buffers are not malloc's
         return False
     try:
         libc = ctypes.CDLL(name)

@@ -56,8 +56,6 @@ from tinylm_jax.train import (
     train_epoch,
 )
 
-# The seed report's Table 1: best validation perplexity and the epoch it was reached.
-SEED_TABLE1 = {"baseline": (60.00, 6), "medium": (63.24, 5), "wider": (58.35, 10)}
 # The seed notebook's printed validation perplexity after each epoch (its figure 2's curves);
 # Table 1 is each curve's minimum.
 SEED_VAL_PPL = {
@@ -65,6 +63,9 @@ SEED_VAL_PPL = {
     "medium": (79.47, 69.06, 64.60, 63.75, 63.24, 63.73),
     "wider": (87.97, 74.69, 67.99, 64.77, 62.19, 60.51, 59.65, 59.17, 58.56, 58.35, 58.37),
 }
+# The seed report's Table 1: best validation perplexity and the epoch it was reached.
+SEED_TABLE1 = {key: (min(curve), curve.index(min(curve)) + 1)
+               for key, curve in SEED_VAL_PPL.items()}
 # Tokens of the seed's corpus in its 500-entry BPE: they fix the windows each of its epochs saw.
 SEED_NUM_TOKENS = 447_717
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_ppl", "lr", "epoch_seconds",
@@ -242,7 +243,9 @@ class _Start:
     history: list[dict[str, Any]]
     progress: EpochProgress | None  # the epoch in progress, if stopped mid-way
     earlier_seconds: float  # wall time of the sessions before this one
-    attention: list[dict[str, Any]]  # attention_by_epoch.csv's rows so far
+    # attention_by_epoch.csv's rows so far; None for a run begun before the record existed,
+    # which records none rather than a table without its epoch 0
+    attention: list[dict[str, Any]] | None
 
     def global_step(self, steps_per_epoch: int) -> int:
         return len(self.history) * steps_per_epoch + (self.progress.steps_done
@@ -261,9 +264,8 @@ def _resume_point(run: PreparedRun, checkpoints: RunCheckpoints, log: Callable[[
         state, record = restored
         progress = (EpochProgress.from_record(record["epoch_in_progress"])
                     if record["epoch_in_progress"] else None)
-        # A checkpoint older than the attention record has none: it continues without.
         start = _Start(state, record["history"], progress, record["wall_time_s"],
-                       record.get("attention_by_epoch", []))
+                       record.get("attention_by_epoch"))
         log(f"resumed {opts.out_dir} at {_position(len(start.history), progress)}")
     done = start.global_step(epoch_steps(cfg, run.data, opts.max_steps_per_epoch))
     if opts.stop_at_step is not None and opts.stop_at_step <= done:
@@ -340,12 +342,14 @@ def _train_epochs(run: PreparedRun, checkpoints: RunCheckpoints, signals: StopSi
                         "val_loss": val_loss, "val_ppl": perplexity(val_loss), "lr": lr,
                         "epoch_seconds": progress.seconds,
                         "train_tokens_per_s": progress.tokens_per_s})
-        attention.extend(_attention_rows(run, state, epoch))
+        if attention is not None:
+            attention.extend(_attention_rows(run, state, epoch))
         save(val_loss)
         progress = None
         if is_primary():
             write_csv_atomic(out / "history.csv", HISTORY_FIELDS, history)
-            write_csv_atomic(out / EPOCHS_FILE, EPOCH_FIELDS, attention)
+            if attention is not None:
+                write_csv_atomic(out / EPOCHS_FILE, EPOCH_FIELDS, attention)
         row = history[-1]
         note = "new best" if best_epoch(history) == epoch else "no improvement"
         log(f"epoch {epoch}/{cfg.num_epochs}: train_loss={row['train_loss']:.4f} "

@@ -123,9 +123,11 @@ def save_torch_weights(params: Mapping[str, Any], cfg: ExperimentConfig, path: P
                        metadata: Mapping[str, str] | None = None) -> Path:
     """Write `torch_state_dict_from_params` as a safetensors file, whole or not at all.
 
-    The file's metadata holds the config (to build the seed model with) and `metadata`.
+    The file's metadata holds the config (to build the seed model with) and `metadata`. Its
+    folder is created only once the weights have converted: a refusal writes nothing.
     """
+    state = torch_state_dict_from_params(params, cfg)
     record = {"format": "pt", "config": json.dumps(cfg.to_dict()), **(metadata or {})}
-    write_bytes_atomic(path, safetensors.numpy.save(torch_state_dict_from_params(params, cfg),
-                                                    metadata=record))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, safetensors.numpy.save(state, metadata=record))
     return path

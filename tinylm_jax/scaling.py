@@ -40,7 +40,13 @@ from tinylm_jax.cpu_bf16 import keep_host_buffers
 from tinylm_jax.model import MultiHeadSelfAttention, uses_cpu_fast_path
 from tinylm_jax.reports import output_folder
 from tinylm_jax.runfolder import write_csv_atomic
-from tinylm_jax.train import PRECISIONS, compute_dtype, create_train_state, train_step
+from tinylm_jax.train import (
+    PRECISIONS,
+    compute_dtype,
+    compute_dtype_name,
+    create_train_state,
+    train_step,
+)
 
 SETTINGS = ("fixed tokens", "fixed windows")
 # The seed's claim, as the exponent each setting's costs tend to once attention dominates.
@@ -173,7 +179,7 @@ def scaling_markdown(rows: list[dict[str, Any]], base: ExperimentConfig, precisi
     lines = ["# Cost against context length", "",
              f"- Model: {base.name} (d_model {base.d_model}, {base.n_layers} layers, "
              f"{base.n_heads} heads, d_ff {base.d_ff}, vocabulary {base.vocab_size}) with "
-             f"seq_len = L; precision {precision} ({np.dtype(compute_dtype(precision))} "
+             f"seq_len = L; precision {precision} ({compute_dtype_name(precision)} "
              f"compute); random tokens and inputs.",
              f"- Machine: {machine_description()}.",
              f"- Seconds: the median of {repeats} timed call(s) after a warm-up call. "
