@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tinylm_jax.commands import generate_main  # noqa: E402
+from tinylm_jax.cli.analyze import generate_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(generate_main())

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tinylm_jax.cli import main
-from tinylm_jax.config import ExperimentConfig
+from tinylm_jax.cli.run_experiment import main
+from tinylm_jax.core.config import ExperimentConfig
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"

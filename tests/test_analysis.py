@@ -6,23 +6,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tinylm_jax.analysis import RunCorpus, md_token, tokenizer_study
-from tinylm_jax.attention import (
+from tinylm_jax.analysis.attention import (
     JS_DISTANCE_MAX,
     AttentionExport,
-    is_punctuation,
     js_distance,
     load_attention,
+)
+from tinylm_jax.analysis.budget import BudgetCurve, budget_markdown, seed_curve
+from tinylm_jax.analysis.corpus import RunCorpus
+from tinylm_jax.analysis.detokenize import Spacing, seed_separator
+from tinylm_jax.analysis.plots import token_label
+from tinylm_jax.analysis.tokenizer_study import md_token, tokenizer_study
+from tinylm_jax.core.attention_stats import (
+    is_punctuation,
     stats_rows,
     uniform_causal,
     window_statistics,
 )
-from tinylm_jax.budget import BudgetCurve, budget_markdown, seed_curve
-from tinylm_jax.config import UserError, load_config
-from tinylm_jax.data import train_tokenizer
-from tinylm_jax.detokenize import Spacing, seed_separator
-from tinylm_jax.experiment import SEED_TABLE1, SEED_VAL_PPL
-from tinylm_jax.plots import token_label
+from tinylm_jax.core.config import UserError, load_config
+from tinylm_jax.core.data import train_tokenizer
+from tinylm_jax.seed.table1 import SEED_TABLE1, SEED_VAL_PPL
 
 
 @pytest.fixture(scope="module")

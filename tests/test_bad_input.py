@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_TOML
 
-from tinylm_jax.cli import main
-from tinylm_jax.config import MAX_SEED, ExperimentConfig, config_from_dict
+from tinylm_jax.cli.run_experiment import main
+from tinylm_jax.core.config import MAX_SEED, ExperimentConfig, config_from_dict
 
 FIELD_TYPES = typing.get_type_hints(ExperimentConfig)
 NUMERIC_FIELDS = [f.name for f in dataclasses.fields(ExperimentConfig)

@@ -4,8 +4,9 @@ import re
 
 import pytest
 
-from tinylm_jax.benchmark import main, model_flops_per_step, run_benchmark
-from tinylm_jax.config import load_config
+from tinylm_jax.bench.benchmark import model_flops_per_step, run_benchmark
+from tinylm_jax.cli.bench import benchmark_main as main
+from tinylm_jax.core.config import load_config
 
 
 def test_model_flops_follow_the_palm_accounting():

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from conftest import REPO, snapshot
 
-from tinylm_jax.checkpoint import load_run
-from tinylm_jax.cli import main
-from tinylm_jax.experiment import comparison_table, perplexity
+from tinylm_jax.analysis.runs import comparison_table
+from tinylm_jax.cli.run_experiment import main
+from tinylm_jax.core.metrics import perplexity
+from tinylm_jax.run.checkpoint import load_run
 
 
 def _run(toml, corpus, out, *extra):
@@ -169,7 +170,7 @@ def test_all_runs_the_three_and_resumes_what_is_missing(tmp_path, tiny_toml, tin
     for name in ("baseline", "medium", "wider"):
         (experiments / f"{name}.toml").write_text(
             tiny_toml.read_text().replace("num_epochs = 4", "num_epochs = 1"))
-    monkeypatch.setattr("tinylm_jax.config.EXPERIMENTS_DIR", experiments)
+    monkeypatch.setattr("tinylm_jax.core.config.EXPERIMENTS_DIR", experiments)
     root = tmp_path / "runs"
     argv = ["all", "--data", str(tiny_corpus), "--out", str(root), "--no-progress"]
     assert main(argv) == 0

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from conftest import REPO, refused, snapshot
 
-from tinylm_jax import plots
-from tinylm_jax.analysis import open_corpus
-from tinylm_jax.attention import JS_DISTANCE_MAX
-from tinylm_jax.checkpoint import read_run_record
-from tinylm_jax.cli import main as run_experiment_main
-from tinylm_jax.commands import analyze_main, generate_main, plot_attention_main
-from tinylm_jax.experiment import SEED_VAL_PPL
-from tinylm_jax.model import model_flops_per_step
+from tinylm_jax.analysis import plots
+from tinylm_jax.analysis.attention import JS_DISTANCE_MAX
+from tinylm_jax.analysis.corpus import open_corpus
+from tinylm_jax.cli.analyze import analyze_main, generate_main, plot_attention_main
+from tinylm_jax.cli.run_experiment import main as run_experiment_main
+from tinylm_jax.core.model import model_flops_per_step
+from tinylm_jax.run.folder import RunFolder
+from tinylm_jax.seed.table1 import SEED_VAL_PPL
 
 PER_RUN_FILES = ["tokenizer_report.md", "token_frequencies.png", "loss_curves.png", "val_ppl.png",
                  "attention.npz", "attention/grid.png", "attention/layer1_head3.png",
@@ -165,7 +165,7 @@ def test_the_budget_puts_runs_and_the_seeds_curve_on_time_tokens_and_flops(run_c
         seconds = np.cumsum([float(row["epoch_seconds"]) for row in csv.DictReader(f)])
     np.testing.assert_allclose(curve.spent["seconds"], seconds)
     steps = -(-summary["train_windows"] // 32)
-    flops = model_flops_per_step(read_run_record(run)[0])
+    flops = model_flops_per_step(RunFolder(run).read_config())
     np.testing.assert_allclose(curve.spent["flops"], [steps * flops, 2 * steps * flops])
     assert drawn["seeds"] == {}  # a run named "run" of a tiny experiment has no seed curve
 

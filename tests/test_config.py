@@ -1,6 +1,6 @@
 import pytest
 
-from tinylm_jax.config import EXPERIMENT_NAMES, UserError, config_from_dict, load_config
+from tinylm_jax.core.config import EXPERIMENT_NAMES, UserError, config_from_dict, load_config
 
 
 def test_the_three_experiments_are_the_seeds():

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tinylm_jax.cpu_bf16 import bf16_dense, bf16_matmul, transposed
-from tinylm_jax.model import build_model, init_params
-from tinylm_jax.train import create_train_state, weighted_loss
+from tinylm_jax.core.cpu_bf16 import bf16_dense, bf16_matmul, transposed
+from tinylm_jax.core.model import build_model, init_params
+from tinylm_jax.core.train import create_train_state, weighted_loss
 
 
 @pytest.mark.parametrize("shape", [(4096, 32), (96, 7), (13, 5)])  # 64-row blocks, 32, prime

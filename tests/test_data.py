@@ -3,8 +3,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tinylm_jax.config import UserError, load_config
-from tinylm_jax.data import (
+from tinylm_jax.core.config import UserError, load_config
+from tinylm_jax.core.data import (
     Splits,
     batches,
     build_dataset,
@@ -99,7 +99,7 @@ def test_download_is_verified(tmp_path, corpus_path):
 def test_offline_without_corpus_names_the_three_ways(tmp_path, monkeypatch):
     monkeypatch.delenv("TINYLM_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr("tinylm_jax.data.CORPUS_URL", "http://127.0.0.1:9/input.txt")
+    monkeypatch.setattr("tinylm_jax.core.data.CORPUS_URL", "http://127.0.0.1:9/input.txt")
     with pytest.raises(UserError, match="--data PATH.*TINYLM_DATA.*download"):
         resolve_corpus(None)
 

@@ -10,8 +10,8 @@ import safetensors
 import safetensors.numpy
 from conftest import REPO, refused, snapshot
 
-from tinylm_jax.checkpoint import load_run
-from tinylm_jax.commands import export_torch_main
+from tinylm_jax.cli.analyze import export_torch_main
+from tinylm_jax.run.checkpoint import load_run
 
 
 def _seed_model(path):
@@ -19,7 +19,7 @@ def _seed_model(path):
     torch = pytest.importorskip("torch")
     import safetensors.torch
 
-    from tinylm_jax.torch_reference import TinyTransformerLM
+    from tinylm_jax.seed.torch_reference import TinyTransformerLM
 
     with safetensors.safe_open(path, "pt") as f:
         cfg = json.loads(f.metadata()["config"])

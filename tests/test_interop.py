@@ -4,16 +4,16 @@ import jax
 import numpy as np
 import pytest
 
-from tinylm_jax.config import ExperimentConfig
-from tinylm_jax.interop import (
+from tinylm_jax.core.config import ExperimentConfig
+from tinylm_jax.core.model import build_model, init_params
+from tinylm_jax.seed.interop import (
     IGNORED_BUFFERS,
     params_from_torch_state_dict,
     torch_state_dict_from_params,
 )
-from tinylm_jax.model import build_model, init_params
 
 torch = pytest.importorskip("torch")
-from tinylm_jax.torch_reference import TinyTransformerLM as TorchLM  # noqa: E402
+from tinylm_jax.seed.torch_reference import TinyTransformerLM as TorchLM  # noqa: E402
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_optimiser_steps_match_torch_adamw_with_clipping(cfg, grad_scale, growth
     With a scale, torch runs the seed's GradScaler loop, clipping the scaled gradients, and the
     scale doubles after step 2, so both the replay and its growth are checked.
     """
-    from tinylm_jax.train import create_train_state, train_step
+    from tinylm_jax.core.train import create_train_state, train_step
 
     cfg = cfg.replace(lr=1e-2, grad_clip_norm=0.5,  # these gradients' norms are about 0.9
                       grad_scale=grad_scale, grad_scale_growth_interval=growth_interval)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from tinylm_jax import model as model_module
-from tinylm_jax.config import EXPERIMENTS_DIR, load_config
-from tinylm_jax.model import build_model, count_params, init_params, sinusoidal_positions
+from tinylm_jax.core.config import EXPERIMENTS_DIR, load_config
+from tinylm_jax.core.model import build_model, count_params, init_params, sinusoidal_positions
 
 NO_POSITIONS = str(EXPERIMENTS_DIR / "baseline_no_positions.toml")
 

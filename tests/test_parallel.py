@@ -10,16 +10,22 @@ import textwrap
 import pytest
 from conftest import REPO
 
-from tinylm_jax.attention import STAT_NAMES
-from tinylm_jax.cli import main
+from tinylm_jax.cli.run_experiment import main
+from tinylm_jax.core.attention_stats import STAT_NAMES
 
 EIGHT_DEVICES = textwrap.dedent("""
     import dataclasses, sys
     import jax, numpy as np
-    from tinylm_jax.config import ExperimentConfig, UserError
-    from tinylm_jax.data import build_dataset
-    from tinylm_jax.parallel import check_batch_fits, data_mesh, replicate
-    from tinylm_jax.train import EpochProgress, create_train_state, evaluate, train_epoch
+    from tinylm_jax.core.config import ExperimentConfig, UserError
+    from tinylm_jax.core.data import build_dataset
+    from tinylm_jax.core.parallel import check_batch_fits, data_mesh, replicate
+    from tinylm_jax.core.train import (
+        EpochProgress,
+        LoopOptions,
+        create_train_state,
+        evaluate,
+        train_epoch,
+    )
 
     assert len(jax.devices()) == 8
     cfg = ExperimentConfig(name="tiny", vocab_size=120, seq_len=16, d_model=32, n_layers=2,
@@ -30,11 +36,11 @@ EIGHT_DEVICES = textwrap.dedent("""
         mesh = data_mesh(devices)
         state = replicate(create_train_state(cfg, "fp32"), mesh)
         placed = dataclasses.replace(data, tokens=replicate(data.tokens, mesh))
-        state, progress = train_epoch(state, placed, cfg, EpochProgress(1, 12),
-                                      show_progress=False, steps_per_chunk=5, mesh=mesh)
+        options = LoopOptions(steps_per_chunk=5, mesh=mesh, show_progress=False)
+        state, progress = train_epoch(state, placed, cfg, EpochProgress(1, 12), options=options)
         params = [np.asarray(x) for x in jax.tree.leaves(state.params)]
         assert jax.tree.leaves(state.params)[0].sharding.mesh.devices.size == devices
-        results[devices] = (progress.train_loss, evaluate(state, placed, cfg, 5, mesh), params)
+        results[devices] = (progress.train_loss, evaluate(state, placed, cfg, options), params)
     (loss1, val1, params1), (loss8, val8, params8) = results[1], results[8]
     np.testing.assert_allclose([loss8, val8], [loss1, val1], rtol=1e-6)
     for a, b in zip(params1, params8, strict=True):

@@ -9,7 +9,7 @@ import pytest
 from tqdm import tqdm
 
 from tinylm_jax import train
-from tinylm_jax.data import build_dataset
+from tinylm_jax.core.data import build_dataset
 
 
 class Terminal(io.StringIO):
@@ -24,9 +24,10 @@ def run_both(corpus_text, tiny_cfg):
 
     def run() -> None:
         state = train.create_train_state(tiny_cfg, "fp32")
+        options = train.LoopOptions(steps_per_chunk=1)
         state, _ = train.train_epoch(state, data, tiny_cfg, train.EpochProgress(1, 6),
-                                     steps_per_chunk=1)
-        train.evaluate(state, data, tiny_cfg, steps_per_chunk=1)
+                                     options=options)
+        train.evaluate(state, data, tiny_cfg, options)
 
     return run
 

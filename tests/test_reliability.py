@@ -22,13 +22,12 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO, TINY_TOML, snapshot
 
-from tinylm_jax.attention import EPOCHS_FILE
-from tinylm_jax.checkpoint import CORRUPT_FOLDER, RunCheckpoints, read_run_record
-from tinylm_jax.cli import main
-from tinylm_jax.config import ExperimentConfig
-from tinylm_jax.data import train_order
-from tinylm_jax.runfolder import RunFolderLock
-from tinylm_jax.train import TrainingDiverged, create_train_state
+from tinylm_jax.cli.run_experiment import main
+from tinylm_jax.core.config import ExperimentConfig
+from tinylm_jax.core.data import train_order
+from tinylm_jax.core.train import TrainingDiverged, create_train_state
+from tinylm_jax.run.checkpoint import RunCheckpoints
+from tinylm_jax.run.folder import RunFolder
 
 STEPS = 6  # per epoch, via --max-steps-per-epoch
 TIMINGS = ("epoch_seconds", "train_tokens_per_s")
@@ -62,8 +61,8 @@ def _script(setup, out, *extra):
 
 def _latest(out, which="latest"):
     """(state, record) of a run folder's latest (or best) checkpoint, verified."""
-    cfg, _ = read_run_record(out)
-    checkpoints = RunCheckpoints(out, read_only=True)
+    cfg = RunFolder(out).read_config()
+    checkpoints = RunCheckpoints(RunFolder(out), read_only=True)
     try:
         number = checkpoints.latest() if which == "latest" else checkpoints.best()
         return checkpoints.restore(number, create_train_state(cfg, "fp32"))
@@ -85,7 +84,7 @@ def _numbers(record):
 
 def _attention_lines(out):
     """attention_by_epoch.csv's lines: a resumed run's must be a straight run's, byte for byte."""
-    return (out / EPOCHS_FILE).read_bytes().splitlines()
+    return (out / RunFolder.ATTENTION).read_bytes().splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +128,7 @@ def test_stopped_mid_epoch_in_one_process_and_resumed_in_another_equals_straight
 
 
 def test_the_attention_record_holds_every_epoch_from_initialisation(setup, straight):
-    with (setup[0] / "straight" / EPOCHS_FILE).open(newline="") as f:
+    with (setup[0] / "straight" / RunFolder.ATTENTION).open(newline="") as f:
         rows = list(csv.DictReader(f))
     per_epoch = 2 * 4 + 2 + 1  # every head, the two layer means and the uniform head
     assert [int(row["epoch"]) for row in rows] == [e for e in range(4) for _ in range(per_epoch)]
@@ -195,7 +194,7 @@ def test_stop_at_step_at_an_epoch_end_and_below_the_current_step(setup, straight
     assert _run(setup, out, "--stop-at-step", str(STEPS)) == 0
     assert "stopped at step 6 as asked at epoch 2, step 0 of 6; nothing new to save" in \
         capsys.readouterr().err
-    checkpoints = RunCheckpoints(out, read_only=True)
+    checkpoints = RunCheckpoints(RunFolder(out), read_only=True)
     assert (checkpoints.latest(), checkpoints.best()) == (1, 1)
     checkpoints.close()
     before = snapshot(out)
@@ -259,7 +258,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact(setup, stra
     err = capsys.readouterr().err
     assert "warning: checkpoint 2 in" in err and "trying an older one" in err and found in err
     assert "continuing from checkpoint 1" in err
-    aside = list((out / CORRUPT_FOLDER).iterdir())  # set aside, not deleted
+    aside = list((out / RunFolder.CORRUPT).iterdir())  # set aside, not deleted
     assert len(aside) == 1 and aside[0].name.startswith("2-")
     state, record = _latest(out)
     assert _same_state(state, straight[0]) and _numbers(record) == _numbers(straight[1])
@@ -274,15 +273,15 @@ def test_a_run_folder_from_before_positions_and_the_attention_record_resumes(set
     (out / "config.json").write_text(json.dumps(config))
     state, record = _latest(out)
     del record["attention_by_epoch"]
-    checkpoints = RunCheckpoints(out)
+    checkpoints = RunCheckpoints(RunFolder(out))
     checkpoints.save(state, record)  # checkpoint 3: the stop's, as saved then
     checkpoints.close()
-    (out / EPOCHS_FILE).unlink()
+    (out / RunFolder.ATTENTION).unlink()
     assert _run(setup, out, "--resume") == 0
     state, record = _latest(out)
     assert _same_state(state, straight[0]) and _numbers(record) == _numbers(straight[1])
-    assert read_run_record(out)[0].positional_encoding == "sinusoidal"
-    assert not (out / EPOCHS_FILE).exists()  # no record without its epoch 0
+    assert RunFolder(out).read_config().positional_encoding == "sinusoidal"
+    assert not (out / RunFolder.ATTENTION).exists()  # no record without its epoch 0
 
 
 def test_no_intact_checkpoint_is_refused_and_changes_nothing(setup, capsys, stopped_copy):
@@ -317,10 +316,11 @@ def _small_state():
 CUT_OFF_SAVE = """
 import sys
 import orbax.checkpoint as ocp
-from tinylm_jax.checkpoint import RunCheckpoints
+from tinylm_jax.run.checkpoint import RunCheckpoints
+from tinylm_jax.run.folder import RunFolder
 from test_reliability import _small_state
 
-checkpoints = RunCheckpoints(sys.argv[1])
+checkpoints = RunCheckpoints(RunFolder(sys.argv[1]))
 checkpoints.save(_small_state(), {"history": []}, 1.0)
 
 
@@ -341,7 +341,7 @@ def test_a_save_that_never_commits_leaves_the_previous_one_and_is_tidied(tmp_pat
     assert died.returncode == 1 and "power cut" in died.stderr
     assert list((tmp_path / "checkpoints").glob("2.orbax-checkpoint-tmp*"))
     state = _small_state()
-    reopened = RunCheckpoints(tmp_path)  # the next start
+    reopened = RunCheckpoints(RunFolder(tmp_path))  # the next start
     assert not list((tmp_path / "checkpoints").glob("*tmp*"))
     assert reopened.latest() == 1 and _same_state(reopened.restore(1, state)[0], state)
     assert reopened.save(state, {"history": []}, 0.5) == 2
@@ -379,10 +379,10 @@ def test_an_unwritable_output_folder_is_refused_before_training(setup, capsys):
 def test_exactly_the_best_and_the_latest_are_kept_across_restarts(tmp_path, losses, kept, best):
     state = _small_state()
     for loss in losses:
-        checkpoints = RunCheckpoints(tmp_path)  # a restart between every save
+        checkpoints = RunCheckpoints(RunFolder(tmp_path))  # a restart between every save
         checkpoints.save(state, {"history": []}, loss)
         checkpoints.close()
-    checkpoints = RunCheckpoints(tmp_path, read_only=True)
+    checkpoints = RunCheckpoints(RunFolder(tmp_path), read_only=True)
     assert sorted(checkpoints.manager.all_steps()) == kept
     assert (checkpoints.best(), checkpoints.latest()) == (best, len(losses))
     checkpoints.close()
@@ -427,19 +427,19 @@ def test_a_non_finite_loss_stops_with_exit_3_and_no_checkpoint_holds_it(setup, t
     out = tmp_path / "run"
     assert _run(setup, out, toml=toml) == 3
     assert "non-finite training loss; stopped without checkpointing it" in capsys.readouterr().err
-    checkpoints = RunCheckpoints(out, read_only=True)
+    checkpoints = RunCheckpoints(RunFolder(out), read_only=True)
     assert checkpoints.latest() is None  # it diverged in epoch 1: nothing finite to keep
     checkpoints.close()
     state = _small_state()
     state = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
     with pytest.raises(TrainingDiverged, match="non-finite values"):
-        RunCheckpoints(tmp_path / "direct").save(state, {"history": []}, 1.0)
+        RunCheckpoints(RunFolder(tmp_path / "direct")).save(state, {"history": []}, 1.0)
 
 
 def test_a_second_run_on_a_folder_in_use_is_refused(setup, capsys, stopped_copy):
     out = stopped_copy
     before = snapshot(out)
-    with RunFolderLock(out):  # another run holds it
+    with RunFolder(out).lock():  # another run holds it
         assert _run(setup, out, "--resume") == 2
         assert f"another run is using this run folder (pid {os.getpid()})" in \
             capsys.readouterr().err

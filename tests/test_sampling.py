@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tinylm_jax.sampling import (
+from tinylm_jax.analysis.sampling import (
     context_window,
     generate,
     probability_bar,

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from conftest import refused, snapshot
 
-from tinylm_jax.scaling import fit_power_law, main, scaling_parser
+from tinylm_jax.bench.scaling import fit_power_law
+from tinylm_jax.cli.bench import scaling_main as main
+from tinylm_jax.cli.bench import scaling_parser
 
 TINY = ["--lengths", "8", "16", "--tokens", "64", "--windows", "4", "--repeats", "1"]
 

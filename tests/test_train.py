@@ -6,10 +6,11 @@ import numpy as np
 import optax
 import pytest
 
-from tinylm_jax.config import ExperimentConfig
-from tinylm_jax.data import batches, build_dataset, gather_windows, train_order
-from tinylm_jax.train import (
+from tinylm_jax.core.config import ExperimentConfig
+from tinylm_jax.core.data import batches, build_dataset, gather_windows, train_order
+from tinylm_jax.core.train import (
     EpochProgress,
+    LoopOptions,
     TrainingDiverged,
     create_train_state,
     epoch_steps,
@@ -26,6 +27,7 @@ from tinylm_jax.train import (
 # row. 0.84995 is not an improvement on 0.85: it is not below 0.85 * (1 - 1e-4) = 0.849915.
 PLATEAU_LOSSES = [1.0, 0.9, 0.95, 0.96, 0.97, 0.85, 0.86, 0.87, 0.87, 0.84995]
 PLATEAU_SCALES = [1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 0.125]
+QUIET = LoopOptions(show_progress=False)
 
 
 def _scales(cfg, losses):
@@ -120,8 +122,7 @@ def test_an_epoch_lowers_the_loss_and_counts_every_window(corpus_text, tiny_cfg)
     state = create_train_state(tiny_cfg, "fp32")
     before = evaluate(state, data, tiny_cfg)
     state, progress = train_epoch(state, data, tiny_cfg,
-                                  EpochProgress(1, epoch_steps(tiny_cfg, data)),
-                                  show_progress=False)
+                                  EpochProgress(1, epoch_steps(tiny_cfg, data)), options=QUIET)
     assert sum(progress.token_counts) == data.splits.num_train * tiny_cfg.seq_len
     assert progress.finished
     assert progress.steps_done == len(progress.loss_sums) == -(-data.splits.num_train
@@ -148,12 +149,12 @@ def test_compiled_chunks_equal_the_step_by_step_path(corpus_text, tiny_cfg):
     for steps_per_chunk in (1, 7, 1000):  # one step a call, a remainder chunk, the whole epoch
         chunked, progress = train_epoch(create_train_state(tiny_cfg, "fp32"), data, tiny_cfg,
                                         EpochProgress(1, epoch_steps(tiny_cfg, data)),
-                                        show_progress=False, steps_per_chunk=steps_per_chunk)
+                                        options=LoopOptions(steps_per_chunk, show_progress=False))
         assert progress.train_loss == pytest.approx(expected, rel=1e-12)  # float64 sums
         for a, b in zip(jax.tree.leaves(chunked.params), jax.tree.leaves(stepwise.params),
                         strict=True):
             np.testing.assert_array_equal(a, b)
-        assert evaluate(chunked, data, tiny_cfg, steps_per_chunk) == pytest.approx(
+        assert evaluate(chunked, data, tiny_cfg, LoopOptions(steps_per_chunk)) == pytest.approx(
             _stepwise_eval(stepwise, data, tiny_cfg), rel=1e-12)
 
 
@@ -165,18 +166,20 @@ def test_an_epoch_stopped_and_continued_equals_one_run_straight_through(corpus_t
     data = build_dataset(corpus_text[:8000], tiny_cfg)
     steps = epoch_steps(tiny_cfg, data)
     straight, whole = train_epoch(create_train_state(tiny_cfg, precision), data, tiny_cfg,
-                                  EpochProgress(2, steps), show_progress=False, steps_per_chunk=3)
+                                  EpochProgress(2, steps),
+                                  options=LoopOptions(3, show_progress=False))
     state, part = train_epoch(create_train_state(tiny_cfg, precision), data, tiny_cfg,
-                              EpochProgress(2, steps), until=5, show_progress=False,
-                              steps_per_chunk=3)
+                              EpochProgress(2, steps), until=5,
+                              options=LoopOptions(3, show_progress=False))
     assert (part.steps_done, part.finished) == (5, False)
     calls = []
     state, part = train_epoch(state, data, tiny_cfg,
                               EpochProgress.from_record(json.loads(json.dumps(part.to_record()))),
-                              show_progress=False, steps_per_chunk=2,
-                              stop_requested=lambda: calls.append(1) or len(calls) > 2)
+                              options=LoopOptions(2, show_progress=False,
+                                                  stop_requested=lambda: calls.append(1)
+                                                  or len(calls) > 2))
     assert part.steps_done == 9  # two chunks of 2, then the stop
-    state, part = train_epoch(state, data, tiny_cfg, part, show_progress=False)
+    state, part = train_epoch(state, data, tiny_cfg, part, options=QUIET)
     assert part.finished and part.train_loss == whole.train_loss
     assert part.loss_sums == whole.loss_sums
     for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
@@ -190,14 +193,14 @@ def test_a_non_finite_loss_stops_the_epoch(corpus_text, tiny_cfg):
     state = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
     with pytest.raises(TrainingDiverged, match="epoch 1, steps 1-2: non-finite training loss"):
         train_epoch(state, data, tiny_cfg, EpochProgress(1, epoch_steps(tiny_cfg, data)),
-                    show_progress=False, steps_per_chunk=2)
+                    options=LoopOptions(2, show_progress=False))
 
 
 def test_evaluation_stops_between_chunks_when_asked(corpus_text, tiny_cfg):
     data = build_dataset(corpus_text[:8000], tiny_cfg)
     state = create_train_state(tiny_cfg, "fp32")
-    assert evaluate(state, data, tiny_cfg, 1, stop_requested=lambda: True) is None
-    assert evaluate(state, data, tiny_cfg, 1, stop_requested=lambda: False) is not None
+    assert evaluate(state, data, tiny_cfg, LoopOptions(1, stop_requested=lambda: True)) is None
+    assert evaluate(state, data, tiny_cfg, LoopOptions(1, stop_requested=lambda: False)) is not None
 
 
 def test_weighted_loss_ignores_zero_weight_windows():

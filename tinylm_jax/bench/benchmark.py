@@ -1,0 +1,331 @@
+"""Speed, side by side: this project's compiled chunks against the seed notebook's PyTorch loop.
+
+Both train the same model on the same real batches of 512 windows. Each figure is measured over
+`steps` steps, `repeats` times after a warm-up, and reported as the median with its range;
+compilation is timed on its own (ahead of time, `jit(...).lower(...).compile()`). The PyTorch
+loop is the seed's: windows materialised with `torch.stack`, a shuffling `DataLoader`, AdamW,
+clipping, `loss.item()` every step, and autocast + GradScaler on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+from tokenizers import Tokenizer
+
+from tinylm_jax.core.config import ExperimentConfig, UserError, load_config
+from tinylm_jax.core.data import (
+    Dataset,
+    batch_rows,
+    build_dataset,
+    num_batches,
+    read_corpus,
+    train_order,
+)
+from tinylm_jax.core.model import model_flops_per_step
+from tinylm_jax.core.parallel import check_batch_fits, data_mesh, replicate, shard_batch_rows
+from tinylm_jax.core.train import (
+    compute_dtype_name,
+    create_train_state,
+    eval_chunk,
+    train_chunk,
+)
+from tinylm_jax.core.versions import package_versions
+
+# Dense bf16 peak FLOP/s by device kind (vendor datasheets), for model FLOPs utilisation.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class PathResult:
+    """One training path on one experiment."""
+
+    path: str  # which implementation
+    step_s: list[float]  # seconds per training step, one value per repeat
+    eval_batch_s: list[float]  # seconds per validation batch, one value per repeat
+    compile_s: float | None  # ahead-of-time compilation of the train and eval chunks
+    peak_device_bytes: int | None  # where the backend reports it
+
+    def train_tokens_per_s(self, cfg: ExperimentConfig) -> float:
+        return cfg.batch_size * cfg.seq_len / statistics.median(self.step_s)
+
+    def eval_tokens_per_s(self, cfg: ExperimentConfig) -> float:
+        return cfg.batch_size * cfg.seq_len / statistics.median(self.eval_batch_s)
+
+    def epoch_s(self, cfg: ExperimentConfig, data: Dataset) -> float:
+        """One epoch's training plus a full validation pass, from the median rates."""
+        return (statistics.median(self.step_s) * num_batches(data.splits.num_train,
+                                                             cfg.batch_size)
+                + statistics.median(self.eval_batch_s) * num_batches(data.splits.num_val,
+                                                                     cfg.batch_size))
+
+
+def _timed(run: Callable[[], object], steps: int, repeats: int) -> list[float]:
+    """Seconds per step of `run()` (which does `steps` steps and waits), after one warm-up."""
+    run()
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - began) / steps)
+    return times
+
+
+def measure_ours(cfg: ExperimentConfig, data: Dataset, steps: int, repeats: int,
+                 precision: str, mesh: jax.sharding.Mesh) -> PathResult:
+    state = replicate(create_train_state(cfg, precision), mesh)
+    tokens = replicate(data.tokens, mesh)
+    train_rows = batch_rows(train_order(cfg.seed, 1, data.splits.num_train), cfg.batch_size)
+    val_rows = batch_rows(data.splits.validation_starts(), cfg.batch_size)
+    # `steps` batches of each split, wrapping round where a split has fewer.
+    train_in = shard_batch_rows({k: np.resize(v, (steps, *v.shape[1:]))
+                                 for k, v in train_rows.items()}, mesh)
+    val_in = shard_batch_rows({k: np.resize(v, (steps, *v.shape[1:]))
+                               for k, v in val_rows.items()}, mesh)
+    began = time.perf_counter()
+    train = train_chunk.lower(state, tokens, train_in["starts"], train_in["weights"],
+                              seq_len=cfg.seq_len).compile()
+    evaluate = eval_chunk.lower(state, tokens, val_in["starts"], val_in["weights"],
+                                seq_len=cfg.seq_len).compile()
+    compile_s = time.perf_counter() - began
+
+    def train_steps():
+        nonlocal state
+        state, metrics = train(state, tokens, train_in["starts"], train_in["weights"])
+        jax.block_until_ready(metrics)
+
+    step_s = _timed(train_steps, steps, repeats)
+    eval_s = _timed(lambda: jax.block_until_ready(evaluate(state, tokens, val_in["starts"],
+                                                           val_in["weights"])), steps, repeats)
+    stats = jax.devices()[0].memory_stats() or {}
+    return PathResult("tinylm-jax", step_s, eval_s, compile_s, stats.get("peak_bytes_in_use"))
+
+
+def _endless(loader: Iterable) -> Iterator:
+    """A DataLoader's batches, epoch after epoch (reshuffled each time, as the seed's)."""
+    while True:
+        yield from loader
+
+
+def measure_seed_torch(cfg: ExperimentConfig, data: Dataset, steps: int, repeats: int,
+                       cpu_bf16: bool = False) -> PathResult:
+    """The seed notebook's loop, step for step (its model from `torch_reference`).
+
+    `cpu_bf16`: on a CPU, the same loop under `torch.autocast("cpu", torch.bfloat16)`, the
+    strongest CPU peer (oneDNN's AMX/AVX512-BF16 kernels); there is no scaler to replay on CPU.
+    """
+    import torch
+
+    from tinylm_jax.seed.torch_reference import TinyTransformerLM, seed_windows
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    autocast = {"device_type": device.type, "enabled": cuda or cpu_bf16,
+                "dtype": torch.float16 if cuda else torch.bfloat16}
+    inputs, targets = seed_windows(np.asarray(data.tokens), cfg.seq_len)
+    split = data.splits.num_train
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(inputs[:split], targets[:split]),
+        batch_size=cfg.batch_size, shuffle=True)
+    val_loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(inputs[split:], targets[split:]), batch_size=cfg.batch_size)
+    torch.manual_seed(cfg.seed)
+    model = TinyTransformerLM(cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.seq_len,
+                              cfg.n_layers).to(device)
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler(enabled=cuda)
+    batches, val_batches = _endless(loader), _endless(val_loader)
+
+    def train_steps():
+        model.train()
+        for _ in range(steps):
+            x, y = (t.to(device) for t in next(batches))
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(**autocast):
+                loss = criterion(model(x).view(-1, cfg.vocab_size), y.view(-1))
+            scaler.scale(loss).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            loss.item()
+
+    def eval_steps():
+        model.eval()
+        with torch.no_grad():
+            for _ in range(steps):
+                x, y = (t.to(device) for t in next(val_batches))
+                with torch.autocast(**autocast):
+                    criterion(model(x).view(-1, cfg.vocab_size), y.view(-1)).item()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step_s = _timed(train_steps, steps, repeats)
+    eval_s = _timed(eval_steps, steps, repeats)
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    path = "PyTorch, seed's loop" + (", CPU bf16 autocast" if cpu_bf16 else "")
+    return PathResult(path, step_s, eval_s, None, peak)
+
+
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec.
+RSS_PROBE = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as done:
+    if done.code:
+        raise
+status = open("/proc/self/status").read().splitlines()
+print([line.split()[1] for line in status if line.startswith("VmHWM")][0], file=sys.stderr)
+"""
+
+SEED_DATA_PATH = """
+import sys
+sys.path.insert(0, "REPO")
+from pathlib import Path
+from tinylm_jax.core.data import encode, read_corpus, train_tokenizer
+from tinylm_jax.seed.torch_reference import seed_windows
+text = read_corpus(Path(sys.argv[1]))
+windows = seed_windows(encode(train_tokenizer(text, int(sys.argv[3])), text), int(sys.argv[2]))
+"""
+
+
+def peak_rss_mb(argv: list[str]) -> float:
+    """Peak resident memory of a Python script run as `argv` in a fresh process, in MiB."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # host memory only; leave the GPU alone
+    result = subprocess.run([sys.executable, "-c", RSS_PROBE, *argv], capture_output=True,
+                            text=True, cwd=REPO, env=env)
+    lines = result.stderr.strip().splitlines()
+    if result.returncode != 0 or not lines or not lines[-1].isdigit():
+        raise UserError(f"memory probe of {argv[0]} failed: {(lines or ['no output'])[-1]}")
+    return int(lines[-1]) / 1024  # VmHWM is in KiB
+
+
+def host_memory(corpus: Path, experiment: str, cfg: ExperimentConfig) -> dict[str, float]:
+    """Peak RSS of this project's dry run against the seed's data path (corpus to windows)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        probe = Path(scratch) / "seed_data_path.py"
+        probe.write_text(SEED_DATA_PATH.replace("REPO", str(REPO)), encoding="utf-8")
+        return {"tinylm-jax dry run": peak_rss_mb([str(REPO / "scripts" / "run_experiment.py"),
+                                                   experiment, "--dry-run", "--data",
+                                                   str(corpus)]),
+                "seed data path (torch)": peak_rss_mb([str(probe), str(corpus), str(cfg.seq_len),
+                                                       str(cfg.vocab_size)])}
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    device = jax.devices()[0]
+    return (f"{cpu} ({os.cpu_count()} cores); JAX on {jax.default_backend()}: "
+            f"{jax.device_count()} x {device.device_kind}")
+
+
+def peak_flops(device_kind: str) -> float | None:
+    return next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in device_kind), None)
+
+
+def mfu(cfg: ExperimentConfig, result: PathResult, precision: str, devices: int) -> str:
+    """Model FLOPs utilisation against the bf16 peak of all devices; '-' where it means nothing
+    (no known peak, or float32 compute)."""
+    peak = peak_flops(jax.devices()[0].device_kind)
+    if peak is None or compute_dtype_name(precision) != "bfloat16":
+        return "-"
+    return f"{model_flops_per_step(cfg) / statistics.median(result.step_s) / (peak * devices):.1%}"
+
+
+def _spread(values: list[float], scale: float = 1.0, fmt: str = "{:.3f}") -> str:
+    low, mid, high = (fmt.format(v * scale) for v in (min(values), statistics.median(values),
+                                                      max(values)))
+    return f"{mid} ({low}–{high})"
+
+
+def results_table(rows: list[tuple[ExperimentConfig, Dataset, PathResult]], precision: str,
+                  devices: int) -> list[str]:
+    """Markdown rows, each experiment's paths followed by ours/theirs ratios against each of
+    its PyTorch paths (ours is measured first)."""
+    lines = ["| Experiment | Path | Compile s | s/step, median (range) | Train tok/s | "
+             "Eval tok/s | Epoch s (est.) | Peak device MiB | MFU |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    by_experiment: dict[str, list[PathResult]] = {}
+    for cfg, data, result in rows:
+        by_experiment.setdefault(cfg.name, []).append(result)
+        utilisation = mfu(cfg, result, precision, devices if result.path == "tinylm-jax" else 1)
+        memory = (f"{result.peak_device_bytes / 2**20:,.0f}"
+                  if result.peak_device_bytes is not None else "-")
+        compile_s = f"{result.compile_s:.1f}" if result.compile_s is not None else "-"
+        lines.append(f"| {cfg.name} | {result.path} | {compile_s} | {_spread(result.step_s)} | "
+                     f"{result.train_tokens_per_s(cfg):,.0f} | {result.eval_tokens_per_s(cfg):,.0f}"
+                     f" | {result.epoch_s(cfg, data):,.0f} | {memory} | {utilisation} |")
+    for cfg, data, result in rows:
+        ours = by_experiment[cfg.name][0]
+        if result is ours:
+            continue
+        lines.append(f"| {cfg.name} | **ours / {result.path}** | | | "
+                     f"**{ours.train_tokens_per_s(cfg) / result.train_tokens_per_s(cfg):.2f}x**"
+                     f" | {ours.eval_tokens_per_s(cfg) / result.eval_tokens_per_s(cfg):.2f}x | "
+                     f"{result.epoch_s(cfg, data) / ours.epoch_s(cfg, data):.2f}x | | |")
+    return lines
+
+
+def run_benchmark(names: list[str], corpus: Path, steps: int, repeats: int, precision: str,
+                  devices: int | None, with_torch: bool, log: Callable[[str], None] = print
+                  ) -> str:
+    """Measure every experiment both ways; the whole Markdown report."""
+    text = read_corpus(corpus)
+    mesh = data_mesh(devices)
+    tokenizers: dict[int, Tokenizer] = {}  # trained once per vocabulary size
+    rows = []
+    for name in names:
+        cfg = load_config(name)
+        data = build_dataset(text, cfg, tokenizers.get(cfg.vocab_size))
+        tokenizers[cfg.vocab_size] = data.tokenizer
+        check_batch_fits(cfg.batch_size, mesh)
+        log(f"{cfg.name}: tinylm-jax, {steps} steps x {repeats}")
+        rows.append((cfg, data, measure_ours(cfg, data, steps, repeats, precision, mesh)))
+        if with_torch:
+            log(f"{cfg.name}: PyTorch seed loop, {steps} steps x {repeats}")
+            rows.append((cfg, data, measure_seed_torch(cfg, data, steps, repeats)))
+            if jax.default_backend() == "cpu":
+                log(f"{cfg.name}: PyTorch seed loop under CPU bf16 autocast")
+                rows.append((cfg, data, measure_seed_torch(cfg, data, steps, repeats,
+                                                           cpu_bf16=True)))
+    versions = ", ".join(f"{pkg} {version}" for pkg, version in
+                         package_versions(*(("torch",) if with_torch else ())).items())
+    lines = ["# Training speed: tinylm-jax and the seed's PyTorch loop", "",
+             f"- Machine: {machine_description()}.",
+             f"- Versions: {versions}; Python {platform.python_version()}.",
+             f"- Precision: {precision} (jax: {compute_dtype_name(precision)} compute on "
+             f"{mesh.devices.size} device(s); PyTorch: the seed's fp16 autocast on CUDA; on CPU "
+             "float32 as the seed, and again under bf16 autocast); batch 512; "
+             f"each figure over {steps} steps, {repeats} repeats after a warm-up (median and "
+             "range). Epoch s (est.): one epoch of training plus a full "
+             "validation pass, from the median rates. Compile s: the train and eval chunks, "
+             "ahead of time. Peak device memory: JAX's is the process's peak so far (the "
+             "experiments run in the order listed), PyTorch's is reset per experiment.",
+             "- Reproduce: `python scripts/benchmark.py " + " ".join(names)
+             + f" --precision {precision} --steps {steps} --repeats {repeats}"
+             + ("" if with_torch else " --no-torch") + "`.", ""]
+    lines += results_table(rows, precision, mesh.devices.size)
+    if with_torch:
+        memory = host_memory(corpus, names[0], load_config(names[0]))
+        lines += ["", f"Host memory, peak RSS ({names[0]}): "
+                  + "; ".join(f"{k} {v:,.0f} MiB" for k, v in memory.items()) + "."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,114 @@
+"""Command lines of `scripts/benchmark.py` (training speed against the seed's PyTorch loop) and
+`scripts/attention_scaling.py` (cost against context length, seed 5.5)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shlex
+import sys
+from pathlib import Path
+
+from tinylm_jax.analysis.reports import output_folder
+from tinylm_jax.bench.benchmark import run_benchmark
+from tinylm_jax.bench.scaling import (
+    DEFAULT_LENGTHS,
+    Plan,
+    measure,
+    plan,
+    write_scaling,
+)
+from tinylm_jax.cli.console import OneLineParser, entry_point, guarded, print_paths
+from tinylm_jax.core.config import EXPERIMENT_NAMES, ExperimentConfig, UserError, load_config
+from tinylm_jax.core.cpu_bf16 import keep_host_buffers
+from tinylm_jax.core.data import resolve_corpus
+from tinylm_jax.core.files import write_text_atomic
+from tinylm_jax.core.train import PRECISIONS, default_steps_per_chunk
+
+
+def benchmark_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="benchmark.py", description="Training speed of this project "
+                           "against the seed notebook's PyTorch loop, as a Markdown table.")
+    parser.add_argument("experiments", nargs="*", default=list(EXPERIMENT_NAMES),
+                        help="experiment names or TOML paths (default: all three)")
+    parser.add_argument("--data", help="corpus (default: $TINYLM_DATA, else the cache)")
+    parser.add_argument("--steps", type=int, help="steps per measurement (default: the "
+                        "training chunk, 10 on CPU and 100 on GPU/TPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per figure")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
+    parser.add_argument("--devices", type=int, help="split batches over the first N devices")
+    parser.add_argument("--no-torch", action="store_true", help="measure this project only")
+    parser.add_argument("--out", type=Path, help="also write the table to this .md file")
+    return parser
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    keep_host_buffers()  # as training does
+    steps = args.steps if args.steps is not None else default_steps_per_chunk()
+    if steps < 1 or args.repeats < 1:
+        raise UserError("--steps and --repeats must be positive")
+    for name in args.experiments:
+        load_config(name)
+    if not args.no_torch and importlib.util.find_spec("torch") is None:
+        raise UserError("torch is not installed: pip install torch, or pass --no-torch")
+    corpus = resolve_corpus(args.data)
+    report = run_benchmark(args.experiments, corpus, steps, args.repeats, args.precision,
+                           args.devices, not args.no_torch, log=print)
+    print(report, end="")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(args.out, report)
+        print_paths([args.out])
+    return 0
+
+
+benchmark_main = entry_point(benchmark_parser, benchmark)
+
+
+def scaling_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="attention_scaling.py", description="How the seconds and memory "
+                           "of a training step and of its attention sub-layer grow with the "
+                           "context length (seed 5.5); no training, no corpus.")
+    parser.add_argument("--experiment", default="baseline", help="the model: an experiment "
+                        "name or TOML path (default baseline); seq_len and batch_size are set "
+                        "per measurement")
+    parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS),
+                        help="context lengths L (default: 32 64 128 256 512)")
+    parser.add_argument("--tokens", type=int, default=32768, help="tokens per batch in the "
+                        "fixed-tokens setting, B = tokens / L (default 32768)")
+    parser.add_argument("--windows", type=int, default=64, help="windows per batch in the "
+                        "fixed-windows setting (default 64)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="compute precision (default fp32; bf16 takes the CPU fast path)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement, "
+                        "after a warm-up; the median is kept (default 3)")
+    parser.add_argument("--out", type=Path, default=Path("runs/attention_scaling"),
+                        help="output folder (default runs/attention_scaling)")
+    return parser
+
+
+def _check(args: argparse.Namespace) -> tuple[ExperimentConfig, Plan]:
+    """The experiment and every config to measure; bad input refused before anything runs."""
+    if min(args.lengths) < 1 or args.tokens < 1 or args.windows < 1 or args.repeats < 1:
+        raise UserError("--lengths, --tokens, --windows and --repeats must be positive")
+    if len(set(args.lengths)) != len(args.lengths) or len(args.lengths) < 2:
+        raise UserError("--lengths needs two or more distinct lengths to fit an exponent")
+    base = load_config(args.experiment)
+    configs = plan(base, sorted(args.lengths), args.tokens, args.windows)
+    output_folder(args.out)
+    return base, configs
+
+
+def scaling_main(argv: list[str] | None = None) -> int:
+    args = scaling_parser().parse_args(argv)
+    keep_host_buffers()  # as training does
+    command = shlex.join(["python", "scripts/attention_scaling.py",
+                          *(sys.argv[1:] if argv is None else argv)])
+
+    def run() -> int:
+        base, configs = _check(args)
+        rows = measure(configs, args.precision, args.repeats)
+        print_paths(write_scaling(rows, base, args.precision, args.repeats, command, args.out))
+        return 0
+
+    return guarded(run)

@@ -1,0 +1,114 @@
+"""Command line for `scripts/run_experiment.py`: parse, validate, hand over to
+`run.experiment`; with `all` or `--analyze`, the analyses follow the training."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tinylm_jax.analysis import reports
+from tinylm_jax.cli.console import OneLineParser, entry_point, print_paths
+from tinylm_jax.core.config import (
+    EXPERIMENT_NAMES,
+    ExperimentConfig,
+    UserError,
+    check_seed,
+    load_config,
+)
+from tinylm_jax.core.cpu_bf16 import keep_host_buffers
+from tinylm_jax.core.parallel import initialize_distributed, is_primary
+from tinylm_jax.core.train import PRECISIONS
+from tinylm_jax.run.experiment import RunOptions, describe, prepare, train_prepared
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="run_experiment.py",
+        description="Train the seed report's tiny Transformer on Tiny Shakespeare.")
+    parser.add_argument("experiment", help=f"{', '.join(EXPERIMENT_NAMES)}, all (the three in "
+                        "order, plus a comparison table), or a path to an experiment .toml")
+    parser.add_argument("--data", help="corpus file (default: $TINYLM_DATA, else a verified "
+                        "download cached under ~/.cache/tinylm_jax)")
+    parser.add_argument("--out", type=Path, help="run folder (default: runs/<experiment>; "
+                        "with 'all', the parent of the three run folders, default runs/)")
+    parser.add_argument("--seed", type=int, help="override the experiment's seed")
+    parser.add_argument("--max-epochs", type=int, help="override the experiment's num_epochs")
+    parser.add_argument("--max-steps-per-epoch", type=int,
+                        help="train at most this many steps per epoch (quick runs)")
+    parser.add_argument("--steps-per-chunk", type=int, help="training steps per compiled call "
+                        "(default: 100 on GPU/TPU, 10 on CPU); results do not depend on it")
+    parser.add_argument("--devices", type=int, help="split each batch over the first N devices "
+                        "(default: all devices, of every process)")
+    parser.add_argument("--coordinator", help="HOST:PORT of process 0, to train as one of "
+                        "several processes (with --num-processes and --process-id)")
+    parser.add_argument("--num-processes", type=int, default=1, help="processes in the run")
+    parser.add_argument("--process-id", type=int, default=0, help="this process's rank")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="compute precision; auto = bf16 on GPU/TPU, fp32 on CPU")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest "
+                        "checkpoint in the run folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    parser.add_argument("--stop-at-step", type=int, help="checkpoint and stop once the run has "
+                        "taken this many optimiser steps in all (e.g. to fit a time slot); "
+                        "--resume continues it")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config, "
+                        "parameter count and window counts; train nothing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--analyze", action="store_true", help="after each run, write every "
+                        "analysis of `scripts/analyze.py all` into its run folder")
+    return parser
+
+
+def _config(name: str, args: argparse.Namespace) -> ExperimentConfig:
+    cfg = load_config(name)
+    overrides = {"seed": args.seed, "num_epochs": args.max_epochs}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.coordinator:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    elif (args.num_processes, args.process_id) != (1, 0):
+        raise UserError("--num-processes and --process-id need --coordinator")
+    keep_host_buffers()  # after jax.distributed starts (it reads the backend), before any step
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    if args.max_epochs is not None and args.max_epochs < 1:
+        raise UserError(f"--max-epochs must be positive, got {args.max_epochs}")
+    if args.seed is not None:
+        check_seed(args.seed, "--seed")
+    run_all = args.experiment == "all"
+    names = list(EXPERIMENT_NAMES) if run_all else [args.experiment]
+    root = args.out or Path("runs")  # with `all`, the parent of the run folders
+    prepared = {}
+    for name in names:  # validate every experiment before training any
+        stem = Path(name).stem
+        out = root / stem if run_all or args.out is None else args.out
+        # `all --resume` after an interruption: runs not started yet simply start.
+        resume = args.resume and (not run_all or out.exists())
+        opts = RunOptions(out_dir=out, data=args.data, precision=args.precision,
+                          max_steps_per_epoch=args.max_steps_per_epoch, resume=resume,
+                          overwrite=args.overwrite, progress=not args.no_progress,
+                          steps_per_chunk=args.steps_per_chunk, devices=args.devices,
+                          stop_at_step=args.stop_at_step)
+        prepared[stem] = prepare(_config(name, args), opts, dry_run=args.dry_run)
+    if args.dry_run:
+        print("\n\n".join(describe(one) for one in prepared.values()))
+        return 0
+    for one in prepared.values():
+        train_prepared(one)
+    run_dirs = [one.opts.out_dir for one in prepared.values()]
+    if not is_primary():  # the files below are process 0's to write
+        return 0
+    if run_all:
+        paths = reports.write_comparison(run_dirs, root)
+        print(paths[0].read_text(encoding="utf-8"), end="")
+        print_paths(paths)
+    if args.analyze:  # after all training, so that an analysis failing costs no run
+        for run_dir in run_dirs:
+            print_paths(reports.analyze_run(run_dir, args.data))
+    return 0
+
+
+main = entry_point(build_parser, run)

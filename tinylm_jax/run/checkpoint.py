@@ -1,0 +1,260 @@
+"""orbax checkpoints of a run: the latest and the best (lowest validation loss) are both kept.
+
+Checkpoints are numbered 1, 2, 3, ... in the order they are saved: one at the end of every epoch,
+with its validation loss, and one wherever a run is stopped (a signal, `--stop-at-step`), without.
+Each holds the train state's arrays (params, optimiser and plateau state, step) and a JSON record
+of the run so far: its history and, for a stop mid-epoch, the epoch's progress.
+
+Safety, on top of orbax's own write-to-temporary-then-rename:
+- the record carries sha256 checksums of the arrays and of itself, checked on every restore,
+  because orbax restores flipped bytes silently;
+- a state with a non-finite value is never saved;
+- a full disk is reported in one line, and the previous checkpoint stays as it was;
+- temporary folders left by a save that never finished are removed when a run opens the folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as policy
+from tokenizers import Tokenizer
+
+from tinylm_jax.core.config import ExperimentConfig, UserError
+from tinylm_jax.core.model import TinyTransformerLM, build_model
+from tinylm_jax.core.parallel import barrier, is_primary
+from tinylm_jax.core.train import TrainingDiverged, TrainState, compute_dtype, create_train_state
+from tinylm_jax.run.folder import RunFolder
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose files cannot be read or do not match their checksums."""
+
+
+class DiskFull(UserError):
+    """The disk filled up during a save; the checkpoints saved before are untouched."""
+
+
+def _ranked_loss(metrics: dict[str, float]) -> float:
+    """Validation loss for ranking; a non-finite loss ranks last, so it is never the best."""
+    loss = metrics["val_loss"]
+    return loss if math.isfinite(loss) else math.inf
+
+
+def _arrays(state: TrainState) -> dict[str, Any]:
+    return {"params": state.params, "opt_state": state.opt_state,
+            "plateau_state": state.plateau_state, "step": state.step}
+
+
+def _host_leaves(arrays: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
+    """Every array as (path, numpy copy). The state is replicated, so one copy is all of it."""
+    leaves = jax.tree_util.tree_flatten_with_path(arrays)[0]
+    return [(jax.tree_util.keystr(path),
+             np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf))
+            for path, leaf in leaves]
+
+
+def _arrays_sha256(leaves: list[tuple[str, np.ndarray]]) -> str:
+    digest = hashlib.sha256()
+    for path, value in leaves:
+        digest.update(f"{path}:{value.dtype}:{value.shape};".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+def _record_sha256(record: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _disk_full(err: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain: as an OSError, or in the text of tensorstore's
+    `RESOURCE_EXHAUSTED: ... [OS error: No space left on device]` (not XLA's out-of-memory)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+class RunCheckpoints:
+    """The checkpoints folder of one run folder."""
+
+    def __init__(self, run: RunFolder, read_only: bool = False):
+        self.run_dir = run.path.resolve()
+        self.folder = run.checkpoints.resolve()
+        self.corrupt_folder = run.corrupt_checkpoints.resolve()
+        if not read_only and is_primary():
+            for leftover in self.folder.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(leftover)  # a save that never committed
+        barrier("checkpoints-tidy")
+        options = ocp.CheckpointManagerOptions(
+            best_fn=_ranked_loss,
+            best_mode="min",
+            # max_to_keep with best_fn can evict the latest; this keeps both explicitly. A stop's
+            # checkpoint has no metrics and lives only as long as it is the latest.
+            preservation_policy=policy.AnyPreservationPolicy([
+                policy.LatestN(n=1),
+                policy.BestN(get_metric_fn=_ranked_loss, reverse=True, n=1,
+                             keep_checkpoints_without_metrics=False),
+            ]),
+            enable_async_checkpointing=False,
+            # Reading touches nothing. (orbax's own read_only flag warns on every use.)
+            create=not read_only,
+        )
+        self.manager = ocp.CheckpointManager(self.folder, options=options)
+
+    def save(self, state: TrainState, record: dict[str, Any], val_loss: float | None = None
+             ) -> int:
+        """Save as the next checkpoint number; `val_loss` ranks it (None: a stop's checkpoint)."""
+        number = (self.manager.latest_step() or 0) + 1
+        leaves = _host_leaves(_arrays(state))
+        bad = [path for path, value in leaves  # the plateau's best loss starts at inf
+               if not path.startswith("['plateau_state']")
+               and np.issubdtype(value.dtype, np.inexact) and not np.all(np.isfinite(value))]
+        if bad:
+            raise TrainingDiverged(f"the state holds non-finite values ({bad[0]}); "
+                                   "not checkpointed")
+        record = {**record, "checksums": {"arrays": _arrays_sha256(leaves),
+                                          "record": _record_sha256(record)}}
+        metrics = None if val_loss is None else {"val_loss": float(val_loss)}
+        try:
+            saved = self.manager.save(number, metrics=metrics, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_arrays(state)), record=ocp.args.JsonSave(record)))
+            self.manager.wait_until_finished()
+        except Exception as err:
+            if _disk_full(err):
+                raise DiskFull(f"{self.run_dir}: the disk is full, so checkpoint {number} was "
+                               "not saved; the earlier checkpoints are intact: free some space, "
+                               "then --resume") from None
+            raise
+        assert saved, "orbax skips a step number it has seen; ours only grow"
+        return number
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best(self) -> int | None:
+        return self.manager.best_step()
+
+    def restore(self, number: int, template: TrainState) -> tuple[TrainState, dict[str, Any]]:
+        """Checkpoint `number` (shaped like `template`) and its record, both verified."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(template))
+        try:
+            restored = self.manager.restore(number, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
+        except OSError as err:
+            if not isinstance(err, FileNotFoundError):  # e.g. permissions: not the files' fault
+                raise
+            raise CorruptCheckpoint(f"checkpoint {number} in {self.folder} is missing a file "
+                                    f"({_first_line(err)})") from None
+        except Exception as err:  # orbax and tensorstore raise many types for damaged files
+            raise CorruptCheckpoint(f"checkpoint {number} in {self.folder} cannot be read "
+                                    f"({_first_line(err)})") from None
+        record = dict(restored["record"] or {})
+        checksums = record.pop("checksums", None)
+        found = {"arrays": _arrays_sha256(_host_leaves(restored["state"])),
+                 "record": _record_sha256(record)}
+        if checksums != found:
+            raise CorruptCheckpoint(f"checkpoint {number} in {self.folder} does not match the "
+                                    "checksums saved with it")
+        return template.replace(**restored["state"]), record
+
+    def restore_newest_intact(self, template: TrainState, warn: Callable[[str], None]
+                              ) -> tuple[TrainState, dict[str, Any]] | None:
+        """The newest checkpoint that restores intact, None if there is none at all.
+
+        Damaged ones newer than it are named in a warning and moved to `corrupt_checkpoints/`,
+        out of orbax's way; if no checkpoint is intact, nothing is moved and this raises.
+        """
+        damaged: list[int] = []
+        numbers = sorted(self.manager.all_steps(), reverse=True)
+        for index, number in enumerate(numbers):
+            try:
+                restored = self.restore(number, template)
+            except CorruptCheckpoint as err:
+                older = "; trying an older one" if index + 1 < len(numbers) else ""
+                warn(f"warning: {err}{older}")
+                damaged.append(number)
+                continue
+            self._set_aside(damaged)
+            if damaged:
+                warn(f"warning: continuing from checkpoint {number}; the damaged ones are in "
+                     f"{self.corrupt_folder}")
+            return restored
+        if damaged:
+            raise CorruptCheckpoint(f"{self.run_dir}: no intact checkpoint to resume from "
+                                    f"(damaged: {', '.join(map(str, damaged))}); nothing was "
+                                    "changed")
+        return None
+
+    def _set_aside(self, numbers: list[int]) -> None:
+        if numbers and is_primary():
+            self.corrupt_folder.mkdir(exist_ok=True)
+            for number in numbers:
+                shutil.move(self.folder / str(number),
+                            self.corrupt_folder / f"{number}-{time.time_ns()}")
+        barrier("checkpoints-set-aside")
+        self.manager.reload()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+@dataclass
+class LoadedRun:
+    """A finished (or interrupted) run, ready for analysis."""
+
+    config: ExperimentConfig
+    model: TinyTransformerLM
+    params: Any
+    tokenizer: Tokenizer
+    checkpoint: int  # the number of the checkpoint `params` came from
+    record: dict[str, Any]  # that checkpoint's record: history, and progress if mid-epoch
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed before the checkpoint."""
+        return len(self.record["history"])
+
+    @property
+    def position(self) -> str:
+        """Where in training the params come from: "epoch 6", or "epoch 6 + 250 steps"."""
+        progress = self.record.get("epoch_in_progress")
+        steps = progress["steps_done"] if progress else 0
+        return f"epoch {self.epoch}" + (f" + {steps} steps" if steps else "")
+
+
+def load_run(run_dir: str | Path, which: str = "best", precision: str = "fp32") -> LoadedRun:
+    """Restore a run's `best` or `latest` params, with its config, model and tokenizer."""
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+    run = RunFolder(run_dir)
+    cfg = run.read_config()
+    checkpoints = RunCheckpoints(run, read_only=True)
+    try:
+        number = checkpoints.best() if which == "best" else checkpoints.latest()
+        if number is None:
+            raise UserError(f"{run_dir}: no checkpoint to load")
+        state, record = checkpoints.restore(number, create_train_state(cfg, precision))
+    finally:
+        checkpoints.close()
+    return LoadedRun(cfg, build_model(cfg, compute_dtype(precision)), state.params,
+                     run.read_tokenizer(), number, record)

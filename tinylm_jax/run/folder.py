@@ -1,0 +1,265 @@
+"""The run folder: every file training writes, its one writer and its one reader, and the
+folder's safety rules.
+
+A run folder holds:
+  config.json              the experiment config and the run's settings (precision, step limit,
+                           corpus sha256): what a resume must match
+  tokenizer.json           the BPE the run was trained with
+  history.csv              one row per finished epoch (`HISTORY_FIELDS`)
+  attention_by_epoch.csv   attention statistics from initialisation on (`ATTENTION_FIELDS`)
+  summary.json             written when the run ends
+  checkpoints/             orbax checkpoints (`checkpoint.RunCheckpoints`)
+  corrupt_checkpoints/     damaged checkpoints, set aside, never deleted
+  .lock                    held while a run trains in the folder
+The analyses write their own files beside these (`analysis.reports` owns those).
+
+Safety rules:
+- A folder is continued (`--resume`) or replaced (`--overwrite`), never silently overwritten.
+- A resume must match the run's config, step limit, precision and corpus, or it is refused.
+- One run at a time: training holds an exclusive lock on `.lock` (a flock, which the kernel
+  drops when the process ends, however it ends).
+- Every file is written to a temporary name and renamed (`core.files`).
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import IO, Any
+
+from tokenizers import Tokenizer
+
+from tinylm_jax.core.attention_stats import STAT_NAMES
+from tinylm_jax.core.config import ExperimentConfig, UserError, config_from_dict
+from tinylm_jax.core.files import write_csv_atomic, write_text_atomic
+
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_ppl", "lr", "epoch_seconds",
+                  "train_tokens_per_s")
+ATTENTION_FIELDS = ("epoch", "layer", "head", *STAT_NAMES)
+# Fields that may change when a run is resumed; any other difference is refused.
+RESUMABLE_CHANGES = ("name", "num_epochs", "early_stop_patience")
+# How config.json's run settings are named to the user.
+SETTING_FLAGS = {"precision": "--precision", "max_steps_per_epoch": "--max-steps-per-epoch",
+                 "compute_dtype": "compute dtype"}
+
+
+class RunFolder:
+    """One run folder, at `path`; whether it exists yet or not."""
+
+    CONFIG = "config.json"
+    TOKENIZER = "tokenizer.json"
+    HISTORY = "history.csv"
+    ATTENTION = "attention_by_epoch.csv"
+    SUMMARY = "summary.json"
+    CHECKPOINTS = "checkpoints"
+    CORRUPT = "corrupt_checkpoints"
+    LOCK = ".lock"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    @property
+    def corrupt_checkpoints(self) -> Path:
+        return self.path / self.CORRUPT
+
+    # --- readers ---------------------------------------------------------------------------
+
+    def read_record(self) -> tuple[ExperimentConfig, dict[str, Any]]:
+        """config.json: the experiment config, and the whole record beside it."""
+        path = self.file(self.CONFIG)
+        if not path.is_file():
+            raise UserError(f"{self.path}: not a run folder (no {self.CONFIG})")
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            values = record["experiment"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{path}: unreadable run config ({err!r})") from None
+        return config_from_dict(values, source=str(path)), record
+
+    def read_config(self) -> ExperimentConfig:
+        return self.read_record()[0]
+
+    def read_tokenizer(self) -> Tokenizer:
+        path = self.file(self.TOKENIZER)
+        if not path.is_file():
+            raise UserError(f"{self.path}: run folder has no {self.TOKENIZER}")
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception on a malformed file
+            raise UserError(f"{path}: unreadable tokenizer ({err})") from None
+
+    def read_history(self) -> list[dict[str, float]]:
+        """history.csv as rows of numbers (epoch as int)."""
+        path = self.file(self.HISTORY)
+        if not path.is_file():
+            raise UserError(f"{self.path}: no {self.HISTORY} (has the run finished an epoch?)")
+        return _read_epoch_rows(path, HISTORY_FIELDS, "history")
+
+    def has_attention_record(self) -> bool:
+        """Runs begun before the per-epoch attention record have none."""
+        return self.file(self.ATTENTION).is_file()
+
+    def read_attention_by_epoch(self) -> list[dict[str, Any]]:
+        """attention_by_epoch.csv: statistics as floats, layer and head as written."""
+        if not self.has_attention_record():
+            raise UserError(f"{self.path}: no {self.ATTENTION} (the run predates the per-epoch "
+                            "attention record)")
+        return _read_epoch_rows(self.file(self.ATTENTION), ATTENTION_FIELDS, "attention record",
+                                ("layer", "head"))
+
+    def read_summary(self) -> dict[str, Any]:
+        """summary.json, which only a finished run has."""
+        path = self.file(self.SUMMARY)
+        if not path.is_file():
+            raise UserError(f"{self.path}: no {self.SUMMARY} (the run has not finished)")
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise UserError(f"{path}: unreadable summary ({err})") from None
+
+    # --- writers ---------------------------------------------------------------------------
+
+    def write_record(self, cfg: ExperimentConfig, settings: dict[str, Any]) -> None:
+        """config.json: `cfg` and the run's `settings` (what a resume must match)."""
+        self._write_json(self.CONFIG, {"experiment": cfg.to_dict(), **settings})
+
+    def write_tokenizer(self, tokenizer: Tokenizer) -> None:
+        write_text_atomic(self.file(self.TOKENIZER), tokenizer.to_str(pretty=True))
+
+    def write_history(self, history: list[dict[str, Any]]) -> None:
+        write_csv_atomic(self.file(self.HISTORY), HISTORY_FIELDS, history)
+
+    def write_attention_by_epoch(self, rows: list[dict[str, Any]]) -> None:
+        write_csv_atomic(self.file(self.ATTENTION), ATTENTION_FIELDS, rows)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        self._write_json(self.SUMMARY, summary)
+
+    def _write_json(self, name: str, value: dict[str, Any]) -> None:
+        write_text_atomic(self.file(name), json.dumps(value, indent=2) + "\n")
+
+    # --- safety rules ----------------------------------------------------------------------
+
+    def check_usable(self, resume: bool, overwrite: bool) -> None:
+        """Refuse a folder the run may not use; writes nothing."""
+        out = self.path
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{out}: exists and is not a folder")
+        if resume:
+            if not self.file(self.CONFIG).is_file():
+                raise UserError(f"{out}: nothing to resume (no run folder there)")
+        elif self._used() and not overwrite:
+            raise UserError(f"{out}: run folder exists; pass --resume to continue it or "
+                            "--overwrite to replace it")
+        elif self._used():
+            self.read_record()  # only a readable run folder may be overwritten
+        existing = out
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not _writable(existing):
+            raise UserError(f"{existing}: output folder is not writable")
+
+    def check_resumable(self, cfg: ExperimentConfig, settings: dict[str, Any]) -> None:
+        """Refuse to resume with another config or other `settings` (config.json's keys)."""
+        stored, record = self.read_record()
+        old, new = stored.to_dict(), cfg.to_dict()
+        changed = [f"{key} ({old[key]!r} -> {new[key]!r})" for key in old
+                   if key not in RESUMABLE_CHANGES and old[key] != new[key]]
+        for key, value in settings.items():
+            if key == "corpus_sha256" and record.get(key) != value:
+                changed.append("corpus (its sha256 differs)")
+            elif record.get(key) != value:
+                name = SETTING_FLAGS.get(key, key)
+                changed.append(f"{name} ({record.get(key)!r} -> {value!r})")
+        if changed:
+            raise UserError(f"{self.path}: cannot resume with a different config: "
+                            f"{', '.join(changed)}")
+
+    def lock(self) -> RunFolderLock:
+        """Exclusive use of the folder while training (creates it)."""
+        return RunFolderLock(self.path / self.LOCK)
+
+    def clear(self) -> None:
+        """Empty the folder for `--overwrite`, keeping the lock that guards it."""
+        for path in self.path.iterdir():
+            if path.name == self.LOCK:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+    def _used(self) -> bool:
+        return self.path.is_dir() and any(p.name != self.LOCK for p in self.path.iterdir())
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        probe = folder / f".tinylm_write_probe_{os.getpid()}"  # one per process
+        probe.touch()
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def _read_epoch_rows(path: Path, fields: tuple[str, ...], what: str,
+                     text_fields: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """A per-epoch CSV's rows: `text_fields` as written, epoch as int, the rest as floats."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = [{key: row[key] if key in text_fields else float(row[key]) for key in fields}
+                    for row in csv.DictReader(f)]
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{path}: unreadable {what} ({err!r})") from None
+    if not rows:
+        raise UserError(f"{path}: no epochs recorded")
+    for row in rows:
+        row["epoch"] = int(row["epoch"])
+    return rows
+
+
+class RunFolderLock:
+    """An exclusive flock on a run folder's lock file, naming its holder's pid."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file: IO[str] | None = None
+
+    def __enter__(self) -> RunFolderLock:
+        folder = self.path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise UserError(f"{folder}: another run is using this run folder (pid "
+                            f"{holder}); wait for it to end or choose another --out") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._file = lock
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()

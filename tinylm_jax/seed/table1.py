@@ -1,0 +1,34 @@
+"""The seed report's numbers that this project is judged against: its per-epoch validation
+perplexities, Table 1, and which of its experiments a run reproduces."""
+
+from __future__ import annotations
+
+from tinylm_jax.core.config import EXPERIMENT_NAMES, load_config
+
+# The seed notebook's printed validation perplexity after each epoch (its figure 2's curves);
+# Table 1 is each curve's minimum.
+SEED_VAL_PPL = {
+    "baseline": (78.06, 67.09, 62.34, 60.94, 60.14, 60.00, 60.19),
+    "medium": (79.47, 69.06, 64.60, 63.75, 63.24, 63.73),
+    "wider": (87.97, 74.69, 67.99, 64.77, 62.19, 60.51, 59.65, 59.17, 58.56, 58.35, 58.37),
+}
+# The seed report's Table 1: best validation perplexity and the epoch it was reached.
+SEED_TABLE1 = {key: (min(curve), curve.index(min(curve)) + 1)
+               for key, curve in SEED_VAL_PPL.items()}
+# Tokens of the seed's corpus in its 500-entry BPE: they fix the windows each of its epochs saw.
+SEED_NUM_TOKENS = 447_717
+
+
+def seed_experiment(key: str, experiment: str) -> str | None:
+    """Which of the seed's experiments (baseline, medium, wider) a run keyed `key` reproduces:
+    the key itself if it is one, else the one whose config is named `experiment`; or None."""
+    if key in SEED_TABLE1:
+        return key
+    names = {load_config(name).name: name for name in EXPERIMENT_NAMES}
+    return names.get(experiment)
+
+
+def seed_result(key: str, experiment: str) -> tuple[float, int] | None:
+    """The seed's (best PPL, epoch) for a run keyed `key`, as `seed_experiment` matches it."""
+    seed = seed_experiment(key, experiment)
+    return SEED_TABLE1[seed] if seed else None
