@@ -7,6 +7,7 @@ import pytest
 from tinylm_jax.bench.benchmark import model_flops_per_step, run_benchmark
 from tinylm_jax.cli.bench import benchmark_main as main
 from tinylm_jax.core.config import load_config
+from tinylm_jax.core.data import build_dataset, num_batches
 
 
 def test_model_flops_follow_the_palm_accounting():
@@ -15,10 +16,14 @@ def test_model_flops_follow_the_palm_accounting():
     assert model_flops_per_step(load_config("baseline")) == 2_161_920 * 32_768
 
 
-def test_the_benchmark_measures_ours_beside_the_seeds_loop(tiny_toml, tiny_corpus):
+def test_the_benchmark_measures_ours_beside_the_seeds_loop(tiny_toml, tmp_path, corpus_text):
     pytest.importorskip("torch")
-    # 200 steps wrap round both splits of the tiny corpus (about 75 and 20 batches).
-    report = run_benchmark([str(tiny_toml)], tiny_corpus, steps=200, repeats=1, precision="fp32",
+    corpus = tmp_path / "short.txt"
+    corpus.write_text(corpus_text[:2000], encoding="utf-8")
+    data = build_dataset(corpus_text[:2000], load_config(str(tiny_toml)))
+    steps = 40  # more than either split has batches (24 and 6): both paths wrap round
+    assert steps > num_batches(data.splits.num_train, 32) > num_batches(data.splits.num_val, 32)
+    report = run_benchmark([str(tiny_toml)], corpus, steps=steps, repeats=1, precision="fp32",
                            devices=None, with_torch=True, log=lambda *_: None)
     rows = [line for line in report.splitlines() if line.startswith("| tiny |")]
     seed, autocast = "PyTorch, seed's loop", "PyTorch, seed's loop, CPU bf16 autocast"

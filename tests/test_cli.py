@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, snapshot
+from conftest import REPO, TINY_CHARS, snapshot, tiny_toml_file
 
 from tinylm_jax.analysis.runs import comparison_table
 from tinylm_jax.cli.run_experiment import main
@@ -26,21 +26,34 @@ def _history(run_dir):
         return list(csv.DictReader(f))
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, corpus_text):
+    """(run folder, toml, corpus): the tiny experiment's four epochs straight through (it stops
+    early after them: 3 epochs without a better PPL than epoch 1's)."""
+    root = tmp_path_factory.mktemp("straight")
+    toml = tiny_toml_file(root / "tiny.toml")
+    corpus = root / "tiny.txt"
+    corpus.write_text(corpus_text[:TINY_CHARS], encoding="utf-8")
+    out = root / "run"
+    assert _run(toml, corpus, out) == 0
+    return out, toml, corpus
+
+
 @pytest.fixture
-def one_epoch_run(tmp_path, tiny_toml, tiny_corpus):
-    """A run folder after one epoch of the tiny experiment."""
-    out = tmp_path / "run"
-    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1") == 0
-    return out
+def tiny_run_copy(tiny_run, tmp_path):
+    """A copy of the shared two-epoch run folder, for a test that writes into it."""
+    return shutil.copytree(tiny_run[0], tmp_path / "run")
 
 
-def test_train_then_resume_equals_a_straight_run(tmp_path, tiny_toml, tiny_corpus, capsys):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert _run(tiny_toml, tiny_corpus, straight) == 0
-    assert _run(tiny_toml, tiny_corpus, split, "--max-epochs", "2") == 0
+def test_train_then_resume_equals_a_straight_run(straight, tmp_path, capsys):
+    """Stopped at an epoch's end and resumed: the plateau's state, the history and the params
+    carry over (a resume from mid-epoch is test_reliability's SIGTERM test)."""
+    straight, toml, corpus = straight
+    split = tmp_path / "split"
+    assert _run(toml, corpus, split, "--max-epochs", "2") == 0
     assert [row["epoch"] for row in _history(split)] == ["1", "2"]
     assert (split / "checkpoints" / "2").is_dir()
-    assert _run(tiny_toml, tiny_corpus, split, "--resume") == 0
+    assert _run(toml, corpus, split, "--resume") == 0
     assert "resumed" in capsys.readouterr().out
     # The plateau cuts after epochs 2 and 3 only show if its state survived the restart.
     assert [float(row["lr"]) for row in _history(split)] == [0.03, 0.03, 0.015, 0.0075]
@@ -57,9 +70,8 @@ def test_train_then_resume_equals_a_straight_run(tmp_path, tiny_toml, tiny_corpu
                                                         for r in _history(split)))
 
 
-def test_best_and_latest_are_both_kept(tmp_path, tiny_toml, tiny_corpus):
-    out = tmp_path / "run"
-    assert _run(tiny_toml, tiny_corpus, out) == 0
+def test_best_and_latest_are_both_kept(straight):
+    out = straight[0]
     history = _history(out)
     best = min(history, key=lambda row: float(row["val_loss"]))
     best_run, latest_run = load_run(out, "best"), load_run(out, "latest")
@@ -71,18 +83,19 @@ def test_best_and_latest_are_both_kept(tmp_path, tiny_toml, tiny_corpus):
     assert summary["stopped_early"] is True  # 3 epochs without a better PPL after epoch 1
 
 
-def test_an_existing_run_folder_is_never_silently_overwritten(one_epoch_run, tiny_toml,
+def test_an_existing_run_folder_is_never_silently_overwritten(tiny_run_copy, tiny_toml,
                                                              tiny_corpus, capsys):
-    out = one_epoch_run
+    out = tiny_run_copy
     before = (out / "history.csv").read_bytes()
     assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1") == 2
     assert "--resume" in capsys.readouterr().err
     assert (out / "history.csv").read_bytes() == before
     assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1", "--overwrite") == 0
+    assert [row["epoch"] for row in _history(out)] == ["1"]  # replaced, not continued
 
 
-def test_resuming_with_another_config_is_refused(one_epoch_run, tiny_toml, tiny_corpus, capsys):
-    out = one_epoch_run
+def test_resuming_with_another_config_is_refused(tiny_run, tiny_toml, capsys):
+    out, tiny_corpus = tiny_run
     before = snapshot(out)
     assert _run(tiny_toml, tiny_corpus, out, "--resume", "--seed", "7") == 2
     assert "seed (0 -> 7)" in capsys.readouterr().err
@@ -94,10 +107,8 @@ def test_resuming_with_another_config_is_refused(one_epoch_run, tiny_toml, tiny_
 @pytest.mark.parametrize("edit, message", [
     (lambda toml, corpus: ("nosuch", corpus), "unknown experiment 'nosuch'"),
     (lambda toml, corpus: (toml, corpus.with_name("missing.txt")), "corpus file not found"),
-    (lambda toml, corpus: (toml.write_text(toml.read_text() + "dmodel = 3\n") and toml, corpus),
-     "unknown key(s) dmodel"),
-    (lambda toml, corpus: (toml.write_text(toml.read_text() + "train_fraction = 1.5\n") and toml,
-                           corpus),
+    (lambda toml, corpus: (tiny_toml_file(toml, dmodel=3), corpus), "unknown key(s) dmodel"),
+    (lambda toml, corpus: (tiny_toml_file(toml, train_fraction=1.5), corpus),
      "'train_fraction' must lie in"),
     (lambda toml, corpus: (toml, corpus.write_text("To be, or not") and corpus),
      "corpus too short"),
@@ -153,23 +164,22 @@ def test_the_script_reports_bad_input_without_a_traceback(tmp_path):
     assert result.stderr.startswith("error: unknown experiment") and result.stderr.count("\n") == 1
 
 
-def test_resume_needs_a_complete_run_folder(tmp_path, tiny_toml, tiny_corpus, capsys):
-    out = tmp_path / "run"
-    assert _run(tiny_toml, tiny_corpus, out, "--resume") == 2
+def test_resume_needs_a_complete_run_folder(tmp_path, tiny_run_copy, tiny_toml, tiny_corpus,
+                                           capsys):
+    assert _run(tiny_toml, tiny_corpus, tmp_path / "empty", "--resume") == 2
     assert "nothing to resume" in capsys.readouterr().err
-    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "1") == 0
+    out = tiny_run_copy
     (out / "tokenizer.json").unlink()
     assert _run(tiny_toml, tiny_corpus, out, "--resume") == 2
     assert "no tokenizer.json" in capsys.readouterr().err
 
 
-def test_all_runs_the_three_and_resumes_what_is_missing(tmp_path, tiny_toml, tiny_corpus,
-                                                        monkeypatch, capsys):
+def test_all_runs_the_three_and_resumes_what_is_missing(tmp_path, tiny_corpus, monkeypatch,
+                                                        capsys):
     experiments = tmp_path / "experiments"
     experiments.mkdir()
     for name in ("baseline", "medium", "wider"):
-        (experiments / f"{name}.toml").write_text(
-            tiny_toml.read_text().replace("num_epochs = 4", "num_epochs = 1"))
+        tiny_toml_file(experiments / f"{name}.toml", num_epochs=1)
     monkeypatch.setattr("tinylm_jax.core.config.EXPERIMENTS_DIR", experiments)
     root = tmp_path / "runs"
     argv = ["all", "--data", str(tiny_corpus), "--out", str(root), "--no-progress"]
@@ -183,8 +193,8 @@ def test_all_runs_the_three_and_resumes_what_is_missing(tmp_path, tiny_toml, tin
     assert (root / "wider" / "summary.json").is_file()
 
 
-def test_dry_run_ignores_an_existing_run_folder(one_epoch_run, tiny_toml, tiny_corpus, capsys):
-    out = one_epoch_run
+def test_dry_run_ignores_an_existing_run_folder(tiny_run, tiny_toml, capsys):
+    out, tiny_corpus = tiny_run
     before = snapshot(out)
     assert _run(tiny_toml, tiny_corpus, out, "--dry-run", "--seed", "5") == 0
     assert "seed = 5" in capsys.readouterr().out
@@ -200,11 +210,13 @@ def test_overwrite_only_replaces_a_run_folder(tmp_path, tiny_toml, tiny_corpus, 
     assert (out / "config.json").read_text() == "my own notes, not a run"
 
 
-def test_resuming_on_another_corpus_is_refused(one_epoch_run, tiny_toml, tiny_corpus, capsys):
-    out = one_epoch_run
-    tiny_corpus.write_text(tiny_corpus.read_text() + "\nEXTRA:\nMore lines.\n")
+def test_resuming_on_another_corpus_is_refused(tiny_run, tiny_toml, tiny_corpus, capsys):
+    out = tiny_run[0]
+    before = snapshot(out)
+    tiny_corpus.write_text(tiny_corpus.read_text() + "\nEXTRA:\nMore lines.\n")  # the test's own
     assert _run(tiny_toml, tiny_corpus, out, "--resume") == 2
     assert "corpus (its sha256 differs)" in capsys.readouterr().err
+    assert snapshot(out) == before
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import REPO, refused, snapshot
 
-from tinylm_jax.analysis import plots
+from tinylm_jax.analysis import plots, reports
 from tinylm_jax.analysis.attention import JS_DISTANCE_MAX
 from tinylm_jax.analysis.corpus import open_corpus
 from tinylm_jax.cli.analyze import analyze_main, generate_main, plot_attention_main
@@ -222,12 +222,24 @@ def test_topk_and_predict_print_tables(tiny_run, capsys):
     assert "[actual]" in out and "[predicted]" in out
 
 
-def test_the_runner_can_analyse_at_the_end(tiny_toml, tiny_corpus, tmp_path, capsys):
+def test_the_runner_can_analyse_at_the_end(tiny_toml, tiny_corpus, tmp_path, monkeypatch,
+                                           capsys):
+    """`--analyze` runs `analyze all`'s analysis (whose files the first test checks) on the
+    finished run, and prints what it wrote."""
+    calls = []
+
+    def analyze_run(run_dir, data):
+        calls.append((run_dir, data, (run_dir / "summary.json").is_file()))
+        return [run_dir / name for name in PER_RUN_FILES]
+
+    monkeypatch.setattr(reports, "analyze_run", analyze_run)
     out = tmp_path / "run"
     argv = [str(tiny_toml), "--data", str(tiny_corpus), "--out", str(out), "--no-progress",
-            "--max-epochs", "1", "--analyze"]
+            "--max-epochs", "1", "--max-steps-per-epoch", "2", "--analyze"]
     assert run_experiment_main(argv) == 0
-    assert all((out / name).is_file() for name in PER_RUN_FILES)
+    assert calls == [(out, str(tiny_corpus), True)]  # once, after training had finished
+    written = capsys.readouterr().out
+    assert all(f"wrote {out / name}" in written for name in PER_RUN_FILES)
 
 
 D = ["--data", "{corpus}"]

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tinylm_jax import model as model_module
+from tinylm_jax.core import model as model_module
 from tinylm_jax.core.config import EXPERIMENTS_DIR, load_config
 from tinylm_jax.core.model import build_model, count_params, init_params, sinusoidal_positions
 

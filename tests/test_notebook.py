@@ -1,6 +1,7 @@
 """notebooks/tinylm_jax.ipynb: committed without outputs, and runs top to bottom in a fresh
 kernel on the tiny experiment."""
 
+import os
 import re
 
 import nbformat
@@ -25,7 +26,11 @@ def test_the_notebook_is_committed_without_outputs():
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
-def test_the_notebook_runs_top_to_bottom_on_a_tiny_run(tiny_toml, tiny_corpus, tmp_path):
+def test_the_notebook_runs_top_to_bottom_on_a_tiny_run(tiny_toml, tiny_corpus, tmp_path,
+                                                       monkeypatch):
+    # The kernel imports this checkout, whatever other copy of the package is installed.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     _with_parameters(notebook, {"EXPERIMENT": str(tiny_toml), "RUN_DIR": str(tmp_path / "run"),
                                 "DATA": str(tiny_corpus), "FULL_PROTOCOL": False,

@@ -1,6 +1,7 @@
 """Data parallelism on CPU: 8 forced host devices, and two processes joined by jax.distributed."""
 
 import csv
+import json
 import os
 import socket
 import subprocess
@@ -8,15 +9,15 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO
+from conftest import REPO, tiny_toml_file
 
 from tinylm_jax.cli.run_experiment import main
 from tinylm_jax.core.attention_stats import STAT_NAMES
 
 EIGHT_DEVICES = textwrap.dedent("""
-    import dataclasses, sys
+    import dataclasses, json, sys
     import jax, numpy as np
-    from tinylm_jax.core.config import ExperimentConfig, UserError
+    from tinylm_jax.core.config import UserError, config_from_dict
     from tinylm_jax.core.data import build_dataset
     from tinylm_jax.core.parallel import check_batch_fits, data_mesh, replicate
     from tinylm_jax.core.train import (
@@ -28,16 +29,16 @@ EIGHT_DEVICES = textwrap.dedent("""
     )
 
     assert len(jax.devices()) == 8
-    cfg = ExperimentConfig(name="tiny", vocab_size=120, seq_len=16, d_model=32, n_layers=2,
-                           n_heads=4, d_ff=64, lr=3e-3, batch_size=32)
+    cfg = config_from_dict(json.loads(sys.argv[2]))  # conftest's tiny_cfg
     data = build_dataset(open(sys.argv[1], encoding="utf-8").read(), cfg)
     results = {}
     for devices in (1, 8):
         mesh = data_mesh(devices)
         state = replicate(create_train_state(cfg, "fp32"), mesh)
         placed = dataclasses.replace(data, tokens=replicate(data.tokens, mesh))
-        options = LoopOptions(steps_per_chunk=5, mesh=mesh, show_progress=False)
-        state, progress = train_epoch(state, placed, cfg, EpochProgress(1, 12), options=options)
+        # 18 steps and 27 validation batches in chunks of 9: one compile of each per mesh
+        options = LoopOptions(steps_per_chunk=9, mesh=mesh, show_progress=False)
+        state, progress = train_epoch(state, placed, cfg, EpochProgress(1, 18), options=options)
         params = [np.asarray(x) for x in jax.tree.leaves(state.params)]
         assert jax.tree.leaves(state.params)[0].sharding.mesh.devices.size == devices
         results[devices] = (progress.train_loss, evaluate(state, placed, cfg, options), params)
@@ -54,10 +55,11 @@ EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
-def test_eight_devices_train_like_one(tiny_corpus):
+def test_eight_devices_train_like_one(tiny_corpus, tiny_cfg):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(tiny_corpus)], env=env,
+    result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(tiny_corpus),
+                             json.dumps(tiny_cfg.to_dict())], env=env,
                             capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("ok")
@@ -81,15 +83,17 @@ def _attention_stats(run_dir):
                  [float(row[name]) for name in STAT_NAMES]) for row in csv.DictReader(f)]
 
 
-def test_two_processes_train_like_one(tmp_path, tiny_toml, tiny_corpus):
-    tiny_toml.write_text(tiny_toml.read_text().replace("num_epochs = 4", "num_epochs = 2"))
+def test_two_processes_train_like_one(tmp_path, tiny_corpus):
+    """Two epochs of 20 steps (two compiled chunks each), in one process and in two."""
+    toml = tiny_toml_file(tmp_path / "tiny.toml", num_epochs=2)
+    flags = [str(toml), "--data", str(tiny_corpus), "--no-progress", "--max-steps-per-epoch",
+             "20", "--steps-per-chunk", "10"]
     single = tmp_path / "single"
-    assert main([str(tiny_toml), "--data", str(tiny_corpus), "--out", str(single),
-                 "--no-progress"]) == 0
+    assert main([*flags, "--out", str(single)]) == 0
     shared = tmp_path / "shared"
-    common = [sys.executable, "scripts/run_experiment.py", str(tiny_toml), "--data",
-              str(tiny_corpus), "--out", str(shared), "--no-progress", "--coordinator",
-              f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id"]
+    common = [sys.executable, "scripts/run_experiment.py", *flags, "--out", str(shared),
+              "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+              "--process-id"]
     env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device per process
     workers = [subprocess.Popen(common + [str(rank)], cwd=REPO, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -8,8 +8,7 @@ import sys
 import pytest
 from tqdm import tqdm
 
-from tinylm_jax import train
-from tinylm_jax.core.data import build_dataset
+from tinylm_jax.core import train
 
 
 class Terminal(io.StringIO):
@@ -18,16 +17,15 @@ class Terminal(io.StringIO):
 
 
 @pytest.fixture
-def run_both(corpus_text, tiny_cfg):
+def run_both(tiny_data, tiny_cfg):
     """Train 6 steps and validate once, one step per chunk, so that the bars move often."""
-    data = build_dataset(corpus_text[:8000], tiny_cfg)
 
     def run() -> None:
         state = train.create_train_state(tiny_cfg, "fp32")
         options = train.LoopOptions(steps_per_chunk=1)
-        state, _ = train.train_epoch(state, data, tiny_cfg, train.EpochProgress(1, 6),
+        state, _ = train.train_epoch(state, tiny_data, tiny_cfg, train.EpochProgress(1, 6),
                                      options=options)
-        train.evaluate(state, data, tiny_cfg, options)
+        train.evaluate(state, tiny_data, tiny_cfg, options)
 
     return run
 

@@ -3,10 +3,18 @@
 Every run here is the tiny experiment cut to 6 steps per epoch, so a run takes seconds. "The same"
 means bitwise: params, optimiser state, plateau state, step, and the history's numbers (all but
 its timings).
+
+Where each kind of resume is proven equal to a straight run, once:
+- within an epoch, in one process: test_train (the cheapest level that can break it);
+- across an epoch boundary, with the plateau state: test_cli;
+- from a mid-epoch stop, across processes: the SIGTERM test below (stopped in one process by a
+  real signal, resumed in a fresh one).
 """
 
+import contextlib
 import csv
 import errno
+import io
 import json
 import math
 import os
@@ -14,20 +22,21 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO, TINY_TOML, snapshot
+from conftest import REPO, TINY_CHARS, snapshot, tiny_toml_file
 
 from tinylm_jax.cli.run_experiment import main
+from tinylm_jax.core import train
 from tinylm_jax.core.config import ExperimentConfig
 from tinylm_jax.core.data import train_order
 from tinylm_jax.core.train import TrainingDiverged, create_train_state
 from tinylm_jax.run.checkpoint import RunCheckpoints
 from tinylm_jax.run.folder import RunFolder
+from tinylm_jax.run.signals import StopSignals
 
 STEPS = 6  # per epoch, via --max-steps-per-epoch
 TIMINGS = ("epoch_seconds", "train_tokens_per_s")
@@ -37,9 +46,9 @@ TIMINGS = ("epoch_seconds", "train_tokens_per_s")
 def setup(tmp_path_factory, corpus_text):
     """(folder, toml, corpus): three epochs of 6 steps, 4 steps per compiled chunk."""
     root = tmp_path_factory.mktemp("reliability")
-    toml, corpus = root / "tiny.toml", root / "tiny.txt"
-    toml.write_text(TINY_TOML.replace("num_epochs = 4", "num_epochs = 3"))
-    corpus.write_text(corpus_text[:8000], encoding="utf-8")
+    toml = tiny_toml_file(root / "tiny.toml", num_epochs=3)
+    corpus = root / "tiny.txt"
+    corpus.write_text(corpus_text[:TINY_CHARS], encoding="utf-8")
     return root, toml, corpus
 
 
@@ -59,15 +68,22 @@ def _script(setup, out, *extra):
             *_flags(setup, out, *extra)]
 
 
-def _latest(out, which="latest"):
-    """(state, record) of a run folder's latest (or best) checkpoint, verified."""
+def _restore(out, number):
+    """(state, record) of checkpoint `number` (or "latest", "best") of a run folder, verified."""
     cfg = RunFolder(out).read_config()
     checkpoints = RunCheckpoints(RunFolder(out), read_only=True)
     try:
-        number = checkpoints.latest() if which == "latest" else checkpoints.best()
+        if number == "latest":
+            number = checkpoints.latest()
+        elif number == "best":
+            number = checkpoints.best()
         return checkpoints.restore(number, create_train_state(cfg, "fp32"))
     finally:
         checkpoints.close()
+
+
+def _latest(out):
+    return _restore(out, "latest")
 
 
 def _leaves(state):
@@ -87,9 +103,14 @@ def _attention_lines(out):
     return (out / RunFolder.ATTENTION).read_bytes().splitlines()
 
 
+def _aside(out):
+    """The names of the checkpoints set aside in `corrupt_checkpoints/`."""
+    return [p.name for p in (out / RunFolder.CORRUPT).iterdir()]
+
+
 @pytest.fixture(scope="module")
 def straight(setup):
-    """Run A: three epochs straight through."""
+    """Run A: three epochs straight through; (state, record) of its latest checkpoint."""
     out = setup[0] / "straight"
     assert _run(setup, out) == 0
     return _latest(out)
@@ -106,27 +127,6 @@ def test_same_seed_same_run_bitwise_and_another_seed_differs(setup, straight):
     assert not np.array_equal(train_order(0, 2, 1000), train_order(0, 3, 1000))
 
 
-def test_stopped_mid_epoch_in_one_process_and_resumed_in_another_equals_straight(setup,
-                                                                                 straight):
-    out = setup[0] / "stopped"
-    stopped = subprocess.run(_script(setup, out, "--stop-at-step", "9"), capture_output=True,
-                             text=True, cwd=REPO, timeout=300)
-    assert stopped.returncode == 0, stopped.stderr
-    assert "stopped at step 9 as asked at epoch 2, step 3 of 6" in stopped.stderr
-    assert "--resume" in stopped.stderr.splitlines()[-1]
-    state_b, record_b = _latest(out)
-    assert record_b["epoch_in_progress"]["steps_done"] == 3 and int(state_b.step) == 9
-    assert not _same_state(state_b, straight[0])  # the interruption happened
-    resumed = subprocess.run(_script(setup, out, "--resume"), capture_output=True, text=True,
-                             cwd=REPO, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed" in resumed.stdout and "epoch 2, step 3 of 6" in resumed.stdout
-    state_c, record_c = _latest(out)
-    assert _same_state(state_c, straight[0])
-    assert _numbers(record_c) == _numbers(straight[1])
-    assert _attention_lines(out) == _attention_lines(setup[0] / "straight")
-
-
 def test_the_attention_record_holds_every_epoch_from_initialisation(setup, straight):
     with (setup[0] / "straight" / RunFolder.ATTENTION).open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -137,59 +137,140 @@ def test_the_attention_record_holds_every_epoch_from_initialisation(setup, strai
     assert rows[0] != {**rows[-per_epoch], "epoch": "0"}  # training changed the attention
 
 
-@pytest.fixture(scope="module")
-def long_epochs(setup, corpus_text):
-    """(flags, straight run folder): two epochs of about 3,000 steps, one step per chunk."""
-    root = setup[0]
-    toml, corpus = root / "long.toml", root / "long.txt"
-    toml.write_text(TINY_TOML.replace("batch_size = 32", "batch_size = 4")
-                    .replace("num_epochs = 4", "num_epochs = 2"))
-    corpus.write_text(corpus_text[:40000], encoding="utf-8")
-    flags = [str(toml), "--data", str(corpus), "--no-progress", "--steps-per-chunk", "1"]
-    assert main([*flags, "--out", str(root / "long-straight")]) == 0
-    return flags, root / "long-straight"
+# --- signals ----------------------------------------------------------------------------------
+
+# run_experiment.py as a user runs it, but the first chunk of epoch 2 (epoch 1 is a chunk of 4
+# steps and one of 2) announces itself on stdout and waits until the run's own SIGTERM handler
+# has seen the test's signal: the signal lands at a known step, whatever the machine's speed.
+SIGNAL_GATE = """
+import runpy, signal, sys, time
+import tinylm_jax.core.train as train
+
+original, calls = train.train_chunk, []
 
 
-def _signalled(flags, out, signum):
-    """Run in a process of its own and signal it a second into epoch 2 (everything compiled);
-    (exit code, stderr, seconds from the signal to the exit)."""
-    command = [sys.executable, str(REPO / "scripts" / "run_experiment.py"), *flags,
-               "--out", str(out)]
-    process = subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in process.stdout:
-        if line.startswith("epoch 1/2"):
-            break
-    time.sleep(1.0)
-    process.send_signal(signum)
-    sent = time.monotonic()
-    _, err = process.communicate(timeout=120)
-    return process.returncode, err, time.monotonic() - sent
+def gated(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        print("third chunk", flush=True)
+        handler = signal.getsignal(signal.SIGTERM).__self__  # the run's StopSignals
+        deadline = time.monotonic() + 300
+        while handler.received is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return original(*args, **kwargs)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_checkpoints_the_position_and_resume_equals_the_straight_run(
-        tmp_path, long_epochs, signum):
-    flags, straight_run = long_epochs
+train.train_chunk = gated
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_sigterm_checkpoints_the_position_and_a_resume_in_another_process_equals_straight(
+        setup, straight, tmp_path):
     out = tmp_path / "run"
-    code, err, seconds = _signalled(flags, out, signum)
-    assert code == 128 + signum, err
-    assert seconds < 15
-    assert f"stopped by {signal.Signals(signum).name} at epoch 2, step " in err
-    assert "saved checkpoint 2" in err
-    assert "continue with: python" in err and err.rstrip().endswith("--resume")
-    progress = _latest(out)[1]["epoch_in_progress"]
-    assert 0 < progress["steps_done"] < progress["steps_total"]
-    assert main([*flags, "--out", str(out), "--resume"]) == 0
-    final, record = _latest(out)
-    expected, expected_record = _latest(straight_run)
-    assert _same_state(final, expected) and _numbers(record) == _numbers(expected_record)
-    assert _attention_lines(out) == _attention_lines(straight_run)
+    command = [sys.executable, "-c", SIGNAL_GATE, *_script(setup, out)[1:]]
+    process = subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        for line in process.stdout:
+            if line == "third chunk\n":
+                process.send_signal(signal.SIGTERM)
+                break
+        _, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 128 + signal.SIGTERM, err
+    # The chunk under way when the signal came finishes; the run stops before the next one.
+    assert "stopped by SIGTERM at epoch 2, step 4 of 6; saved checkpoint 2 in" in err
+    last = err.rstrip().splitlines()[-1]
+    assert "continue with: python" in last and last.endswith("--resume")
+    state, record = _latest(out)
+    assert record["epoch_in_progress"]["steps_done"] == 4 and int(state.step) == STEPS + 4
+    resumed = subprocess.run(_script(setup, out, "--resume"), capture_output=True, text=True,
+                             cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed {out} at epoch 2, step 4 of 6" in resumed.stdout
+    state, record = _latest(out)
+    assert _same_state(state, straight[0]) and _numbers(record) == _numbers(straight[1])
+    assert _attention_lines(out) == _attention_lines(setup[0] / "straight")
 
 
-def test_stop_at_step_at_an_epoch_end_and_below_the_current_step(setup, straight, capsys,
-                                                                  tmp_path):
+def test_sigint_stops_a_run_like_sigterm_with_exit_130(setup, tmp_path, monkeypatch, capsys):
+    """In-process: Ctrl-C during epoch 2's first chunk; the run checkpoints and stops before the
+    next chunk (resuming such a checkpoint is the SIGTERM test's)."""
+    original, calls = train.train_chunk, []
+
+    def ctrl_c_in_the_third_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)  # handled before raise_signal returns
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_chunk", ctrl_c_in_the_third_chunk)
+    out = tmp_path / "run"
+    assert _run(setup, out) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert "stopped by SIGINT at epoch 2, step 4 of 6; saved checkpoint 2 in" in err
+    assert err.rstrip().endswith("--resume")
+    state, record = _latest(out)
+    assert record["epoch_in_progress"]["steps_done"] == 4 and int(state.step) == STEPS + 4
+
+
+def test_stop_signals_record_the_first_signal_and_a_second_ctrl_c_interrupts_at_once():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    with StopSignals() as signals:
+        assert not signals.requested()
+        signal.raise_signal(signal.SIGTERM)
+        assert signals.requested() and signals.received == signal.SIGTERM
+        assert (signals.signal_name, signals.exit_code) == ("SIGTERM", 143)
+        signal.raise_signal(signal.SIGTERM)  # a second SIGTERM only asks again
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # a second Ctrl-C: stop now
+    with StopSignals() as signals:
+        signal.raise_signal(signal.SIGINT)
+        assert (signals.signal_name, signals.exit_code) == ("SIGINT", 130)
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+# --- --stop-at-step ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stopped(setup):
+    """(folder, stderr) of a run stopped by --stop-at-step 8: its latest checkpoint (2, epoch 2
+    step 2) is newer than its best (1). Tests that change it work on `stopped_copy`.
+
+    The stops and resumes here fall where the straight run's chunks of 4 and 2 steps do, so that
+    they reuse its compiled chunks."""
+    out = setup[0] / "stopped-at-8"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert _run(setup, out, "--stop-at-step", "8") == 0
+    return out, err.getvalue()
+
+
+@pytest.fixture
+def stopped_copy(stopped, tmp_path):
+    """A copy of `stopped`'s folder for a test to change."""
+    return shutil.copytree(stopped[0], tmp_path / "run")
+
+
+def test_stop_at_step_mid_epoch_checkpoints_its_exact_position_and_names_the_resume(
+        stopped, straight):
+    out, err = stopped
+    # Step 8 is inside a chunk (epoch 2 runs in chunks of 4): the stop is exact all the same.
+    assert f"stopped at step 8 as asked at epoch 2, step 2 of 6; saved checkpoint 2 in " \
+           f"{out / 'checkpoints'}" in err
+    assert "--resume" in err.splitlines()[-1] and "--stop-at-step" not in err.splitlines()[-1]
+    state, record = _latest(out)
+    assert record["epoch_in_progress"]["steps_done"] == 2 and int(state.step) == 8
+    assert not _same_state(state, straight[0])  # the interruption happened
+
+
+def test_stop_at_step_at_an_epoch_end_and_below_the_current_step(setup, capsys, tmp_path):
     out = tmp_path / "run"
     assert _run(setup, out, "--stop-at-step", str(STEPS)) == 0
     assert "stopped at step 6 as asked at epoch 2, step 0 of 6; nothing new to save" in \
@@ -201,23 +282,9 @@ def test_stop_at_step_at_an_epoch_end_and_below_the_current_step(setup, straight
     assert _run(setup, out, "--resume", "--stop-at-step", "4") == 2
     assert "--stop-at-step 4: the run has already taken 6 steps" in capsys.readouterr().err
     assert snapshot(out) == before
-    assert _run(setup, out, "--resume") == 0
-    state, record = _latest(out)
-    assert _same_state(state, straight[0]) and _numbers(record) == _numbers(straight[1])
 
 
-@pytest.fixture(scope="module")
-def stopped(setup):
-    """A run folder whose latest checkpoint (2, epoch 2 step 3) is newer than its best (1)."""
-    out = setup[0] / "stopped-at-9"
-    assert _run(setup, out, "--stop-at-step", "9") == 0
-    return out
-
-
-@pytest.fixture
-def stopped_copy(stopped, tmp_path):
-    """A copy of `stopped` for a test to change."""
-    return shutil.copytree(stopped, tmp_path / "run")
+# --- damaged checkpoints ------------------------------------------------------------------------
 
 
 def _flip_bytes(path):
@@ -243,26 +310,50 @@ def _swap_arrays(checkpoint):  # another checkpoint's valid arrays: only the che
     shutil.copytree(checkpoint.parent / "1" / "state", checkpoint / "state")
 
 
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:10])
+
+
 @pytest.mark.parametrize("damage, found", [
     (lambda ck: _edit_history(ck / "record" / "metadata"), "does not match the checksums"),
     (_swap_arrays, "does not match the checksums"),
     (lambda ck: _flip_bytes(_biggest_array_file(ck)), ""),  # a decode error or the checksums
-    (lambda ck: _biggest_array_file(ck).write_bytes(_biggest_array_file(ck).read_bytes()[:10]),
-     ""),
+    (lambda ck: _truncate(_biggest_array_file(ck)), ""),
 ], ids=["edited-record", "swapped-arrays", "flipped-array-bytes", "truncated-array-file"])
-def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact(setup, straight, capsys,
-                                                                     stopped_copy, damage, found):
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact(stopped, stopped_copy,
+                                                                     damage, found):
     out = stopped_copy
     damage(out / "checkpoints" / "2")
-    assert _run(setup, out, "--resume") == 0
+    warnings = []
+    checkpoints = RunCheckpoints(RunFolder(out))
+    try:
+        template = create_train_state(RunFolder(out).read_config(), "fp32")
+        state, record = checkpoints.restore_newest_intact(template, warnings.append)
+        assert checkpoints.manager.all_steps() == [1]
+    finally:
+        checkpoints.close()
+    assert len(warnings) == 2
+    assert warnings[0].startswith(f"warning: checkpoint 2 in {out.resolve() / 'checkpoints'}")
+    assert warnings[0].endswith("; trying an older one") and found in warnings[0]
+    assert warnings[1].startswith("warning: continuing from checkpoint 1;")
+    aside = _aside(out)  # set aside, not deleted
+    assert len(aside) == 1 and aside[0].startswith("2-")
+    expected_state, expected_record = _restore(stopped[0], 1)  # the undamaged original's
+    assert _same_state(state, expected_state) and record == expected_record
+
+
+def test_a_resume_past_a_damaged_checkpoint_warns_and_trains_on_from_the_older_one(
+        setup, straight, capsys, stopped_copy):
+    out = stopped_copy
+    _edit_history(out / "checkpoints" / "2" / "record" / "metadata")
+    assert _run(setup, out, "--resume", "--stop-at-step", str(STEPS + 2)) == 0
     err = capsys.readouterr().err
-    assert "warning: checkpoint 2 in" in err and "trying an older one" in err and found in err
-    assert "continuing from checkpoint 1" in err
-    aside = list((out / RunFolder.CORRUPT).iterdir())  # set aside, not deleted
-    assert len(aside) == 1 and aside[0].name.startswith("2-")
+    assert "warning: checkpoint 2 in" in err and "does not match the checksums" in err
+    assert "trying an older one" in err and "continuing from checkpoint 1" in err
+    assert "stopped at step 8 as asked at epoch 2, step 2 of 6" in err  # 2 steps from step 6
+    assert len(_aside(out)) == 1
     state, record = _latest(out)
-    assert _same_state(state, straight[0]) and _numbers(record) == _numbers(straight[1])
-    assert _attention_lines(out) == _attention_lines(setup[0] / "straight")
+    assert int(state.step) == STEPS + 2 and _numbers(record) == _numbers(straight[1])[:1]
 
 
 def test_a_run_folder_from_before_positions_and_the_attention_record_resumes(setup, straight,
@@ -277,9 +368,10 @@ def test_a_run_folder_from_before_positions_and_the_attention_record_resumes(set
     checkpoints.save(state, record)  # checkpoint 3: the stop's, as saved then
     checkpoints.close()
     (out / RunFolder.ATTENTION).unlink()
-    assert _run(setup, out, "--resume") == 0
+    # On to the end of epoch 2: one epoch finishes (and is recorded) after the resume.
+    assert _run(setup, out, "--resume", "--stop-at-step", str(2 * STEPS)) == 0
     state, record = _latest(out)
-    assert _same_state(state, straight[0]) and _numbers(record) == _numbers(straight[1])
+    assert int(state.step) == 2 * STEPS and _numbers(record) == _numbers(straight[1])[:2]
     assert RunFolder(out).read_config().positional_encoding == "sinusoidal"
     assert not (out / RunFolder.ATTENTION).exists()  # no record without its epoch 0
 
@@ -292,6 +384,9 @@ def test_no_intact_checkpoint_is_refused_and_changes_nothing(setup, capsys, stop
     assert _run(setup, out, "--resume") == 2
     assert "no intact checkpoint to resume from (damaged: 2, 1)" in capsys.readouterr().err
     assert snapshot(out) == before
+
+
+# --- saves that fail ----------------------------------------------------------------------------
 
 
 def _fail_record_writes(monkeypatch, error, after=0):
@@ -308,20 +403,28 @@ def _fail_record_writes(monkeypatch, error, after=0):
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", failing)
 
 
+SMALL_CONFIG = {"vocab_size": 20, "seq_len": 4, "d_model": 8, "n_heads": 2, "d_ff": 8}
+
+
 def _small_state():
-    return create_train_state(ExperimentConfig(vocab_size=20, seq_len=4, d_model=8, n_heads=2,
-                                               d_ff=8), "fp32")
+    return create_train_state(ExperimentConfig(**SMALL_CONFIG), "fp32")
 
 
-CUT_OFF_SAVE = """
+CUT_OFF_SAVE = f"""
 import sys
 import orbax.checkpoint as ocp
+from tinylm_jax.core.config import ExperimentConfig
+from tinylm_jax.core.train import create_train_state
 from tinylm_jax.run.checkpoint import RunCheckpoints
 from tinylm_jax.run.folder import RunFolder
-from test_reliability import _small_state
+
+
+def _small_state():
+    return create_train_state(ExperimentConfig(**{SMALL_CONFIG!r}), "fp32")
+
 
 checkpoints = RunCheckpoints(RunFolder(sys.argv[1]))
-checkpoints.save(_small_state(), {"history": []}, 1.0)
+checkpoints.save(_small_state(), {{"history": []}}, 1.0)
 
 
 async def cut_off(self, item, directory):
@@ -329,7 +432,7 @@ async def cut_off(self, item, directory):
 
 
 ocp.JsonCheckpointHandler._save_fn = cut_off
-checkpoints.save(_small_state(), {"history": []}, 0.5)
+checkpoints.save(_small_state(), {{"history": []}}, 0.5)
 """
 
 
@@ -337,7 +440,7 @@ def test_a_save_that_never_commits_leaves_the_previous_one_and_is_tidied(tmp_pat
     """The process dies inside its second save (orbax's writes still in flight)."""
     died = subprocess.run([sys.executable, "-c", CUT_OFF_SAVE, str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert died.returncode == 1 and "power cut" in died.stderr
     assert list((tmp_path / "checkpoints").glob("2.orbax-checkpoint-tmp*"))
     state = _small_state()
@@ -354,8 +457,8 @@ def test_a_save_that_never_commits_leaves_the_previous_one_and_is_tidied(tmp_pat
                'left on device]'),
 ], ids=["errno-28", "tensorstore-resource-exhausted"])
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(
-        setup, monkeypatch, capsys, error):
-    out = setup[0] / f"full-{type(error).__name__}"
+        setup, monkeypatch, capsys, error, tmp_path):
+    out = tmp_path / "run"
     _fail_record_writes(monkeypatch, error, after=1)  # epoch 1 saves; epoch 2 hits a full disk
     assert _run(setup, out) == 2
     err = capsys.readouterr().err
@@ -388,6 +491,9 @@ def test_exactly_the_best_and_the_latest_are_kept_across_restarts(tmp_path, loss
     checkpoints.close()
 
 
+# --- resumes that are refused, divergence, locks ------------------------------------------------
+
+
 @pytest.mark.parametrize("flags, steps, message", [
     (["--precision", "bf16"], STEPS, "--precision ('auto' -> 'bf16')"),
     ([], 5, "--max-steps-per-epoch (6 -> 5)"),
@@ -402,19 +508,17 @@ def test_resuming_with_other_settings_is_refused_before_anything_changes(setup, 
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("change, message", [
-    ("d_model = 64\n", "d_model (32 -> 64)"),
-    ("lr = 0.001\n", "lr (0.03 -> 0.001)"),
-    ("grad_clip_norm = 0.5\n", "grad_clip_norm (1.0 -> 0.5)"),
-    ('positional_encoding = "none"\n', "positional_encoding ('sinusoidal' -> 'none')"),
+@pytest.mark.parametrize("field, value, message", [
+    ("d_model", 64, "d_model (32 -> 64)"),
+    ("lr", 0.001, "lr (0.03 -> 0.001)"),
+    ("grad_clip_norm", 0.5, "grad_clip_norm (1.0 -> 0.5)"),
+    ("positional_encoding", "none", "positional_encoding ('sinusoidal' -> 'none')"),
 ])
-def test_resuming_with_another_model_or_optimiser_is_refused(setup, tmp_path, capsys, change,
-                                                             message, stopped_copy):
+def test_resuming_with_another_model_or_optimiser_is_refused(setup, tmp_path, capsys, field,
+                                                             value, message, stopped_copy):
     out = stopped_copy
     before = snapshot(out)
-    edited = tmp_path / "edited.toml"
-    edited.write_text("".join(line + "\n" for line in TINY_TOML.splitlines()
-                              if line.split(" =")[0] != change.split(" =")[0]) + change)
+    edited = tiny_toml_file(tmp_path / "edited.toml", **{field: value})
     assert _run(setup, out, "--resume", toml=edited) == 2
     assert message in capsys.readouterr().err
     assert snapshot(out) == before
@@ -422,10 +526,9 @@ def test_resuming_with_another_model_or_optimiser_is_refused(setup, tmp_path, ca
 
 def test_a_non_finite_loss_stops_with_exit_3_and_no_checkpoint_holds_it(setup, tmp_path,
                                                                          capsys):
-    toml = tmp_path / "diverging.toml"
-    toml.write_text(TINY_TOML.replace("lr = 0.03", "lr = 1e30"))
+    toml = tiny_toml_file(tmp_path / "diverging.toml", lr=1e30)
     out = tmp_path / "run"
-    assert _run(setup, out, toml=toml) == 3
+    assert _run(setup, out, toml=toml, steps=4) == 3  # one chunk: one compile of this rate
     assert "non-finite training loss; stopped without checkpointing it" in capsys.readouterr().err
     checkpoints = RunCheckpoints(RunFolder(out), read_only=True)
     assert checkpoints.latest() is None  # it diverged in epoch 1: nothing finite to keep
@@ -445,4 +548,6 @@ def test_a_second_run_on_a_folder_in_use_is_refused(setup, capsys, stopped_copy)
             capsys.readouterr().err
         assert _run(setup, out, "--overwrite") == 2
         assert snapshot(out) == before
-    assert _run(setup, out, "--resume") == 0  # free again
+    # Free again: a resume takes the lock and trains (two steps are enough to show it).
+    assert _run(setup, out, "--resume", "--stop-at-step", "10") == 0
+    assert int(_latest(out)[0].step) == 10

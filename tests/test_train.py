@@ -107,27 +107,26 @@ def test_masked_validation_mean_equals_the_unpadded_mean(tiny_cfg, corpus_text):
     assert evaluate(state, data, cfg) == pytest.approx(float(direct), rel=1e-6)
 
 
-def test_gathered_windows_are_shifted_slices(corpus_text, tiny_cfg):
-    data = build_dataset(corpus_text[:8000], tiny_cfg)
-    ids = np.asarray(data.tokens)
-    batch = make_batch(data.tokens, jnp.array([0, 5, 100]), jnp.ones(3), seq_len=tiny_cfg.seq_len)
+def test_gathered_windows_are_shifted_slices(tiny_data, tiny_cfg):
+    ids = np.asarray(tiny_data.tokens)
+    batch = make_batch(tiny_data.tokens, jnp.array([0, 5, 100]), jnp.ones(3),
+                       seq_len=tiny_cfg.seq_len)
     for row, start in enumerate([0, 5, 100]):
         np.testing.assert_array_equal(batch["inputs"][row], ids[start:start + tiny_cfg.seq_len])
         np.testing.assert_array_equal(batch["targets"][row],
                                       ids[start + 1:start + tiny_cfg.seq_len + 1])
 
 
-def test_an_epoch_lowers_the_loss_and_counts_every_window(corpus_text, tiny_cfg):
-    data = build_dataset(corpus_text[:8000], tiny_cfg)
+def test_an_epoch_lowers_the_loss_and_counts_every_window(tiny_data, tiny_cfg):
     state = create_train_state(tiny_cfg, "fp32")
-    before = evaluate(state, data, tiny_cfg)
-    state, progress = train_epoch(state, data, tiny_cfg,
-                                  EpochProgress(1, epoch_steps(tiny_cfg, data)), options=QUIET)
-    assert sum(progress.token_counts) == data.splits.num_train * tiny_cfg.seq_len
+    before = evaluate(state, tiny_data, tiny_cfg)
+    state, progress = train_epoch(state, tiny_data, tiny_cfg,
+                                  EpochProgress(1, epoch_steps(tiny_cfg, tiny_data)), options=QUIET)
+    assert sum(progress.token_counts) == tiny_data.splits.num_train * tiny_cfg.seq_len
     assert progress.finished
-    assert progress.steps_done == len(progress.loss_sums) == -(-data.splits.num_train
+    assert progress.steps_done == len(progress.loss_sums) == -(-tiny_data.splits.num_train
                                                                 // tiny_cfg.batch_size)
-    assert evaluate(state, data, tiny_cfg) < before
+    assert evaluate(state, tiny_data, tiny_cfg) < before
 
 
 def _stepwise_eval(state, data, cfg):
@@ -138,48 +137,48 @@ def _stepwise_eval(state, data, cfg):
             / float(np.sum([m["tokens"] for m in sums], dtype=np.float64)))
 
 
-def test_compiled_chunks_equal_the_step_by_step_path(corpus_text, tiny_cfg):
-    data = build_dataset(corpus_text[:8000], tiny_cfg)
+def test_compiled_chunks_equal_the_step_by_step_path(tiny_data, tiny_cfg):
     stepwise, losses = create_train_state(tiny_cfg, "fp32"), []
-    for rows in batches(train_order(tiny_cfg.seed, 1, data.splits.num_train), tiny_cfg.batch_size):
-        batch = make_batch(data.tokens, rows["starts"], rows["weights"], seq_len=tiny_cfg.seq_len)
+    num_train = tiny_data.splits.num_train
+    for rows in batches(train_order(tiny_cfg.seed, 1, num_train), tiny_cfg.batch_size):
+        batch = make_batch(tiny_data.tokens, rows["starts"], rows["weights"],
+                           seq_len=tiny_cfg.seq_len)
         stepwise, metrics = train_step(stepwise, batch)
         losses.append(metrics["loss_sum"])
-    expected = float(np.sum(losses, dtype=np.float64)) / (data.splits.num_train * tiny_cfg.seq_len)
+    expected = float(np.sum(losses, dtype=np.float64)) / (num_train * tiny_cfg.seq_len)
     for steps_per_chunk in (1, 7, 1000):  # one step a call, a remainder chunk, the whole epoch
-        chunked, progress = train_epoch(create_train_state(tiny_cfg, "fp32"), data, tiny_cfg,
-                                        EpochProgress(1, epoch_steps(tiny_cfg, data)),
+        chunked, progress = train_epoch(create_train_state(tiny_cfg, "fp32"), tiny_data, tiny_cfg,
+                                        EpochProgress(1, epoch_steps(tiny_cfg, tiny_data)),
                                         options=LoopOptions(steps_per_chunk, show_progress=False))
         assert progress.train_loss == pytest.approx(expected, rel=1e-12)  # float64 sums
         for a, b in zip(jax.tree.leaves(chunked.params), jax.tree.leaves(stepwise.params),
                         strict=True):
             np.testing.assert_array_equal(a, b)
-        assert evaluate(chunked, data, tiny_cfg, LoopOptions(steps_per_chunk)) == pytest.approx(
-            _stepwise_eval(stepwise, data, tiny_cfg), rel=1e-12)
+        assert evaluate(chunked, tiny_data, tiny_cfg, LoopOptions(steps_per_chunk)) == \
+            pytest.approx(_stepwise_eval(stepwise, tiny_data, tiny_cfg), rel=1e-12)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the CPU fast path
-def test_an_epoch_stopped_and_continued_equals_one_run_straight_through(corpus_text, tiny_cfg,
+def test_an_epoch_stopped_and_continued_equals_one_run_straight_through(tiny_data, tiny_cfg,
                                                                         precision):
     """Stop at step 5 (not a chunk boundary) and at a requested stop, continue from a JSON round
     trip of the progress: params, optimiser state and the epoch's loss are bit-identical."""
-    data = build_dataset(corpus_text[:8000], tiny_cfg)
-    steps = epoch_steps(tiny_cfg, data)
-    straight, whole = train_epoch(create_train_state(tiny_cfg, precision), data, tiny_cfg,
+    steps = epoch_steps(tiny_cfg, tiny_data)
+    straight, whole = train_epoch(create_train_state(tiny_cfg, precision), tiny_data, tiny_cfg,
                                   EpochProgress(2, steps),
                                   options=LoopOptions(3, show_progress=False))
-    state, part = train_epoch(create_train_state(tiny_cfg, precision), data, tiny_cfg,
+    state, part = train_epoch(create_train_state(tiny_cfg, precision), tiny_data, tiny_cfg,
                               EpochProgress(2, steps), until=5,
                               options=LoopOptions(3, show_progress=False))
     assert (part.steps_done, part.finished) == (5, False)
     calls = []
-    state, part = train_epoch(state, data, tiny_cfg,
+    state, part = train_epoch(state, tiny_data, tiny_cfg,
                               EpochProgress.from_record(json.loads(json.dumps(part.to_record()))),
                               options=LoopOptions(2, show_progress=False,
                                                   stop_requested=lambda: calls.append(1)
                                                   or len(calls) > 2))
     assert part.steps_done == 9  # two chunks of 2, then the stop
-    state, part = train_epoch(state, data, tiny_cfg, part, options=QUIET)
+    state, part = train_epoch(state, tiny_data, tiny_cfg, part, options=QUIET)
     assert part.finished and part.train_loss == whole.train_loss
     assert part.loss_sums == whole.loss_sums
     for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
@@ -187,20 +186,20 @@ def test_an_epoch_stopped_and_continued_equals_one_run_straight_through(corpus_t
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_non_finite_loss_stops_the_epoch(corpus_text, tiny_cfg):
-    data = build_dataset(corpus_text[:8000], tiny_cfg)
+def test_a_non_finite_loss_stops_the_epoch(tiny_data, tiny_cfg):
     state = create_train_state(tiny_cfg, "fp32")
     state = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
     with pytest.raises(TrainingDiverged, match="epoch 1, steps 1-2: non-finite training loss"):
-        train_epoch(state, data, tiny_cfg, EpochProgress(1, epoch_steps(tiny_cfg, data)),
+        train_epoch(state, tiny_data, tiny_cfg, EpochProgress(1, epoch_steps(tiny_cfg, tiny_data)),
                     options=LoopOptions(2, show_progress=False))
 
 
-def test_evaluation_stops_between_chunks_when_asked(corpus_text, tiny_cfg):
-    data = build_dataset(corpus_text[:8000], tiny_cfg)
+def test_evaluation_stops_between_chunks_when_asked(tiny_data, tiny_cfg):
     state = create_train_state(tiny_cfg, "fp32")
-    assert evaluate(state, data, tiny_cfg, LoopOptions(1, stop_requested=lambda: True)) is None
-    assert evaluate(state, data, tiny_cfg, LoopOptions(1, stop_requested=lambda: False)) is not None
+    stop = LoopOptions(1, stop_requested=lambda: True)
+    go = LoopOptions(1, stop_requested=lambda: False)
+    assert evaluate(state, tiny_data, tiny_cfg, stop) is None
+    assert evaluate(state, tiny_data, tiny_cfg, go) is not None
 
 
 def test_weighted_loss_ignores_zero_weight_windows():

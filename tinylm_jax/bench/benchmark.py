@@ -45,7 +45,7 @@ from tinylm_jax.core.versions import package_versions
 
 # Dense bf16 peak FLOP/s by device kind (vendor datasheets), for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
