@@ -64,7 +64,8 @@ def _loss_and_grads(state, ids):
         loss_sum, tokens = weighted_loss(logits, ids[:, 1:], jnp.ones((ids.shape[0],)))
         return loss_sum / tokens
 
-    return jax.value_and_grad(loss)(state.params)
+    # Jitted: eager, each op of the backward pass compiles on its own (about 45 s here).
+    return jax.jit(jax.value_and_grad(loss))(state.params)
 
 
 def test_one_fast_path_step_tracks_float32_within_bf16_rounding(tiny_cfg):
