@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer
 
@@ -224,6 +225,13 @@ def host_memory(corpus: Path, experiment: str, cfg: ExperimentConfig) -> dict[st
                                                    str(corpus)]),
                 "seed data path (torch)": peak_rss_mb([str(probe), str(corpus), str(cfg.seq_len),
                                                        str(cfg.vocab_size)])}
+
+
+def random_batch(cfg: ExperimentConfig) -> dict[str, jax.Array]:
+    """A full batch of random tokens of `cfg`'s shapes: speed does not depend on the text."""
+    ids = jax.random.randint(jax.random.key(0), (cfg.batch_size, cfg.seq_len), 0, cfg.vocab_size)
+    return {"inputs": ids, "targets": jnp.roll(ids, -1, axis=1),
+            "weights": jnp.ones((cfg.batch_size,), jnp.float32)}
 
 
 def machine_description() -> str:

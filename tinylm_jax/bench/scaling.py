@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinylm_jax.analysis import plots
-from tinylm_jax.bench.benchmark import machine_description
+from tinylm_jax.bench.benchmark import machine_description, random_batch
 from tinylm_jax.core.config import ExperimentConfig, UserError
 from tinylm_jax.core.files import write_csv_atomic
 from tinylm_jax.core.model import MultiHeadSelfAttention, uses_cpu_fast_path
@@ -104,9 +104,7 @@ def _cost(compiled: Any, call: Callable[[], object], repeats: int) -> Cost:
 def step_cost(cfg: ExperimentConfig, precision: str, repeats: int) -> Cost:
     """A whole training step on random tokens, the state donated as in training."""
     state = create_train_state(cfg, precision)
-    ids = jax.random.randint(jax.random.key(0), (cfg.batch_size, cfg.seq_len), 0, cfg.vocab_size)
-    batch = {"inputs": ids, "targets": jnp.roll(ids, -1, axis=1),
-             "weights": jnp.ones((cfg.batch_size,), jnp.float32)}
+    batch = random_batch(cfg)
     compiled = train_step.lower(state, batch).compile()
 
     def call() -> None:

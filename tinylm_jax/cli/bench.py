@@ -1,5 +1,6 @@
-"""Command lines of `scripts/benchmark.py` (training speed against the seed's PyTorch loop) and
-`scripts/attention_scaling.py` (cost against context length, seed 5.5)."""
+"""Command lines of `scripts/benchmark.py` (training speed against the seed's PyTorch loop),
+`scripts/profile_step.py` (where a step's time goes) and `scripts/attention_scaling.py` (cost
+against context length, seed 5.5)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,23 @@ from tinylm_jax.bench.scaling import (
     plan,
     write_scaling,
 )
+from tinylm_jax.bench.step_profile import profile_markdown, profile_step
 from tinylm_jax.cli.console import OneLineParser, entry_point, guarded, print_paths
 from tinylm_jax.core.config import EXPERIMENT_NAMES, ExperimentConfig, UserError, load_config
 from tinylm_jax.core.cpu_bf16 import keep_host_buffers
 from tinylm_jax.core.data import resolve_corpus
 from tinylm_jax.core.files import write_text_atomic
 from tinylm_jax.core.train import PRECISIONS, default_steps_per_chunk
+
+
+def _print_report(report: str, out: Path | None) -> int:
+    """Print a Markdown report, and write it to `out` too when given."""
+    print(report, end="")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, report)
+        print_paths([out])
+    return 0
 
 
 def benchmark_parser() -> argparse.ArgumentParser:
@@ -54,15 +66,37 @@ def benchmark(args: argparse.Namespace) -> int:
     corpus = resolve_corpus(args.data)
     report = run_benchmark(args.experiments, corpus, steps, args.repeats, args.precision,
                            args.devices, not args.no_torch, log=print)
-    print(report, end="")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(args.out, report)
-        print_paths([args.out])
-    return 0
+    return _print_report(report, args.out)
 
 
 benchmark_main = entry_point(benchmark_parser, benchmark)
+
+
+def profile_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="profile_step.py", description="Where one training step's time "
+                           "goes: every instruction of the compiled step, by kind and by model "
+                           "part, and every matrix product's shapes, layouts and GFLOP/s, as "
+                           "Markdown. Random tokens; no corpus.")
+    parser.add_argument("experiments", nargs="*", default=list(EXPERIMENT_NAMES),
+                        help="experiment names or TOML paths (default: all three)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="compute precision (bf16 on a CPU: the fast path)")
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps, after a warm-up "
+                        "(default 3)")
+    parser.add_argument("--out", type=Path, help="also write the report to this .md file")
+    return parser
+
+
+def profile(args: argparse.Namespace) -> int:
+    keep_host_buffers()  # as training does
+    if args.steps < 1:
+        raise UserError("--steps must be positive")
+    configs = [load_config(name) for name in args.experiments]
+    report = profile_markdown([profile_step(cfg, args.precision, args.steps) for cfg in configs])
+    return _print_report(report, args.out)
+
+
+profile_main = entry_point(profile_parser, profile)
 
 
 def scaling_parser() -> argparse.ArgumentParser:
