@@ -9,10 +9,13 @@ FLOPs and so the GFLOP/s it reached. A product inside a fusion whose name says `
 YNNPACK's kernels; a bare `dot` ran on XLA's own (Eigen) fallback.
 
 Independent instructions may run at the same time on different cores, so the instructions'
-times can add up to more than the step's wall time; shares are of their sum. XLA's own products
-(its Eigen fallback) may run asynchronously on Eigen's threads, and then their events time only
-the launch (a float32 weight gradient of 4 GFLOP "took" 0.5 ms): the report gives no rate for
-them, and their work shows as wall time beyond what the instructions account for.
+times can add up to more than the step's wall time; shares are of their sum. Some of XLA's own
+products (its Eigen fallback) run asynchronously on Eigen's threads, and then their events time
+only the launch (a float32 weight gradient of 4 GFLOP "took" 0.5 ms): a product of XLA's own that
+claims a higher rate than the step's best YNNPACK product, whose kernels are the fast ones, gets
+no rate ("launch only"), and its work shows as wall time the instructions do not account for.
+Control-flow instructions (a loop, a call) are left out: their events enclose their bodies'.
+Wall time is measured with the profiler running.
 
 This is a tool for XLA:CPU: on a GPU the products are library calls (custom calls), not dots, and
 the kernels' events carry other names.
@@ -38,7 +41,11 @@ from tinylm_jax.core.train import compute_dtype_name, create_train_state, train_
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*)$")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{$")
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\](\{[\d,]*\})?")
-PHASES = ("forward", "backward", "update")
+PHASES = ("forward", "backward", "update", "unknown")
+# Events that enclose other instructions' events, or only start or end work elsewhere.
+_ENCLOSING = ("parameter", "while", "call", "conditional", "async-start", "async-update",
+              "async-done")
+YNNPACK_PRODUCT, OWN_PRODUCT = "product, YNNPACK", "product, XLA's own"
 
 
 @dataclass(frozen=True)
@@ -92,19 +99,28 @@ def _dims(array: str) -> list[int]:
     return [int(d) for d in match.group(2).split(",") if d] if match else []
 
 
-def _product(shape: str, call: str, shapes: dict[str, str]) -> Product | None:
-    """The dot `shape dot(%lhs, %rhs), lhs_contracting_dims={..}, ...`, operands resolved
-    through `shapes` (every instruction's output shape by name), or None."""
-    operands = re.match(r"dot\(%?([\w.\-]+), %?([\w.\-]+)\)", call)
+def _product(name: str, shape: str, call: str, shapes: dict[str, str]) -> Product:
+    """The dot `name = shape dot(%lhs, %rhs), lhs_contracting_dims={..}, ...`, its operands'
+    shapes from `shapes` (every instruction's output shape by name) or printed beside them."""
+    operands = re.match(r"dot\((?:\S+ )?%?([\w.\-]+), (?:\S+ )?%?([\w.\-]+)\)", call)
     lhs_contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", call)
     rhs_contracting = re.search(r"rhs_contracting_dims=\{([\d,]*)\}", call)
-    if operands is None or lhs_contracting is None or rhs_contracting is None:
-        return None
+    if (operands is None or lhs_contracting is None or rhs_contracting is None
+            or not {operands.group(1), operands.group(2)} <= shapes.keys()):
+        raise ValueError(f"cannot read the product {name}: {call[:120]}")
     lhs, rhs = shapes[operands.group(1)], shapes[operands.group(2)]
     contracted = [int(d) for d in lhs_contracting.group(1).split(",") if d]
     k = int(np.prod([_dims(lhs)[d] for d in contracted]))
     return Product(lhs, rhs, f"lhs {{{lhs_contracting.group(1)}}}, rhs "
                    f"{{{rhs_contracting.group(1)}}}", 2.0 * k * float(np.prod(_dims(shape))))
+
+
+def _combined(products: list[Product]) -> Product:
+    """The products of one fused computation as one: the first's shapes, all their FLOPs."""
+    first = products[0]
+    more = f" (+{len(products) - 1} more products)" if len(products) > 1 else ""
+    return Product(first.lhs, first.rhs, first.contracting + more,
+                   sum(product.flops for product in products))
 
 
 def model_part(op_name: str) -> tuple[str, str]:
@@ -114,41 +130,45 @@ def model_part(op_name: str) -> tuple[str, str]:
     loss (inside the differentiated function) or the optimiser (clipping, AdamW, the plateau
     scale). XLA leaves some instructions it made itself without a name."""
     if not op_name:
-        return "(unnamed by XLA)", "forward"
-    backward = "backward" if "transpose(" in op_name else "forward"
+        return "(unnamed by XLA)", "unknown"
+    phase = "backward" if "transpose(" in op_name else "forward"
     if "TinyTransformerLM)" not in op_name:
-        return ("loss", backward) if "jvp(" in op_name else ("optimiser", "update")
+        return ("loss", phase) if "jvp(" in op_name else ("optimiser", "update")
     path = re.split(r"TinyTransformerLM\)+/?", op_name, maxsplit=1)[1].split("/")[:-1]
     modules = [p for p in path if re.fullmatch(r"[a-z_]+\d*", p) and not p.startswith("jit")]
-    if modules and re.fullmatch(r"layers_\d+", modules[0]):
-        return "/".join(["block"] + modules[1:]), backward
-    return "/".join(modules) or "embedding and positions", backward
+    in_block = any(re.fullmatch(r"layers_\d+", m) for m in modules)
+    modules = [m for m in modules if not re.fullmatch(r"layers_\d+", m)]
+    modules = [m for i, m in enumerate(modules) if i == 0 or m != modules[i - 1]]
+    if in_block:
+        return "/".join(["block", *modules]), phase
+    return "/".join(modules) or "embedding and positions", phase
 
 
 def parse_module(hlo_text: str) -> dict[str, Instruction]:
     """Every instruction of an optimised HLO module by name; a fusion carries the product of its
     fused computation, if it has one."""
-    lines = []  # (computation, name, shape, call)
+    statements = []  # (computation, name, shape, call)
     computation = ""
     for line in hlo_text.splitlines():
         if (head := _COMPUTATION.match(line)) and " = " not in line.split("{")[0]:
             computation = head.group(1)
         elif match := _INSTRUCTION.match(line):
-            lines.append((computation, match.group(1), *_split_shape(match.group(2))))
-    shapes = {name: shape for _, name, shape, _ in lines}
-    inner: dict[str, Product] = {}  # computation -> the product inside it
+            statements.append((computation, match.group(1), *_split_shape(match.group(2))))
+    shapes = {name: shape for _, name, shape, _ in statements}
+    inner: dict[str, list[Product]] = defaultdict(list)  # computation -> its products
     parsed = []
-    for computation, name, shape, call in lines:
+    for computation, name, shape, call in statements:
         opcode = call.split("(", 1)[0]
-        product = _product(shape, call, shapes) if opcode == "dot" else None
+        product = _product(name, shape, call, shapes) if opcode == "dot" else None
         if product is not None:
-            inner.setdefault(computation, product)
+            inner[computation].append(product)
         calls = re.search(r"calls=%?([\w.\-]+)", call)
         op_name = re.search(r'op_name="([^"]*)"', call)
-        parsed.append((name, opcode, shape, product, calls.group(1) if calls else None,
+        parsed.append((name, opcode, shape, product,
+                       calls.group(1) if calls and opcode == "fusion" else None,
                        model_part(op_name.group(1) if op_name else "")))
     return {name: Instruction(name, opcode, shape, part, phase,
-                              product or (inner.get(calls) if calls else None))
+                              product or (_combined(inner[calls]) if inner.get(calls) else None))
             for name, opcode, shape, product, calls, (part, phase) in parsed}
 
 
@@ -156,8 +176,8 @@ def instruction_kind(instruction: Instruction) -> str:
     """What an instruction does, in the profile's categories."""
     ynn = "ynn" in instruction.name
     if instruction.product is not None:
-        return "product, YNNPACK" if ynn else (
-            "product, XLA's own" if instruction.opcode == "dot" else "product in a fusion")
+        return YNNPACK_PRODUCT if ynn else (
+            OWN_PRODUCT if instruction.opcode == "dot" else "product in a fusion")
     if instruction.opcode in ("copy", "transpose"):
         return "copy or transpose"
     if instruction.opcode == "fusion":
@@ -185,7 +205,7 @@ class StepProfile:
     cfg: ExperimentConfig
     precision: str
     steps: int
-    wall_s: float  # seconds per step, timed around the profiled steps
+    wall_s: float  # seconds per step, timed around the profiled steps (profiler running)
     timed: list[Timed]  # every instruction that ran, slowest first
 
 
@@ -208,7 +228,7 @@ def profile_step(cfg: ExperimentConfig, precision: str, steps: int) -> StepProfi
         jax.profiler.stop_trace()
         events = _profile_events(Path(trace))
     timed = [Timed(instructions[name], seconds / steps) for name, seconds in events.items()
-             if name in instructions and instructions[name].opcode != "parameter"]
+             if name in instructions and instructions[name].opcode not in _ENCLOSING]
     return StepProfile(cfg, precision, steps, wall, sorted(timed, key=lambda t: -t.seconds))
 
 
@@ -216,11 +236,15 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:,.1f}"
 
 
-def _rate(timed: Timed) -> str:
-    """A product's GFLOP/s, where its event times the work (see the module's docstring)."""
-    if instruction_kind(timed.instruction) == "product, XLA's own":
+def _gflops(timed: Timed) -> float:
+    return timed.instruction.product.flops / timed.seconds / 1e9
+
+
+def _rate(timed: Timed, best_ynnpack: float) -> str:
+    """A product's GFLOP/s, unless its event can only have timed the launch (module docstring)."""
+    if timed.kind == OWN_PRODUCT and _gflops(timed) > best_ynnpack:
         return "launch only"
-    return f"{timed.instruction.product.flops / timed.seconds / 1e9:,.0f}"
+    return f"{_gflops(timed):,.0f}"
 
 
 def profile_markdown(profiles: list[StepProfile], top: int = 12) -> str:
@@ -230,14 +254,16 @@ def profile_markdown(profiles: list[StepProfile], top: int = 12) -> str:
              "- Each step on random tokens, the compiled `train_step` under jax's profiler; "
              "milliseconds are per step, averaged over the profiled steps after a warm-up.",
              "- Instructions may overlap on different cores: shares are of their summed time. "
-             "XLA's own products may run asynchronously, their events timing the launch only "
-             "(no rate given); their work then shows as wall time beyond the instructions' sum.",
-             ""]
+             "A product of XLA's own that claims a higher rate than the best YNNPACK product "
+             "ran asynchronously, its event timing the launch only (no rate given); its work "
+             "shows as wall time the instructions do not account for.", ""]
     for profile in profiles:
         total = sum(t.seconds for t in profile.timed)
+        unaccounted = max(profile.wall_s - total, 0.0)
         lines += [f"## {profile.cfg.name}, {compute_dtype_name(profile.precision)}", "",
-                  f"Step wall time {_ms(profile.wall_s)} ms; instructions {_ms(total)} ms in "
-                  f"all, over {profile.steps} steps.", "",
+                  f"Step wall time {_ms(profile.wall_s)} ms under the profiler; instructions "
+                  f"{_ms(total)} ms in all; wall time they do not account for "
+                  f"{_ms(unaccounted)} ms; over {profile.steps} steps.", "",
                   "| Kind | Instructions | ms | Share |", "|---|---:|---:|---:|"]
         by_kind: dict[str, list[Timed]] = defaultdict(list)
         for timed in profile.timed:
@@ -257,12 +283,16 @@ def profile_markdown(profiles: list[StepProfile], top: int = 12) -> str:
                          + f" | {sum(phases.values()) / total:.0%} |")
         lines += ["", "| Product | Part | Phase | Kind | lhs | rhs | Contracted | Output | ms | "
                   "GFLOP/s |", "|---|---|---|---|---|---|---|---|---:|---:|"]
-        for timed in (t for t in profile.timed if t.instruction.product is not None):
+        products = [t for t in profile.timed if t.instruction.product is not None]
+        best_ynnpack = max((_gflops(t) for t in products if t.kind == YNNPACK_PRODUCT),
+                           default=float("inf"))
+        for timed in products:
             instruction, product = timed.instruction, timed.instruction.product
             lines.append(f"| {instruction.name} | {instruction.part} | "
                          f"{instruction.phase} | {timed.kind} | "
                          f"`{product.lhs}` | `{product.rhs}` | {product.contracting} | "
-                         f"`{instruction.shape}` | {_ms(timed.seconds)} | {_rate(timed)} |")
+                         f"`{instruction.shape}` | {_ms(timed.seconds)} | "
+                         f"{_rate(timed, best_ynnpack)} |")
         lines += ["", f"The {top} slowest other instructions:", "",
                   "| Instruction | Part | Phase | Kind | Output | ms |",
                   "|---|---|---|---|---|---:|"]
