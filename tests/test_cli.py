@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO, TINY_CHARS, snapshot, tiny_toml_file
 
-from tinylm_jax.analysis.runs import comparison_table
+from tinylm_jax.analysis.runs import comparison_table, epoch_table
 from tinylm_jax.cli.run_experiment import main
 from tinylm_jax.core.metrics import perplexity
 from tinylm_jax.run.checkpoint import load_run
@@ -153,6 +153,17 @@ def test_comparison_table_sets_ours_beside_the_seed():
                                        "best_epoch": 2}})
     assert "| WiderModel_seq64_d256_lr1e-4_bs512 | 58.35 | 10 | 58.35 | 10 | +0.0% |" in table
     assert "| mine | 70.00 | 2 | - | - | - |" in table
+
+
+def test_the_epoch_table_sets_each_epoch_beside_the_seed_and_bolds_each_best():
+    history = [{"epoch": 1, "val_ppl": 80.0}, {"epoch": 2, "val_ppl": 66.0},
+               {"epoch": 3, "val_ppl": 66.5}]
+    table = epoch_table(history, (78.06, 67.09, 62.34, 60.94))
+    assert "| 1 | 80.00 | 78.06 | +2.5% |" in table
+    assert "| 2 | **66.00** | 67.09 | -1.6% |" in table
+    assert "| 4 |  | **60.94** |  |" in table
+    longer = epoch_table([*history, {"epoch": 5, "val_ppl": 65.0}], (78.06, 67.09))
+    assert "| 3 | 66.50 |  |  |" in longer and "| 5 | **65.00** |  |  |" in longer
 
 
 def test_the_script_reports_bad_input_without_a_traceback(tmp_path):

@@ -99,6 +99,7 @@ def test_curves_and_a_comparison_need_no_corpus(run_copy, tmp_path, capsys):
     assert analyze_main(["compare", str(run), str(other), "--out", str(tmp_path / "cmp")]) == 0
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     assert table.count("| tiny |") == 2 and "| 60.00 | 6 |" in table  # the seed's, by name
+    assert "## tiny (baseline), epoch by epoch" in table and "| 6 |  | **60.00** |  |" in table
     assert _is_png(tmp_path / "cmp" / "val_ppl_comparison.png")
 
 

@@ -31,7 +31,12 @@ from tinylm_jax.analysis.attention import (
 from tinylm_jax.analysis.budget import budget_markdown, run_curve, seed_curve
 from tinylm_jax.analysis.corpus import RunCorpus, open_corpus
 from tinylm_jax.analysis.inference import SEED_PROMPTS, predicted_vs_actual, top_k_table
-from tinylm_jax.analysis.runs import comparison_table, read_finished_runs, seed_partners
+from tinylm_jax.analysis.runs import (
+    comparison_table,
+    epoch_table,
+    read_finished_runs,
+    seed_partners,
+)
 from tinylm_jax.analysis.sampling import generate
 from tinylm_jax.analysis.tokenizer_study import tokenizer_report, tokenizer_study
 from tinylm_jax.core.attention_stats import STAT_NAMES, StatWindows, head_statistics, stats_rows
@@ -77,13 +82,16 @@ def write_curves(run_dir: Path) -> list[Path]:
 
 def write_comparison(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     """Table 1 and figure 2 for finished runs, keyed by run folder name, the seed's curves
-    dashed beside the runs of its experiments."""
+    dashed beside the runs of its experiments; each such run's epochs beside the seed's log."""
     runs = read_finished_runs(run_dirs)
     histories = {run.label: run.folder.read_history() for run in runs}
     seeds = {label: SEED_VAL_PPL[seed] for label, seed in seed_partners(runs).items()}
     output_folder(out_dir).mkdir(parents=True, exist_ok=True)
     table = out_dir / "comparison.md"
-    write_text_atomic(table, comparison_table({run.name: run.summary for run in runs}))
+    sections = [comparison_table({run.name: run.summary for run in runs})]
+    sections += [f"## {label}, epoch by epoch\n\n{epoch_table(histories[label], curve)}"
+                 for label, curve in seeds.items()]
+    write_text_atomic(table, "\n".join(sections))
     return [table, plots.perplexity_comparison(histories, out_dir / "val_ppl_comparison.png",
                                                seeds)]
 

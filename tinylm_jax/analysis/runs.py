@@ -64,3 +64,26 @@ def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:
         diff = (summary["best_val_ppl"] - seed_ppl) / seed_ppl
         lines.append(f"{ours} {seed_ppl:.2f} | {seed_epoch} | {diff:+.1%} |")
     return "\n".join(lines) + "\n"
+
+
+def epoch_table(history: list[dict[str, float]], seed_curve: tuple[float, ...]) -> str:
+    """Markdown: our validation PPL after each epoch beside the seed's printed log, over the
+    epochs either ran; each run's best in bold, the difference where both ran."""
+    ours = {int(row["epoch"]): row["val_ppl"] for row in history}
+    our_best = min(ours, key=ours.__getitem__) if ours else None
+    seed_best = seed_curve.index(min(seed_curve)) + 1
+    lines = ["| Epoch | Val PPL | Seed val PPL | Difference |", "|---:|---:|---:|---:|"]
+    for epoch in range(1, max([*ours, len(seed_curve)]) + 1):
+        mine = seed = diff = ""
+        if epoch in ours:
+            mine = _bold_if(f"{ours[epoch]:.2f}", epoch == our_best)
+        if epoch <= len(seed_curve):
+            seed = _bold_if(f"{seed_curve[epoch - 1]:.2f}", epoch == seed_best)
+        if mine and seed:
+            diff = f"{(ours[epoch] - seed_curve[epoch - 1]) / seed_curve[epoch - 1]:+.1%}"
+        lines.append(f"| {epoch} | {mine} | {seed} | {diff} |")
+    return "\n".join(lines) + "\n"
+
+
+def _bold_if(text: str, bold: bool) -> str:
+    return f"**{text}**" if bold else text
