@@ -10,7 +10,7 @@ import safetensors
 import safetensors.numpy
 from conftest import REPO, refused, snapshot
 
-from tinylm_jax.cli.analyze import export_torch_main
+from tinylm_jax.cli.analyze import analyze_main, export_torch_main
 from tinylm_jax.run.checkpoint import load_run
 
 
@@ -92,3 +92,25 @@ def test_a_run_without_positions_is_refused_before_any_folder_is_made(tiny_run, 
     message = refused(export_torch_main, [str(run), "--out", str(out)], capsys)
     assert "always adds sinusoidal positions" in message
     assert not out.parent.exists()
+
+
+def test_the_fp16_probe_finds_the_scale_at_which_the_seeds_scaler_would_skip(tiny_run, capsys):
+    """At 2^0 the seed's fp16 backward stays finite; at 2^100 the scaled logits' gradient no
+    longer fits in float16, so GradScaler would skip the step. Reads the run, writes nothing."""
+    pytest.importorskip("torch")
+    run, corpus = tiny_run
+    before = snapshot(run)
+    assert analyze_main(["fp16-overflow", str(run), "--data", str(corpus), "--scales", "0,100",
+                         "--batches", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 2 * 2  # the header, then two batches at two scales
+    assert [row.split(" | ")[3] for row in rows[1:]] == ["no", "yes: step skipped"] * 2
+    assert snapshot(run) == before
+
+
+def test_the_fp16_probe_refuses_bad_scales_in_one_line(tiny_run, capsys):
+    run, corpus = tiny_run
+    for scales, message in (("16,x", "comma-separated integers"), ("200", "[0, 120]")):
+        err = refused(analyze_main, ["fp16-overflow", str(run), "--data", str(corpus),
+                                     "--scales", scales], capsys)
+        assert message in err and err.count("\n") == 1

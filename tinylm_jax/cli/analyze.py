@@ -104,7 +104,43 @@ def analyze_parser() -> argparse.ArgumentParser:
     _common(predict)
     predict.add_argument("--window", type=int, default=0, help="validation window index")
     _sampling_flags(predict)
+    overflow = sub.add_parser("fp16-overflow", help="would the seed's fp16 GradScaler skip "
+                              "steps at these weights? The seed's PyTorch model under fp16 "
+                              "autocast, a table on stdout (needs torch)")
+    _common(overflow)
+    overflow.add_argument("--scales", default="16,17,18,19,20", help="loss scales as powers of "
+                          "2, comma-separated (default 16,...,20: the replay's first 10,000 "
+                          "steps)")
+    overflow.add_argument("--batches", type=int, default=4, help="batches of random training "
+                          "windows (default 4)")
+    overflow.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")
     return parser
+
+
+def _scale_exponents(text: str) -> tuple[int, ...]:
+    try:
+        exponents = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--scales must be comma-separated integers, got {text!r}") from None
+    if not all(0 <= e <= 120 for e in exponents):
+        raise UserError(f"--scales must lie in [0, 120] (powers of 2), got {text!r}")
+    return exponents
+
+
+def fp16_overflow(args: argparse.Namespace) -> int:
+    exponents = _scale_exponents(args.scales)
+    if args.batches < 1:
+        raise UserError(f"--batches must be positive, got {args.batches}")
+    try:  # torch is optional: only this probe and the interop tests need it
+        from tinylm_jax.analysis.fp16_overflow import overflow_markdown, scaled_backwards
+    except ImportError:
+        raise UserError("fp16-overflow needs torch: pip install -e \".[torch]\"") from None
+    corpus = open_corpus(args.run_dir, args.data)
+    run = load_run(args.run_dir, args.which)
+    print(f"{args.run_dir}: {args.which} checkpoint, after epoch {run.epoch}")
+    print(overflow_markdown(scaled_backwards(run, corpus, exponents, args.batches, args.seed)),
+          end="")
+    return 0
 
 
 def _check_sampling(args: argparse.Namespace) -> None:
@@ -127,6 +163,8 @@ def analyze(args: argparse.Namespace) -> int:
     if args.analysis == "attention-epochs":
         print_paths(reports.write_attention_epochs(run_dir))
         return 0
+    if args.analysis == "fp16-overflow":
+        return fp16_overflow(args)
     if args.analysis == "all":
         print_paths(reports.analyze_run(run_dir, args.data, args.which, args.windows, args.seed))
         return 0
