@@ -9,6 +9,14 @@ drifted from the replay's. This probe asks whether it could: the seed's own PyTo
 run's weights, takes the seed's backward under fp16 autocast (on the CPU) at the scales the
 replay uses, and each batch and scale reports whether the scaler would find an inf, and the
 largest scaled gradient element against float16's largest finite value.
+
+What it cannot replay: CPU autocast is not CUDA's. On the CPU, softmax and pow stay in float16
+where CUDA computes them in float32, so the probe's attention softmax is less precise than the
+seed's (an overflow there would show as an inf, which makes the probe, if anything, quicker to
+report one). The headroom column bounds only the gradients computed in float16 (the Linear
+layers'); the embedding's and the norms' are float32, and the float16 activation gradients in
+between are covered by the inf check alone. A run keeps only its best and latest weights, so the
+probe answers for those, not for the steps at which the seed's scale doubled.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ def _scaled_backward(model: TinyTransformerLM, inputs: torch.Tensor, targets: to
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.float16):
         logits = model(inputs)  # (B, L, V) in float16
+    # CUDA autocast runs cross-entropy in float32 whatever its input; the cast says so here.
     loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
     (loss * scale).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]

@@ -82,7 +82,7 @@ def write_curves(run_dir: Path) -> list[Path]:
 
 def write_comparison(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     """Table 1 and figure 2 for finished runs, keyed by run folder name, the seed's curves
-    dashed beside the runs of its experiments; each such run's epochs beside the seed's log."""
+    dashed beside the first run of each; that run's epochs beside the seed's printed log."""
     runs = read_finished_runs(run_dirs)
     histories = {run.label: run.folder.read_history() for run in runs}
     seeds = {label: SEED_VAL_PPL[seed] for label, seed in seed_partners(runs).items()}

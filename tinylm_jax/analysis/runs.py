@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tinylm_jax.core.config import UserError
+from tinylm_jax.core.metrics import best_epoch
 from tinylm_jax.run.folder import RunFolder
 from tinylm_jax.seed.table1 import seed_experiment, seed_result
 
@@ -70,8 +71,8 @@ def epoch_table(history: list[dict[str, float]], seed_curve: tuple[float, ...]) 
     """Markdown: our validation PPL after each epoch beside the seed's printed log, over the
     epochs either ran; each run's best in bold, the difference where both ran."""
     ours = {int(row["epoch"]): row["val_ppl"] for row in history}
-    our_best = min(ours, key=ours.__getitem__) if ours else None
-    seed_best = seed_curve.index(min(seed_curve)) + 1
+    our_best = best_epoch(history)
+    seed_best = best_epoch([{"epoch": e, "val_ppl": v} for e, v in enumerate(seed_curve, 1)])
     lines = ["| Epoch | Val PPL | Seed val PPL | Difference |", "|---:|---:|---:|---:|"]
     for epoch in range(1, max([*ours, len(seed_curve)]) + 1):
         mine = seed = diff = ""

@@ -128,6 +128,7 @@ def _scale_exponents(text: str) -> tuple[int, ...]:
 
 
 def fp16_overflow(args: argparse.Namespace) -> int:
+    """The seed's scaler probe at a run's weights: a table on stdout, nothing written."""
     exponents = _scale_exponents(args.scales)
     if args.batches < 1:
         raise UserError(f"--batches must be positive, got {args.batches}")
