@@ -23,10 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax.numpy as jnp
 import numpy as np
 import torch
 
 from tinylm_jax.analysis.corpus import RunCorpus
+from tinylm_jax.core.data import gather_windows
 from tinylm_jax.run.checkpoint import LoadedRun
 from tinylm_jax.seed.interop import torch_state_dict_from_params
 from tinylm_jax.seed.torch_reference import TinyTransformerLM
@@ -75,14 +77,14 @@ def scaled_backwards(run: LoadedRun, corpus: RunCorpus, exponents: tuple[int, ..
     """Each of `num_batches` batches of random training windows (the run's batch size), at each
     scale 2**exponent."""
     model = seed_model(run)
-    length, batch_size = run.config.seq_len, run.config.batch_size
-    ids = torch.from_numpy(corpus.ids.astype(np.int64))
+    tokens = jnp.asarray(corpus.ids)
     rng = np.random.default_rng(seed)
     rows = []
     for batch in range(num_batches):
-        starts = rng.integers(0, corpus.splits.num_train, batch_size)
-        inputs = torch.stack([ids[s:s + length] for s in starts])  # (B, L)
-        targets = torch.stack([ids[s + 1:s + length + 1] for s in starts])  # (B, L)
+        starts = rng.integers(0, corpus.splits.num_train, run.config.batch_size)
+        inputs, targets = (torch.from_numpy(np.asarray(ids, np.int64))  # (B, L) each
+                           for ids in gather_windows(tokens, jnp.asarray(starts, jnp.int32),
+                                                     run.config.seq_len))
         for exponent in exponents:
             loss, finite, largest = _scaled_backward(model, inputs, targets, 2.0 ** exponent)
             rows.append(ScaledBackward(batch, exponent, loss, finite, largest))
