@@ -33,7 +33,7 @@ status=0
 # pin CPU numerics, so they run on the host's CPUs. The whole suite is CI's job: it no longer
 # fits this script's time.
 JAX_PLATFORMS=cpu timeout ${limits[0]} python -m pytest -q -x tests/test_model.py \
-    tests/test_train.py tests/test_interop.py tests/test_cpu_bf16.py > "$OUT/tests.log" 2>&1 \
+    tests/test_train.py tests/test_interop.py tests/test_bf16.py > "$OUT/tests.log" 2>&1 \
     || status=1
 tail -n 3 "$OUT/tests.log"
 

@@ -158,7 +158,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # --no-loadscope-reorder), so that the two workers finish at about the same time.
 SLOW_FILES_FIRST = ("test_train.py", "test_cli.py", "test_reliability.py", "test_parallel.py",
                     "test_commands.py", "test_scaling.py", "test_readme.py", "test_export.py",
-                    "test_cpu_bf16.py", "test_compat.py", "test_notebook.py", "test_model.py",
+                    "test_bf16.py", "test_compat.py", "test_notebook.py", "test_model.py",
                     "test_interop.py")
 
 

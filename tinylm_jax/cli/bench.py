@@ -21,8 +21,8 @@ from tinylm_jax.bench.scaling import (
 )
 from tinylm_jax.bench.step_profile import profile_markdown, profile_step
 from tinylm_jax.cli.console import OneLineParser, entry_point, guarded, print_paths
+from tinylm_jax.core.bf16 import keep_host_buffers
 from tinylm_jax.core.config import EXPERIMENT_NAMES, ExperimentConfig, UserError, load_config
-from tinylm_jax.core.cpu_bf16 import keep_host_buffers
 from tinylm_jax.core.data import resolve_corpus
 from tinylm_jax.core.files import write_text_atomic
 from tinylm_jax.core.train import PRECISIONS, default_steps_per_chunk

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tinylm_jax.analysis import reports
 from tinylm_jax.cli.console import OneLineParser, entry_point, print_paths
+from tinylm_jax.core.bf16 import keep_host_buffers
 from tinylm_jax.core.config import (
     EXPERIMENT_NAMES,
     ExperimentConfig,
@@ -15,7 +16,6 @@ from tinylm_jax.core.config import (
     check_seed,
     load_config,
 )
-from tinylm_jax.core.cpu_bf16 import keep_host_buffers
 from tinylm_jax.core.parallel import initialize_distributed, is_primary
 from tinylm_jax.core.train import PRECISIONS
 from tinylm_jax.run.experiment import RunOptions, describe, prepare, train_prepared

@@ -7,16 +7,17 @@ Attention weights are (B, H, L, L): query positions on axis 2, key positions on 
 Parameters are float32 and initialised like PyTorch's defaults for the same layers (the seed's
 model), not flax's: Linear weights and biases U(+-1/sqrt(fan_in)), embeddings N(0, 1), norm
 scales 1.
-`dtype` is the compute dtype of the matrix products (bfloat16 for mixed precision). As under the
-seed's autocast, the residual stream, norms, attention scores, softmax and logits stay float32.
-`cpu_fast_path` (bfloat16 on CPU) computes the same function with the products in the layouts the
-CPU's bf16 kernels take (`cpu_bf16`), each accumulated in float32, and the GELU in float32.
+`dtype` is the compute dtype of the matrix products. In bfloat16 (mixed precision) every product,
+forward and backward, takes bf16 operands and accumulates in float32, as under the seed's
+autocast (`bf16`); the residual stream, norms, GELU, attention scores, softmax and logits stay
+float32. `canonical_layouts` writes those products in the layouts a CPU's bf16 kernels take
+(`bf16`: the CPU fast path); it is set from the platform the program is built for
+(`build_model`), so a GPU's program can be built and checked on a CPU machine.
 Submodule names mirror the seed's PyTorch attribute names so that `interop` maps them one to one.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import flax.linen as nn
@@ -24,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tinylm_jax.core.bf16 import bf16_dense, causal_attention, causal_softmax
 from tinylm_jax.core.config import ExperimentConfig
-from tinylm_jax.core.cpu_bf16 import bf16_dense
 
 
 def torch_linear_init(fan_in: int) -> nn.initializers.Initializer:
@@ -38,14 +39,20 @@ def torch_linear_init(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
+def is_mixed(dtype: jnp.dtype) -> bool:
+    """bfloat16 compute: the mixed-precision products of `bf16`."""
+    return np.dtype(dtype) == np.dtype(jnp.bfloat16)
+
+
 class Bf16Dense(nn.Module):
-    """nn.Dense's parameters (`kernel` (D, F), `bias` (F,)) over `cpu_bf16.bf16_dense`: float32
+    """nn.Dense's parameters (`kernel` (D, F), `bias` (F,)) over `bf16.bf16_dense`: float32
     out, whatever the caller casts it to next. With `splits` > 1, a tuple of that many outputs,
     one per equal column block of the kernel (the products of a fused projection, unfused)."""
 
     features: int
     fan_in: int
     use_bias: bool
+    canonical_layouts: bool
     splits: int = 1
 
     @nn.compact
@@ -54,21 +61,21 @@ class Bf16Dense(nn.Module):
         kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", init, (self.features,), jnp.float32) if self.use_bias else None
         if self.splits == 1:
-            return bf16_dense(x, kernel, bias)
+            return bf16_dense(x, kernel, bias, self.canonical_layouts)
         kernels = jnp.split(kernel, self.splits, axis=-1)
         biases = jnp.split(bias, self.splits) if bias is not None else [None] * self.splits
-        return tuple(bf16_dense(x, w, b) for w, b in zip(kernels, biases, strict=True))
+        return tuple(bf16_dense(x, w, b, self.canonical_layouts)
+                     for w, b in zip(kernels, biases, strict=True))
 
 
-def dense(features: int, fan_in: int, use_bias: bool, dtype, name: str,
-          float32_output: bool = False, cpu_fast_path: bool = False) -> nn.Module:
-    if cpu_fast_path:
-        return Bf16Dense(features, fan_in, use_bias, name=name)
+def dense(features: int, fan_in: int, use_bias: bool, dtype: jnp.dtype, canonical_layouts: bool,
+          name: str) -> nn.Module:
+    """A Linear layer: `Bf16Dense` in mixed precision, flax's float32 Dense otherwise."""
+    if is_mixed(dtype):
+        return Bf16Dense(features, fan_in, use_bias, canonical_layouts, name=name)
     init = torch_linear_init(fan_in)
-    dot_general = (functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
-                   if float32_output else None)
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=init, bias_init=init, dot_general=dot_general, name=name)
+    return nn.Dense(features, use_bias=use_bias, param_dtype=jnp.float32, kernel_init=init,
+                    bias_init=init, name=name)
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> np.ndarray:
@@ -99,29 +106,33 @@ class MultiHeadSelfAttention(nn.Module):
     d_model: int
     n_heads: int
     dtype: jnp.dtype = jnp.float32
-    cpu_fast_path: bool = False
+    canonical_layouts: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         batch, length, _ = x.shape
         head_dim = self.d_model // self.n_heads
         # The seed's fused layout: the 3D features split as (3, H, K).
-        if self.cpu_fast_path:  # three products from the kernel's thirds: no (B, L, 3D) split
-            parts = Bf16Dense(3 * self.d_model, self.d_model, False, splits=3,
-                              name="qkv_proj")(x)  # 3 x (B, L, D) float32
+        if is_mixed(self.dtype):  # three products from the kernel's thirds: no (B, L, 3D) split
+            parts = Bf16Dense(3 * self.d_model, self.d_model, False, self.canonical_layouts,
+                              splits=3, name="qkv_proj")(x)  # 3 x (B, L, D) float32
+            q, k, v = (part.astype(jnp.bfloat16).reshape(batch, length, self.n_heads, head_dim)
+                       .transpose(0, 2, 1, 3).reshape(batch * self.n_heads, length, head_dim)
+                       for part in parts)  # each (B*H, L, K)
+            out, weights = causal_attention(q, k, v, self.canonical_layouts)  # float32
+            out = out.reshape(batch, self.n_heads, length, head_dim).transpose(0, 2, 1, 3)
+            weights = weights.reshape(batch, self.n_heads, length, length)  # (B, H, L, L)
         else:
-            qkv = dense(3 * self.d_model, self.d_model, False, self.dtype, "qkv_proj")(x)
+            qkv = dense(3 * self.d_model, self.d_model, False, self.dtype, False, "qkv_proj")(x)
             parts = jnp.split(qkv, 3, axis=-1)  # (B, L, 3D) -> 3 x (B, L, D)
-        q, k, v = (part.astype(self.dtype).reshape(batch, length, self.n_heads, head_dim)
-                   .transpose(0, 2, 1, 3) for part in parts)  # each (B, H, L, K)
-        scores = jnp.einsum("bhqk,bhsk->bhqs", q, k, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(head_dim)  # (B, H, L, L)
-        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-        weights = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)  # (B, H, L, L)
-        out = jnp.einsum("bhqs,bhsk->bqhk", weights.astype(self.dtype), v)  # (B, L, H, K)
+            q, k, v = (part.reshape(batch, length, self.n_heads, head_dim).transpose(0, 2, 1, 3)
+                       for part in parts)  # each (B, H, L, K)
+            weights = causal_softmax(jnp.einsum("bhqk,bhsk->bhqs", q, k),
+                                     head_dim)  # (B, H, L, L)
+            out = jnp.einsum("bhqs,bhsk->bqhk", weights, v)  # (B, L, H, K)
         out = out.reshape(batch, length, self.d_model)
-        out_proj = dense(self.d_model, self.d_model, False, self.dtype, "out_proj",
-                         cpu_fast_path=self.cpu_fast_path)
+        out_proj = dense(self.d_model, self.d_model, False, self.dtype, self.canonical_layouts,
+                         "out_proj")
         return out_proj(out), weights
 
 
@@ -130,24 +141,24 @@ class TransformerBlock(nn.Module):
     n_heads: int
     d_ff: int
     dtype: jnp.dtype = jnp.float32
-    cpu_fast_path: bool = False
+    canonical_layouts: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x: the float32 residual stream (B, L, D); the sublayers compute in `dtype`."""
+        """x: the float32 residual stream (B, L, D); the sublayers' products compute in `dtype`
+        and return float32."""
         h = RMSNorm(name="norm1")(x)
         attn_out, weights = MultiHeadSelfAttention(self.d_model, self.n_heads, self.dtype,
-                                                   self.cpu_fast_path, name="attn")(h)
-        x = x + attn_out.astype(jnp.float32)
+                                                   self.canonical_layouts, name="attn")(h)
+        x = x + attn_out
         h = RMSNorm(name="norm2")(x)
-        fast = self.cpu_fast_path
-        h = dense(self.d_ff, self.d_model, True, self.dtype, "ff_in",
-                  cpu_fast_path=fast)(h)  # (B, L, F)
-        # The fast path's GELU stays float32: XLA:CPU's bf16 erf measured slower than float32's.
+        h = dense(self.d_ff, self.d_model, True, self.dtype, self.canonical_layouts,
+                  "ff_in")(h)  # (B, L, F) float32
+        # float32 in mixed precision too: XLA:CPU's bf16 erf measured slower than float32's.
         h = nn.gelu(h, approximate=False)
-        h = dense(self.d_model, self.d_ff, True, self.dtype, "ff_out",
-                  cpu_fast_path=fast)(h)  # (B, L, D)
-        return x + h.astype(jnp.float32), weights
+        h = dense(self.d_model, self.d_ff, True, self.dtype, self.canonical_layouts,
+                  "ff_out")(h)  # (B, L, D)
+        return x + h, weights
 
 
 class TinyTransformerLM(nn.Module):
@@ -159,7 +170,7 @@ class TinyTransformerLM(nn.Module):
     n_layers: int
     dtype: jnp.dtype = jnp.float32  # compute dtype; parameters are always float32
     positional_encoding: str = "sinusoidal"  # or "none": embeddings without positions
-    cpu_fast_path: bool = False  # bf16 products in the CPU kernels' layouts (`cpu_bf16`)
+    canonical_layouts: bool = False  # bf16 products in the CPU kernels' layouts (`bf16`)
 
     @nn.compact
     def __call__(self, ids: jax.Array, return_attention: bool = False
@@ -175,24 +186,28 @@ class TinyTransformerLM(nn.Module):
         attention = []
         for i in range(self.n_layers):
             h, weights = TransformerBlock(self.d_model, self.n_heads, self.d_ff, self.dtype,
-                                          self.cpu_fast_path, name=f"layers_{i}")(h)
+                                          self.canonical_layouts, name=f"layers_{i}")(h)
             attention.append(weights)
         h = RMSNorm(name="norm")(h)
-        logits = dense(self.vocab_size, self.d_model, False, self.dtype, "head",
-                       float32_output=True, cpu_fast_path=self.cpu_fast_path)(h)  # (B, L, V) f32
+        logits = dense(self.vocab_size, self.d_model, False, self.dtype, self.canonical_layouts,
+                       "head")(h)  # (B, L, V) float32
         return (logits, attention) if return_attention else logits
 
 
-def build_model(cfg: ExperimentConfig, dtype: jnp.dtype = jnp.float32) -> TinyTransformerLM:
+def build_model(cfg: ExperimentConfig, dtype: jnp.dtype = jnp.float32,
+                platform: str | None = None) -> TinyTransformerLM:
+    """The experiment's model computing in `dtype`, for `platform` ("cpu", "cuda", "tpu"...;
+    default: jax's default backend)."""
     return TinyTransformerLM(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads,
                              d_ff=cfg.d_ff, max_seq_len=cfg.seq_len, n_layers=cfg.n_layers,
                              dtype=dtype, positional_encoding=cfg.positional_encoding,
-                             cpu_fast_path=uses_cpu_fast_path(dtype))
+                             canonical_layouts=canonical_layouts(platform))
 
 
-def uses_cpu_fast_path(dtype: jnp.dtype) -> bool:
-    """bfloat16 compute on a CPU backend takes the fast path; GPUs and TPUs keep flax's Dense."""
-    return np.dtype(dtype) == np.dtype(jnp.bfloat16) and jax.default_backend() == "cpu"
+def canonical_layouts(platform: str | None = None) -> bool:
+    """Whether products take the CPU kernels' canonical layouts: on a CPU (default: jax's
+    default backend), where they pay; GPUs' and TPUs' libraries take any layout."""
+    return (platform or jax.default_backend()) == "cpu"
 
 
 def init_params(model: TinyTransformerLM, seed: int) -> dict:

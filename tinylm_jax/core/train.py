@@ -52,12 +52,13 @@ class TrainState(train_state.TrainState):
         return self.replace(plateau_state=plateau_state)
 
 
-def compute_dtype(precision: str) -> jnp.dtype:
-    """`auto` is bfloat16 on GPU/TPU and float32 on CPU (the seed autocasts only on CUDA)."""
+def compute_dtype(precision: str, platform: str | None = None) -> jnp.dtype:
+    """The compute dtype of `precision` on `platform` (default: jax's default backend).
+    `auto` is bfloat16 on GPU/TPU and float32 on CPU (the seed autocasts only on CUDA)."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        precision = "fp32" if jax.default_backend() == "cpu" else "bf16"
+        precision = "fp32" if (platform or jax.default_backend()) == "cpu" else "bf16"
     return jnp.bfloat16 if precision == "bf16" else jnp.float32
 
 
@@ -101,8 +102,11 @@ def make_plateau(cfg: ExperimentConfig) -> optax.GradientTransformationExtraArgs
                                            rtol=cfg.plateau_threshold, atol=0.0)
 
 
-def create_train_state(cfg: ExperimentConfig, precision: str = "auto") -> TrainState:
-    model = build_model(cfg, compute_dtype(precision))
+def create_train_state(cfg: ExperimentConfig, precision: str = "auto",
+                       platform: str | None = None) -> TrainState:
+    """A fresh state: the model for `platform` (default: jax's default backend) in `precision`,
+    its initial params, AdamW and the plateau schedule."""
+    model = build_model(cfg, compute_dtype(precision, platform), platform)
     params = init_params(model, cfg.seed)
     plateau = make_plateau(cfg)
     state = TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(cfg),
