@@ -15,10 +15,12 @@ from tinylm_jax.core.config import (
     UserError,
     check_seed,
     load_config,
+    parse_seeds,
 )
 from tinylm_jax.core.parallel import initialize_distributed, is_primary
 from tinylm_jax.core.train import PRECISIONS
 from tinylm_jax.run.experiment import RunOptions, describe, prepare, train_prepared
+from tinylm_jax.run.folder import seed_member
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "download cached under ~/.cache/tinylm_jax)")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/<experiment>; "
                         "with 'all', the parent of the three run folders, default runs/)")
-    parser.add_argument("--seed", type=int, help="override the experiment's seed")
+    parser.add_argument("--seed", type=int, help="override the experiment's random seed")
+    parser.add_argument("--seeds", help="train a set of runs that differ only in the random seed "
+                        "(initialisation and data order), one after another, e.g. 0-4 or 0,2,7: "
+                        "run folders seed-N inside --out; --resume continues the set")
     parser.add_argument("--max-epochs", type=int, help="override the experiment's num_epochs")
     parser.add_argument("--max-steps-per-epoch", type=int,
                         help="train at most this many steps per epoch (quick runs)")
@@ -59,11 +64,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(name: str, args: argparse.Namespace) -> ExperimentConfig:
+def _config(name: str, args: argparse.Namespace, seed: int | None) -> ExperimentConfig:
     cfg = load_config(name)
-    overrides = {"seed": args.seed, "num_epochs": args.max_epochs}
+    overrides = {"seed": seed, "num_epochs": args.max_epochs}
     overrides = {key: value for key, value in overrides.items() if value is not None}
     return cfg.replace(**overrides) if overrides else cfg
+
+
+def _runs(args: argparse.Namespace) -> list[tuple[str, int | None, Path]]:
+    """(experiment, random seed or None for the experiment's own, run folder) of every run the
+    command line asks for, in the order they train."""
+    run_all = args.experiment == "all"
+    names = list(EXPERIMENT_NAMES) if run_all else [args.experiment]
+    root = args.out or Path("runs")  # with `all`, the parent of the run folders
+    runs = []
+    for name in names:
+        out = root / Path(name).stem if run_all or args.out is None else args.out
+        if args.seeds is None:
+            runs.append((name, args.seed, out))
+        else:
+            runs += [(name, seed, seed_member(out, seed)) for seed in parse_seeds(args.seeds)]
+    return runs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,32 +98,30 @@ def run(args: argparse.Namespace) -> int:
     if args.max_epochs is not None and args.max_epochs < 1:
         raise UserError(f"--max-epochs must be positive, got {args.max_epochs}")
     if args.seed is not None:
+        if args.seeds is not None:
+            raise UserError("--seed and --seeds exclude each other")
         check_seed(args.seed, "--seed")
-    run_all = args.experiment == "all"
-    names = list(EXPERIMENT_NAMES) if run_all else [args.experiment]
-    root = args.out or Path("runs")  # with `all`, the parent of the run folders
-    prepared = {}
-    for name in names:  # validate every experiment before training any
-        stem = Path(name).stem
-        out = root / stem if run_all or args.out is None else args.out
-        # `all --resume` after an interruption: runs not started yet simply start.
-        resume = args.resume and (not run_all or out.exists())
+    several = args.experiment == "all" or args.seeds is not None
+    prepared = []
+    for name, seed, out in _runs(args):  # validate every run before training any
+        # `--resume` after an interruption of several runs: those not started yet simply start.
+        resume = args.resume and (not several or out.exists())
         opts = RunOptions(out_dir=out, data=args.data, precision=args.precision,
                           max_steps_per_epoch=args.max_steps_per_epoch, resume=resume,
                           overwrite=args.overwrite, progress=not args.no_progress,
                           steps_per_chunk=args.steps_per_chunk, devices=args.devices,
                           stop_at_step=args.stop_at_step)
-        prepared[stem] = prepare(_config(name, args), opts, dry_run=args.dry_run)
+        prepared.append(prepare(_config(name, args, seed), opts, dry_run=args.dry_run))
     if args.dry_run:
-        print("\n\n".join(describe(one) for one in prepared.values()))
+        print("\n\n".join(describe(one) for one in prepared))
         return 0
-    for one in prepared.values():
+    for one in prepared:
         train_prepared(one)
-    run_dirs = [one.opts.out_dir for one in prepared.values()]
+    run_dirs = [one.opts.out_dir for one in prepared]
     if not is_primary():  # the files below are process 0's to write
         return 0
-    if run_all:
-        paths = reports.write_comparison(run_dirs, root)
+    if args.experiment == "all" and args.seeds is None:
+        paths = reports.write_comparison(run_dirs, args.out or Path("runs"))
         print(paths[0].read_text(encoding="utf-8"), end="")
         print_paths(paths)
     if args.analyze:  # after all training, so that an analysis failing costs no run

@@ -85,6 +85,25 @@ def check_seed(seed: int, what: str) -> None:
         raise UserError(f"{what} must lie in [0, {MAX_SEED}], got {seed!r}")
 
 
+def parse_seeds(spec: str) -> list[int]:
+    """The random seeds of a set of runs: "0-4", "0,2,7" or "1-3,9", in the order given. Each
+    is checked like `--seed`; a malformed spec, an empty range or a repeat is refused."""
+    seeds: list[int] = []
+    for part in spec.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise UserError(f"--seeds: '{spec}' is not a list of seeds such as 0-4 or 0,2,7")
+        first, last = int(low), int(high) if dash else int(low)
+        if last < first:
+            raise UserError(f"--seeds: the range {part.strip()} is empty")
+        for seed in range(first, last + 1):
+            check_seed(seed, "--seeds")
+            if seed in seeds:
+                raise UserError(f"--seeds: seed {seed} is given twice")
+            seeds.append(seed)
+    return seeds
+
+
 def _check_type(key: str, value: Any, source: str) -> Any:
     kind = _FIELD_TYPES[key]
     if kind is str:

@@ -11,7 +11,8 @@ A run folder holds:
   checkpoints/             orbax checkpoints (`checkpoint.RunCheckpoints`)
   corrupt_checkpoints/     damaged checkpoints, set aside, never deleted
   .lock                    held while a run trains in the folder
-The analyses write their own files beside these (`analysis.reports` owns those).
+The analyses write their own files beside these (`analysis.reports` owns those). A set of runs
+that differ only in the random seed (`--seeds`) is a folder of run folders named `seed-N`.
 
 Safety rules:
 - A folder is continued (`--resume`) or replaced (`--overwrite`), never silently overwritten.
@@ -45,6 +46,18 @@ RESUMABLE_CHANGES = ("name", "num_epochs", "early_stop_patience")
 # How config.json's run settings are named to the user.
 SETTING_FLAGS = {"precision": "--precision", "max_steps_per_epoch": "--max-steps-per-epoch",
                  "compute_dtype": "compute dtype"}
+
+
+def seed_member(root: Path, seed: int) -> Path:
+    """The run folder of random seed `seed` in the set of runs at `root` (`--seeds`)."""
+    return root / f"seed-{seed}"
+
+
+def seed_members(root: Path) -> list[tuple[int, Path]]:
+    """The members of the set of runs at `root`, (seed, run folder), in seed order."""
+    members = [(int(path.name.removeprefix("seed-")), path) for path in root.glob("seed-*")
+               if path.is_dir() and path.name.removeprefix("seed-").isdigit()]
+    return sorted(members)
 
 
 class RunFolder:
