@@ -204,6 +204,32 @@ def test_all_runs_the_three_and_resumes_what_is_missing(tmp_path, tiny_corpus, m
     assert (root / "wider" / "summary.json").is_file()
 
 
+def test_a_seed_set_resumes_and_each_member_equals_its_run_alone(tmp_path, tiny_toml,
+                                                                 tiny_corpus, capsys):
+    """--seeds 0-1 stopped inside its first member and resumed: both members finish, each equal
+    to a run of that seed alone (same history, same parameters), and the two differ."""
+    short = ("--max-epochs", "1", "--max-steps-per-epoch", "6", "--steps-per-chunk", "2")
+    root = tmp_path / "set"
+    assert _run(tiny_toml, tiny_corpus, root, "--seeds", "0-1", *short, "--stop-at-step",
+                "4") == 0
+    assert sorted(p.name for p in root.iterdir()) == ["seed-0"]
+    assert _run(tiny_toml, tiny_corpus, root, "--seeds", "0-1", *short, "--resume") == 0
+    assert capsys.readouterr().out.count("resumed") == 1  # seed-1 had not started
+    histories = []
+    for seed in (0, 1):
+        alone = tmp_path / f"alone-{seed}"
+        assert _run(tiny_toml, tiny_corpus, alone, "--seed", str(seed), *short) == 0
+        member = root / f"seed-{seed}"
+        assert json.loads((member / "config.json").read_text())["experiment"]["seed"] == seed
+        histories.append(_history(member))
+        assert [(r["train_loss"], r["val_loss"]) for r in histories[-1]] == \
+            [(r["train_loss"], r["val_loss"]) for r in _history(alone)]
+        for x, y in zip(jax.tree.leaves(load_run(member, "latest").params),
+                        jax.tree.leaves(load_run(alone, "latest").params), strict=True):
+            np.testing.assert_array_equal(x, y)
+    assert histories[0][0]["train_loss"] != histories[1][0]["train_loss"]
+
+
 def test_dry_run_ignores_an_existing_run_folder(tiny_run, tiny_toml, capsys):
     out, tiny_corpus = tiny_run
     before = snapshot(out)
@@ -248,6 +274,8 @@ def test_usage_mistakes_are_one_line(argv, message, capsys):
     (["--seed", str(2**64)], "--seed must lie in"),
     (["--max-steps-per-epoch", "0"], "--max-steps-per-epoch must be positive"),
     (["--resume", "--overwrite"], "exclude each other"),
+    (["--seed", "1", "--seeds", "0-2"], "--seed and --seeds exclude each other"),
+    (["--seeds", "2-1"], "the range 2-1 is empty"),
 ])
 def test_bad_flag_values_name_the_flag(tmp_path, tiny_toml, tiny_corpus, capsys, flags, message):
     assert _run(tiny_toml, tiny_corpus, tmp_path / "never", *flags) == 2

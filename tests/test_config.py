@@ -1,6 +1,12 @@
 import pytest
 
-from tinylm_jax.core.config import EXPERIMENT_NAMES, UserError, config_from_dict, load_config
+from tinylm_jax.core.config import (
+    EXPERIMENT_NAMES,
+    UserError,
+    config_from_dict,
+    load_config,
+    parse_seeds,
+)
 
 
 def test_the_three_experiments_are_the_seeds():
@@ -64,3 +70,19 @@ def test_a_config_stored_before_positional_encoding_existed_loads_as_sinusoidal(
     stored = load_config("baseline").to_dict()
     del stored["positional_encoding"]
     assert config_from_dict(stored).positional_encoding == "sinusoidal"
+
+
+def test_seed_lists_read_ranges_and_single_seeds_in_order():
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert parse_seeds("7, 1-2,9") == [7, 1, 2, 9]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("a-b", "not a list of seeds"), ("1-", "not a list of seeds"), ("-3", "not a list of seeds"),
+    ("", "not a list of seeds"), ("3-1", "the range 3-1 is empty"),
+    ("0-2,2", "seed 2 is given twice"),
+    (f"{2**31}", "--seeds must lie in"),
+])
+def test_malformed_seed_lists_are_refused(spec, message):
+    with pytest.raises(UserError, match=message):
+        parse_seeds(spec)
