@@ -12,17 +12,17 @@ from tinylm_jax.analysis.attention import (
     js_distance,
     load_attention,
 )
-from tinylm_jax.analysis.budget import BudgetCurve, budget_markdown, seed_curve
-from tinylm_jax.analysis.corpus import RunCorpus
-from tinylm_jax.analysis.detokenize import Spacing, seed_separator
-from tinylm_jax.analysis.plots import token_label
-from tinylm_jax.analysis.tokenizer_study import md_token, tokenizer_study
-from tinylm_jax.core.attention_stats import (
+from tinylm_jax.analysis.attention_stats import (
     is_punctuation,
     stats_rows,
     uniform_causal,
     window_statistics,
 )
+from tinylm_jax.analysis.budget import BudgetCurve, budget_markdown, seed_curve
+from tinylm_jax.analysis.corpus import RunCorpus
+from tinylm_jax.analysis.detokenize import Spacing, seed_separator
+from tinylm_jax.analysis.plots import token_label
+from tinylm_jax.analysis.tokenizer_study import md_token, tokenizer_study
 from tinylm_jax.core.config import UserError, load_config
 from tinylm_jax.core.data import train_tokenizer
 from tinylm_jax.seed.table1 import SEED_TABLE1, SEED_VAL_PPL

@@ -109,11 +109,11 @@ def test_the_attention_by_epoch_plot_needs_only_the_run_folder_and_its_record(ru
     assert capsys.readouterr().out == f"wrote {run / 'attention_by_epoch.png'}\n"
     assert _is_png(run / "attention_by_epoch.png")
     (run / "attention_by_epoch.png").unlink()
-    (run / "attention_by_epoch.csv").unlink()  # as in a run folder from before the record
+    (run / "attention_by_epoch.csv").unlink()  # a run trained without the record
     before = snapshot(run)
     err = refused(analyze_main, ["attention-epochs", str(run)], capsys)
-    assert err == f"error: {run}: no attention_by_epoch.csv (the run predates the per-epoch " \
-                  "attention record)\n"
+    assert err == f"error: {run}: no attention_by_epoch.csv (the run did not record " \
+                  "attention_by_epoch)\n"
     assert snapshot(run) == before
 
 

@@ -11,8 +11,8 @@ import textwrap
 import pytest
 from conftest import REPO, tiny_toml_file
 
+from tinylm_jax.analysis.attention_stats import STAT_NAMES
 from tinylm_jax.cli.run_experiment import main
-from tinylm_jax.core.attention_stats import STAT_NAMES
 
 EIGHT_DEVICES = textwrap.dedent("""
     import dataclasses, json, sys
@@ -20,13 +20,8 @@ EIGHT_DEVICES = textwrap.dedent("""
     from tinylm_jax.core.config import UserError, config_from_dict
     from tinylm_jax.core.data import build_dataset
     from tinylm_jax.core.parallel import check_batch_fits, data_mesh, replicate
-    from tinylm_jax.core.train import (
-        EpochProgress,
-        LoopOptions,
-        create_train_state,
-        evaluate,
-        train_epoch,
-    )
+    from tinylm_jax.core.train import create_train_state
+    from tinylm_jax.run.loop import EpochProgress, Loop, evaluate, train_epoch
 
     assert len(jax.devices()) == 8
     cfg = config_from_dict(json.loads(sys.argv[2]))  # conftest's tiny_cfg
@@ -37,11 +32,13 @@ EIGHT_DEVICES = textwrap.dedent("""
         state = replicate(create_train_state(cfg, "fp32"), mesh)
         placed = dataclasses.replace(data, tokens=replicate(data.tokens, mesh))
         # 18 steps and 27 validation batches in chunks of 9: one compile of each per mesh
-        options = LoopOptions(steps_per_chunk=9, mesh=mesh, show_progress=False)
-        state, progress = train_epoch(state, placed, cfg, EpochProgress(1, 18), options=options)
+        run = Loop(cfg=cfg, data=placed, mesh=mesh, steps_per_epoch=18, steps_per_chunk=9,
+                   show_progress=False)
+        progress = EpochProgress(1, 18)
+        state = train_epoch(run, state, progress)
         params = [np.asarray(x) for x in jax.tree.leaves(state.params)]
         assert jax.tree.leaves(state.params)[0].sharding.mesh.devices.size == devices
-        results[devices] = (progress.train_loss, evaluate(state, placed, cfg, options), params)
+        results[devices] = (progress.train_loss, evaluate(run, state), params)
     (loss1, val1, params1), (loss8, val8, params8) = results[1], results[8]
     np.testing.assert_allclose([loss8, val8], [loss1, val1], rtol=1e-6)
     for a, b in zip(params1, params8, strict=True):

@@ -29,17 +29,19 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO, TINY_CHARS, snapshot, tiny_toml_file
 
+from tinylm_jax.analysis.attention_stats import AttentionRecord
 from tinylm_jax.cli.run_experiment import main
-from tinylm_jax.core import train
 from tinylm_jax.core.config import ExperimentConfig
 from tinylm_jax.core.data import train_order
 from tinylm_jax.core.train import TrainingDiverged, create_train_state
+from tinylm_jax.run import loop
 from tinylm_jax.run.checkpoint import RunCheckpoints
 from tinylm_jax.run.folder import RunFolder
 from tinylm_jax.run.signals import StopSignals
 
 STEPS = 6  # per epoch, via --max-steps-per-epoch
 TIMINGS = ("epoch_seconds", "train_tokens_per_s")
+ATTENTION_CSV = f"{AttentionRecord.name}.csv"
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,7 @@ def _numbers(record):
 
 def _attention_lines(out):
     """attention_by_epoch.csv's lines: a resumed run's must be a straight run's, byte for byte."""
-    return (out / RunFolder.ATTENTION).read_bytes().splitlines()
+    return (out / ATTENTION_CSV).read_bytes().splitlines()
 
 
 def _aside(out):
@@ -128,7 +130,7 @@ def test_same_seed_same_run_bitwise_and_another_seed_differs(setup, straight):
 
 
 def test_the_attention_record_holds_every_epoch_from_initialisation(setup, straight):
-    with (setup[0] / "straight" / RunFolder.ATTENTION).open(newline="") as f:
+    with (setup[0] / "straight" / ATTENTION_CSV).open(newline="") as f:
         rows = list(csv.DictReader(f))
     per_epoch = 2 * 4 + 2 + 1  # every head, the two layer means and the uniform head
     assert [int(row["epoch"]) for row in rows] == [e for e in range(4) for _ in range(per_epoch)]
@@ -144,23 +146,24 @@ def test_the_attention_record_holds_every_epoch_from_initialisation(setup, strai
 # has seen the test's signal: the signal lands at a known step, whatever the machine's speed.
 SIGNAL_GATE = """
 import runpy, signal, sys, time
-import tinylm_jax.core.train as train
+import tinylm_jax.run.loop as loop
 
-original, calls = train.train_chunk, []
-
-
-def gated(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == 3:
-        print("third chunk", flush=True)
-        handler = signal.getsignal(signal.SIGTERM).__self__  # the run's StopSignals
-        deadline = time.monotonic() + 300
-        while handler.received is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-    return original(*args, **kwargs)
+original, calls = loop._Clock.call, []
 
 
-train.train_chunk = gated
+def gated(self, function, *args, **kwargs):
+    if function is loop.train_chunk:
+        calls.append(1)
+        if len(calls) == 3:
+            print("third chunk", flush=True)
+            handler = signal.getsignal(signal.SIGTERM).__self__  # the run's StopSignals
+            deadline = time.monotonic() + 300
+            while handler.received is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+    return original(self, function, *args, **kwargs)
+
+
+loop._Clock.call = gated
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -201,15 +204,16 @@ def test_sigterm_checkpoints_the_position_and_a_resume_in_another_process_equals
 def test_sigint_stops_a_run_like_sigterm_with_exit_130(setup, tmp_path, monkeypatch, capsys):
     """In-process: Ctrl-C during epoch 2's first chunk; the run checkpoints and stops before the
     next chunk (resuming such a checkpoint is the SIGTERM test's)."""
-    original, calls = train.train_chunk, []
+    original, calls = loop._Clock.call, []
 
-    def ctrl_c_in_the_third_chunk(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            signal.raise_signal(signal.SIGINT)  # handled before raise_signal returns
-        return original(*args, **kwargs)
+    def ctrl_c_in_the_third_chunk(self, function, *args, **kwargs):
+        if function is loop.train_chunk:
+            calls.append(1)
+            if len(calls) == 3:
+                signal.raise_signal(signal.SIGINT)  # handled before raise_signal returns
+        return original(self, function, *args, **kwargs)
 
-    monkeypatch.setattr(train, "train_chunk", ctrl_c_in_the_third_chunk)
+    monkeypatch.setattr(loop._Clock, "call", ctrl_c_in_the_third_chunk)
     out = tmp_path / "run"
     assert _run(setup, out) == 128 + signal.SIGINT
     err = capsys.readouterr().err
@@ -225,13 +229,13 @@ def test_stop_signals_record_the_first_signal_and_a_second_ctrl_c_interrupts_at_
         assert not signals.requested()
         signal.raise_signal(signal.SIGTERM)
         assert signals.requested() and signals.received == signal.SIGTERM
-        assert (signals.signal_name, signals.exit_code) == ("SIGTERM", 143)
+        assert signals.signal_name == "SIGTERM"
         signal.raise_signal(signal.SIGTERM)  # a second SIGTERM only asks again
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)  # a second Ctrl-C: stop now
     with StopSignals() as signals:
         signal.raise_signal(signal.SIGINT)
-        assert (signals.signal_name, signals.exit_code) == ("SIGINT", 130)
+        assert (signals.signal_name, signals.received) == ("SIGINT", signal.SIGINT)
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
@@ -356,24 +360,18 @@ def test_a_resume_past_a_damaged_checkpoint_warns_and_trains_on_from_the_older_o
     assert int(state.step) == STEPS + 2 and _numbers(record) == _numbers(straight[1])[:1]
 
 
-def test_a_run_folder_from_before_positions_and_the_attention_record_resumes(setup, straight,
-                                                                              stopped_copy):
+def test_a_run_begun_without_a_hook_is_not_resumed_with_it(setup, capsys, stopped_copy):
+    """The hook's rows would lack their start: refused in one line, nothing changed."""
     out = stopped_copy
-    config = json.loads((out / "config.json").read_text())
-    del config["experiment"]["positional_encoding"]  # as config.json was then
-    (out / "config.json").write_text(json.dumps(config))
     state, record = _latest(out)
-    del record["attention_by_epoch"]
+    del record[AttentionRecord.name]
     checkpoints = RunCheckpoints(RunFolder(out))
-    checkpoints.save(state, record)  # checkpoint 3: the stop's, as saved then
+    checkpoints.save(state, record)  # checkpoint 3: a stop's, of a run without the record
     checkpoints.close()
-    (out / RunFolder.ATTENTION).unlink()
-    # On to the end of epoch 2: one epoch finishes (and is recorded) after the resume.
-    assert _run(setup, out, "--resume", "--stop-at-step", str(2 * STEPS)) == 0
-    state, record = _latest(out)
-    assert int(state.step) == 2 * STEPS and _numbers(record) == _numbers(straight[1])[:2]
-    assert RunFolder(out).read_config().positional_encoding == "sinusoidal"
-    assert not (out / RunFolder.ATTENTION).exists()  # no record without its epoch 0
+    before = snapshot(out)
+    assert _run(setup, out, "--resume") == 2
+    assert "the run was begun without attention_by_epoch" in capsys.readouterr().err
+    assert snapshot(out) == before
 
 
 def test_no_intact_checkpoint_is_refused_and_changes_nothing(setup, capsys, stopped_copy):

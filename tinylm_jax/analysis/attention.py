@@ -1,5 +1,5 @@
 """Attention for people to read: one window's export, tables of the per-head statistics
-(`core.attention_stats`), and how alike the heads of a layer are.
+(`attention_stats`), and how alike the heads of a layer are.
 
 Shapes: a window's export is (layers, H, L, L), query positions on axis 2, keys on axis 3; rows
 sum to 1 over the causal past. The export is one `.npz` that plain numpy reads (no pickles):
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinylm_jax.core.attention_stats import (
+from tinylm_jax.analysis.attention_stats import (
     STAT_NAMES,
     attention_weights,
     padded_batches,

@@ -81,7 +81,7 @@ def open_corpus(run_dir: Path, data: str | None = None) -> RunCorpus:
     tokenizer = folder.read_tokenizer()
     path = resolve_corpus(data)
     text = read_corpus(path)
-    if record.get("corpus_sha256") not in (None, file_sha256(path)):
+    if record.get("corpus_sha256") != file_sha256(path):
         raise UserError(f"{path}: not the corpus {run_dir} was trained on (sha256 differs); "
                         "pass that one with --data")
     return RunCorpus.build(cfg, tokenizer, text)

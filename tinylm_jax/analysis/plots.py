@@ -18,8 +18,8 @@ import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
 from tinylm_jax.analysis.attention import STAT_LABELS  # noqa: E402
+from tinylm_jax.analysis.attention_stats import STAT_NAMES  # noqa: E402
 from tinylm_jax.analysis.budget import BUDGET_LABELS, BUDGETS, BudgetCurve  # noqa: E402
-from tinylm_jax.core.attention_stats import STAT_NAMES  # noqa: E402
 from tinylm_jax.core.metrics import best_epoch  # noqa: E402
 
 DPI = 120

@@ -28,6 +28,14 @@ from tinylm_jax.analysis.attention import (
     similarity_rows,
     stats_markdown,
 )
+from tinylm_jax.analysis.attention_stats import (
+    STAT_NAMES,
+    STAT_WINDOWS,
+    StatWindows,
+    head_statistics,
+    read_attention_record,
+    stats_rows,
+)
 from tinylm_jax.analysis.budget import budget_markdown, run_curve, seed_curve
 from tinylm_jax.analysis.corpus import RunCorpus, open_corpus
 from tinylm_jax.analysis.inference import SEED_PROMPTS, predicted_vs_actual, top_k_table
@@ -39,14 +47,12 @@ from tinylm_jax.analysis.runs import (
 )
 from tinylm_jax.analysis.sampling import generate
 from tinylm_jax.analysis.tokenizer_study import tokenizer_report, tokenizer_study
-from tinylm_jax.core.attention_stats import STAT_NAMES, StatWindows, head_statistics, stats_rows
 from tinylm_jax.core.config import UserError
 from tinylm_jax.core.files import write_csv_atomic, write_text_atomic
 from tinylm_jax.run.checkpoint import LoadedRun, load_run
 from tinylm_jax.run.folder import RunFolder
 from tinylm_jax.seed.table1 import SEED_VAL_PPL
 
-DEFAULT_STAT_WINDOWS = 512
 SAMPLE_PROMPT = SEED_PROMPTS[0]
 
 
@@ -154,7 +160,7 @@ def write_attention_maps(export_path: Path, out_dir: Path | None = None) -> list
     return paths
 
 
-def stat_windows(corpus: RunCorpus, num_windows: int = DEFAULT_STAT_WINDOWS) -> StatWindows:
+def stat_windows(corpus: RunCorpus, num_windows: int = STAT_WINDOWS) -> StatWindows:
     """The validation windows attention-stats and head-similarity average over."""
     return StatWindows.spread(corpus.ids, corpus.splits, corpus.tokenizer, num_windows)
 
@@ -194,7 +200,7 @@ def write_head_similarity(run_dir: Path, run: LoadedRun, corpus: RunCorpus,
 def write_attention_epochs(run_dir: Path) -> list[Path]:
     """The attention statistics training recorded per epoch, drawn from attention_by_epoch.csv."""
     folder = RunFolder(run_dir)
-    name, rows = folder.read_config().name, folder.read_attention_by_epoch()
+    name, rows = folder.read_config().name, read_attention_record(folder)
     return [plots.attention_by_epoch(rows, name, run_dir / "attention_by_epoch.png")]
 
 
@@ -226,15 +232,13 @@ def write_samples(run_dir: Path, run: LoadedRun, corpus: RunCorpus, which: str,
 
 
 def analyze_run(run_dir: Path, data: str | None = None, which: str = "best",
-                num_windows: int = DEFAULT_STAT_WINDOWS, seed: int = 0) -> list[Path]:
+                num_windows: int = STAT_WINDOWS, seed: int = 0) -> list[Path]:
     """Every per-run analysis above, from the run's `which` checkpoint. Whatever can refuse the
     input (history, window count, prompts the tokenizer cannot encode) is checked first."""
     corpus = open_corpus(run_dir, data)
     folder = RunFolder(run_dir)
     folder.read_history()
-    recorded = folder.has_attention_record()  # runs trained before it have none
-    if recorded:
-        folder.read_attention_by_epoch()
+    read_attention_record(folder)
     windows = stat_windows(corpus, num_windows)
     for prompt in SEED_PROMPTS:  # the top-k table's, and the sample's first
         corpus.encode_prompt(prompt)
@@ -244,4 +248,4 @@ def analyze_run(run_dir: Path, data: str | None = None, which: str = "best",
             + write_attention_stats(run_dir, run, corpus, windows)
             + write_head_similarity(run_dir, run, corpus, windows)
             + write_samples(run_dir, run, corpus, which, seed)
-            + (write_attention_epochs(run_dir) if recorded else []))
+            + write_attention_epochs(run_dir))

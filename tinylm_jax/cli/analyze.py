@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from tinylm_jax.analysis import reports
+from tinylm_jax.analysis.attention_stats import STAT_WINDOWS
 from tinylm_jax.analysis.corpus import open_corpus
 from tinylm_jax.analysis.inference import SEED_PROMPTS, predicted_vs_actual, top_k_table
 from tinylm_jax.analysis.sampling import generate
@@ -45,9 +46,9 @@ def _several_runs(parser: argparse.ArgumentParser) -> None:
 
 
 def _windows(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--windows", type=int, default=reports.DEFAULT_STAT_WINDOWS,
+    parser.add_argument("--windows", type=int, default=STAT_WINDOWS,
                         help=f"validation windows, evenly spread (default "
-                        f"{reports.DEFAULT_STAT_WINDOWS})")
+                        f"{STAT_WINDOWS})")
 
 
 def _sampling_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,13 +1,14 @@
 """What every command line shares: one-line errors, exit codes, and the paths it wrote.
 
-A user's mistake is one `error:` line on stderr and exit code 2, never a traceback; a stopped run
-prints the command that continues it.
+A user's mistake is one `error:` line on stderr and exit code 2, never a traceback; a run stopped
+on request prints the command that continues it. Every exit code is decided here.
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 import typing
 from collections.abc import Callable
@@ -15,13 +16,22 @@ from pathlib import Path
 
 from tinylm_jax.core.config import UserError
 from tinylm_jax.core.train import TrainingDiverged
-from tinylm_jax.run.experiment import RunStopped
+from tinylm_jax.run.loop import Stop, StopReason
 
 # Exit codes: 0 done (or stopped at --stop-at-step), 2 bad input or a folder/disk problem,
 # 3 the loss went non-finite, 130 stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM.
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+
+def stop_exit_code(stop: Stop) -> int:
+    """0 for a run that finished, stopped early or stopped at --stop-at-step; for a signal,
+    128 + its number, as a shell reports a process the signal ended (SIGTERM where another
+    process of the run received it)."""
+    if stop.reason != StopReason.SIGNAL:
+        return 0
+    return 128 + (stop.signal or signal.SIGTERM)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -59,14 +69,19 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join(["python", sys.argv[0], *kept])
 
 
-def guarded(action: Callable[[], int], argv: list[str] | None = None) -> int:
-    """Run a command: a user's mistake or a diverged run is one `error:` line and an exit code."""
+def guarded(action: Callable[[], int | Stop], argv: list[str] | None = None) -> int:
+    """Run a command: its exit code, or a training run's stop turned into one (with the command
+    that continues it where it can be continued); a user's mistake or a diverged run is one
+    `error:` line and an exit code."""
     try:
-        return action()
-    except RunStopped as err:
-        print(f"{err}; continue with: {resume_command(sys.argv[1:] if argv is None else argv)}",
-              file=sys.stderr)
-        return err.exit_code
+        outcome = action()
+        if isinstance(outcome, Stop):
+            if outcome.resumable:
+                argv = sys.argv[1:] if argv is None else argv
+                print(f"{outcome.message}; continue with: {resume_command(argv)}",
+                      file=sys.stderr)
+            return stop_exit_code(outcome)
+        return outcome
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -83,7 +98,8 @@ def guarded(action: Callable[[], int], argv: list[str] | None = None) -> int:
 
 
 def entry_point(parser: Callable[[], argparse.ArgumentParser],
-                action: Callable[[argparse.Namespace], int]) -> Callable[[list[str] | None], int]:
+                action: Callable[[argparse.Namespace], int | Stop]
+                ) -> Callable[[list[str] | None], int]:
     """A command's `main(argv)`: parse with `parser()`, then run `action(args)` `guarded`."""
     def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)

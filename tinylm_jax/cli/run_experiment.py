@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from tinylm_jax.analysis import reports
+from tinylm_jax.analysis.attention_stats import AttentionRecord
 from tinylm_jax.cli.console import OneLineParser, entry_point, print_paths
 from tinylm_jax.core.bf16 import keep_host_buffers
 from tinylm_jax.core.config import (
@@ -21,6 +22,7 @@ from tinylm_jax.core.parallel import initialize_distributed, is_primary
 from tinylm_jax.core.train import PRECISIONS
 from tinylm_jax.run.experiment import RunOptions, describe, prepare, train_prepared
 from tinylm_jax.run.folder import seed_member
+from tinylm_jax.run.loop import Stop
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +89,7 @@ def _runs(args: argparse.Namespace) -> list[tuple[str, int | None, Path]]:
     return runs
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int | Stop:
     if args.coordinator:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     elif (args.num_processes, args.process_id) != (1, 0):
@@ -116,7 +118,10 @@ def run(args: argparse.Namespace) -> int:
         print("\n\n".join(describe(one) for one in prepared))
         return 0
     for one in prepared:
-        train_prepared(one)
+        hook = AttentionRecord.for_run(one.cfg, one.opts.precision, one.data)
+        result = train_prepared(one, [hook])
+        if result.summary is None or result.stop.resumable:  # stopped: the rest waits too
+            return result.stop
     run_dirs = [one.opts.out_dir for one in prepared]
     if not is_primary():  # the files below are process 0's to write
         return 0

@@ -1,21 +1,18 @@
-"""Train state, optimiser, the jitted train/eval steps and the epoch loops that chain them.
+"""Train state, optimiser, and the jitted train/eval steps: the pure core of training.
 
 `train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> metrics` are pure,
 module-level and jitted once per model; `train_step` donates its state. A batch is a dict:
   inputs (B, L) int32, targets (B, L) int32, weights (B,) float32 (0 marks a padding window).
 Metrics are sums, `loss_sum` over real target tokens and `tokens` their count, so that means over
-a split are token-weighted however its last batch is padded. Epochs run `train_chunk` and
-`eval_chunk`: the same steps, scanned over C batches per compiled call.
+a split are token-weighted however its last batch is padded. `train_chunk` and `eval_chunk` are
+the same steps, scanned over C batches per compiled call; the loop that chains them is
+`run.loop`'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
-import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,16 +20,12 @@ import numpy as np
 import optax
 from flax import struct
 from flax.training import train_state
-from jax.sharding import Mesh
-from tqdm import tqdm
 
 from tinylm_jax.core.config import ExperimentConfig, UserError
-from tinylm_jax.core.data import Dataset, batch_rows, gather_windows, num_batches, train_order
+from tinylm_jax.core.data import Dataset, gather_windows, num_batches
 from tinylm_jax.core.model import build_model, init_params
-from tinylm_jax.core.parallel import shard_batch_rows
 
 PRECISIONS = ("auto", "bf16", "fp32")
-T = TypeVar("T")
 
 
 class TrainState(train_state.TrainState):
@@ -194,212 +187,7 @@ class TrainingDiverged(Exception):
     """A non-finite loss: the run stops, and the broken state is never checkpointed."""
 
 
-@dataclasses.dataclass
-class EpochProgress:
-    """How far one epoch has got: enough to continue it mid-way with nothing changed.
-
-    The per-step sums are kept, not a running total, so that an epoch continued after a stop sums
-    exactly the same numbers in the same order as one that ran straight through.
-    """
-
-    epoch: int  # 1-based epoch number; it fixes the order of the training windows
-    steps_total: int  # optimiser steps this epoch takes when it runs to its end
-    steps_done: int = 0  # steps taken so far
-    loss_sums: list[float] = dataclasses.field(default_factory=list)  # summed CE, one per step
-    token_counts: list[float] = dataclasses.field(default_factory=list)  # its tokens, per step
-    seconds: float = 0.0  # training time spent on this epoch so far, over every session
-    tokens_per_s: float = math.nan  # throughput of the latest session, first chunk excluded
-
-    @property
-    def finished(self) -> bool:
-        return self.steps_done == self.steps_total
-
-    @property
-    def train_loss(self) -> float:
-        """Token-weighted mean training loss over the steps done."""
-        return token_weighted_mean(self.loss_sums, self.token_counts)
-
-    def to_record(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> EpochProgress:
-        return cls(**record)
-
-
 def epoch_steps(cfg: ExperimentConfig, data: Dataset, max_steps: int | None = None) -> int:
     """Optimiser steps per epoch: every training window once, or `max_steps` if fewer."""
     steps = num_batches(data.splits.num_train, cfg.batch_size)
     return steps if max_steps is None else min(steps, max_steps)
-
-
-# tqdm's layout less its own rate (s/step), so that the throughput in the postfix still fits
-# an 80-column terminal.
-BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
-
-
-def progress_bar(show: bool, total: int, desc: str, initial: int = 0) -> tqdm:
-    """A bar on a terminal only (tqdm's disable=None: logs stay clean), cleared when done so that
-    the epoch's summary line stands alone."""
-    return tqdm(total=total, initial=initial, desc=desc, disable=not show or None, leave=False,
-                dynamic_ncols=True, bar_format=BAR_FORMAT)
-
-
-@dataclasses.dataclass
-class Throughput:
-    """Items per second from the end of the first chunk on: the first one compiles."""
-
-    since: float | None = None  # when the first chunk was seen done
-    items: float = 0.0  # items of the chunks done after it
-
-    def chunk_done(self, items: float) -> None:
-        if self.since is None:
-            self.since = time.perf_counter()
-        else:
-            self.items += items
-
-    def per_second(self, now: float) -> float:
-        if self.since is None or not self.items:
-            return math.nan
-        return self.items / (now - self.since)
-
-    def text(self, unit: str) -> str:
-        """The rate so far as "32,768 tok/s", or "" before there is a fair figure."""
-        rate = self.per_second(time.perf_counter())
-        return f"{rate:,.0f} {unit}/s" if math.isfinite(rate) else ""
-
-
-def _never() -> bool:
-    return False
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopOptions:
-    """How `train_epoch` and `evaluate` run; nothing here changes a result."""
-
-    steps_per_chunk: int | None = None  # steps per compiled call; None: the backend's default
-    # Split each batch over this mesh's devices; the state and tokens must then be replicated on
-    # it (`parallel.replicate`).
-    mesh: Mesh | None = None
-    show_progress: bool = True  # a bar, on a terminal only
-    stop_requested: Callable[[], bool] = _never  # polled between chunks
-
-    def chunks(self, rows: dict[str, np.ndarray], begin: int, end: int
-               ) -> Iterator[tuple[int, dict[str, Any]]]:
-        """Rows [begin, end) of batch `rows` (N, B) in chunks of at most `steps_per_chunk`,
-        each with its first row's index and placed on the mesh."""
-        size = self.steps_per_chunk or default_steps_per_chunk()
-        for first in range(begin, end, size):
-            chunk = {key: value[first:min(first + size, end)] for key, value in rows.items()}
-            yield first, chunk if self.mesh is None else shard_batch_rows(chunk, self.mesh)
-
-
-def _collect_one_behind(launched: Iterable[T], collect: Callable[[T], None]) -> None:
-    """`collect` each launched chunk once the next one is launched, and the last at the end:
-    the host waits on a chunk while the device already runs the next."""
-    previous: list[T] = []
-    for item in launched:
-        if previous:
-            collect(previous.pop())
-        previous.append(item)
-    if previous:
-        collect(previous.pop())
-
-
-def _checked_losses(progress: EpochProgress, first: int, metrics: dict[str, Any]
-                    ) -> dict[str, np.ndarray]:
-    """A chunk's metrics on the host; a non-finite loss raises before anything can save it."""
-    host = jax.device_get(metrics)
-    if not np.all(np.isfinite(host["loss_sum"])):
-        raise TrainingDiverged(f"epoch {progress.epoch}, steps {first + 1}-"
-                               f"{first + len(host['loss_sum'])}: non-finite training loss; "
-                               "stopped without checkpointing it")
-    return host
-
-
-def train_epoch(state: TrainState, data: Dataset, cfg: ExperimentConfig,
-                progress: EpochProgress, until: int | None = None,
-                options: LoopOptions = LoopOptions()) -> tuple[TrainState, EpochProgress]:
-    """Continue an epoch from `progress.steps_done` in the window order of (seed, epoch).
-
-    It runs to the epoch's end, to step `until` of it, or to the first chunk boundary at which
-    `options.stop_requested()` is true, whichever comes first. There is no host sync inside a
-    chunk: each chunk's losses are fetched and checked while the next one runs, so a non-finite
-    loss raises `TrainingDiverged` a chunk late, before anything can save it.
-    """
-    rows = batch_rows(train_order(cfg.seed, progress.epoch, data.splits.num_train),
-                      cfg.batch_size)
-    end = progress.steps_total if until is None else min(progress.steps_total, until)
-    throughput = Throughput()  # tokens per second
-    bar = progress_bar(options.show_progress, progress.steps_total, f"epoch {progress.epoch}",
-                       progress.steps_done)
-
-    def launched() -> Iterator[tuple[int, dict[str, jax.Array]]]:
-        nonlocal state
-        for first, chunk in options.chunks(rows, progress.steps_done, end):
-            if options.stop_requested():
-                return
-            state, metrics = train_chunk(state, data.tokens, chunk["starts"], chunk["weights"],
-                                         seq_len=cfg.seq_len)
-            yield first, metrics
-
-    def collect(item: tuple[int, dict[str, jax.Array]]) -> None:
-        host = _checked_losses(progress, *item)
-        steps = len(host["loss_sum"])
-        progress.loss_sums.extend(float(x) for x in host["loss_sum"])
-        progress.token_counts.extend(float(x) for x in host["tokens"])
-        progress.steps_done += steps
-        throughput.chunk_done(steps * cfg.batch_size * cfg.seq_len)
-        loss = progress.loss_sums[-1] / progress.token_counts[-1]
-        bar.set_postfix_str(f"loss={loss:.4f} {throughput.text('tok')}".rstrip(), refresh=False)
-        bar.update(steps)
-
-    began = time.perf_counter()
-    with bar:
-        _collect_one_behind(launched(), collect)
-    ended = time.perf_counter()
-    progress.seconds += ended - began
-    if throughput.items:
-        progress.tokens_per_s = throughput.per_second(ended)
-    return state, progress
-
-
-def evaluate(state: TrainState, data: Dataset, cfg: ExperimentConfig,
-             options: LoopOptions = LoopOptions()) -> float | None:
-    """Token-weighted mean loss over every validation window, in order, in compiled chunks.
-
-    None if `options.stop_requested()` turned true first: the pass is abandoned between chunks.
-    Each chunk is waited for while the next one runs, so that the bar counts batches actually
-    done.
-    """
-    rows = batch_rows(data.splits.validation_starts(), cfg.batch_size)
-    metrics: list[dict[str, jax.Array]] = []
-    throughput = Throughput()  # windows per second
-    bar = progress_bar(options.show_progress, len(rows["starts"]), "validation")
-    stopped = False
-
-    def launched() -> Iterator[tuple[int, dict[str, jax.Array]]]:
-        nonlocal stopped
-        for first, chunk in options.chunks(rows, 0, len(rows["starts"])):
-            if metrics and options.stop_requested():
-                stopped = True
-                return
-            metrics.append(eval_chunk(state, data.tokens, chunk["starts"], chunk["weights"],
-                                      seq_len=cfg.seq_len))
-            yield first, metrics[-1]
-
-    def collect(item: tuple[int, dict[str, jax.Array]]) -> None:
-        first, chunk_metrics = item
-        jax.block_until_ready(chunk_metrics)
-        weights = rows["weights"][first:first + len(chunk_metrics["tokens"])]
-        throughput.chunk_done(float(weights.sum()))  # padding windows weigh 0
-        bar.set_postfix_str(throughput.text("windows"), refresh=False)
-        bar.update(len(weights))
-
-    with bar:
-        _collect_one_behind(launched(), collect)
-    if stopped:
-        return None
-    host = jax.device_get(metrics)
-    return token_weighted_mean(np.concatenate([m["loss_sum"] for m in host]),
-                               np.concatenate([m["tokens"] for m in host]))

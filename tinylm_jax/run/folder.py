@@ -6,7 +6,8 @@ A run folder holds:
                            corpus sha256): what a resume must match
   tokenizer.json           the BPE the run was trained with
   history.csv              one row per finished epoch (`HISTORY_FIELDS`)
-  attention_by_epoch.csv   attention statistics from initialisation on (`ATTENTION_FIELDS`)
+  <hook>.csv               each epoch hook's rows (`run.loop.EpochHook`), e.g. the attention
+                           statistics from initialisation on (attention_by_epoch.csv)
   summary.json             written when the run ends
   checkpoints/             orbax checkpoints (`checkpoint.RunCheckpoints`)
   corrupt_checkpoints/     damaged checkpoints, set aside, never deleted
@@ -34,13 +35,11 @@ from typing import IO, Any
 
 from tokenizers import Tokenizer
 
-from tinylm_jax.core.attention_stats import STAT_NAMES
 from tinylm_jax.core.config import ExperimentConfig, UserError, config_from_dict
 from tinylm_jax.core.files import write_csv_atomic, write_text_atomic
 
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_ppl", "lr", "epoch_seconds",
                   "train_tokens_per_s")
-ATTENTION_FIELDS = ("epoch", "layer", "head", *STAT_NAMES)
 # Fields that may change when a run is resumed; any other difference is refused.
 RESUMABLE_CHANGES = ("name", "num_epochs", "early_stop_patience")
 # How config.json's run settings are named to the user.
@@ -66,7 +65,6 @@ class RunFolder:
     CONFIG = "config.json"
     TOKENIZER = "tokenizer.json"
     HISTORY = "history.csv"
-    ATTENTION = "attention_by_epoch.csv"
     SUMMARY = "summary.json"
     CHECKPOINTS = "checkpoints"
     CORRUPT = "corrupt_checkpoints"
@@ -122,17 +120,14 @@ class RunFolder:
             raise UserError(f"{self.path}: no {self.HISTORY} (has the run finished an epoch?)")
         return _read_epoch_rows(path, HISTORY_FIELDS, "history")
 
-    def has_attention_record(self) -> bool:
-        """Runs begun before the per-epoch attention record have none."""
-        return self.file(self.ATTENTION).is_file()
-
-    def read_attention_by_epoch(self) -> list[dict[str, Any]]:
-        """attention_by_epoch.csv: statistics as floats, layer and head as written."""
-        if not self.has_attention_record():
-            raise UserError(f"{self.path}: no {self.ATTENTION} (the run predates the per-epoch "
-                            "attention record)")
-        return _read_epoch_rows(self.file(self.ATTENTION), ATTENTION_FIELDS, "attention record",
-                                ("layer", "head"))
+    def read_rows(self, name: str, fields: tuple[str, ...], text_fields: tuple[str, ...] = ()
+                  ) -> list[dict[str, Any]]:
+        """An epoch hook's `<name>.csv`: `text_fields` as written, epoch as int, the rest as
+        floats."""
+        path = self.file(f"{name}.csv")
+        if not path.is_file():
+            raise UserError(f"{self.path}: no {path.name} (the run did not record {name})")
+        return _read_epoch_rows(path, fields, name, text_fields)
 
     def read_summary(self) -> dict[str, Any]:
         """summary.json, which only a finished run has."""
@@ -156,8 +151,9 @@ class RunFolder:
     def write_history(self, history: list[dict[str, Any]]) -> None:
         write_csv_atomic(self.file(self.HISTORY), HISTORY_FIELDS, history)
 
-    def write_attention_by_epoch(self, rows: list[dict[str, Any]]) -> None:
-        write_csv_atomic(self.file(self.ATTENTION), ATTENTION_FIELDS, rows)
+    def write_rows(self, name: str, fields: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+        """An epoch hook's rows, as `<name>.csv` with columns `fields`."""
+        write_csv_atomic(self.file(f"{name}.csv"), fields, rows)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self._write_json(self.SUMMARY, summary)

@@ -51,8 +51,3 @@ class StopSignals:
     @property
     def signal_name(self) -> str:
         return signal.Signals(self.received).name if self.received else "another process's signal"
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal's number, as a shell reports a process the signal ended."""
-        return 128 + (self.received or signal.SIGTERM)

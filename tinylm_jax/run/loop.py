@@ -1,0 +1,425 @@
+"""The training loop, in one place and in the order it runs.
+
+`start` finds where a run stands: a fresh state, or the newest intact checkpoint. `run_epochs`
+goes on from there, epoch by epoch:
+  1. the epoch's training chunks, each launched while the one before is collected
+     (`train_epoch`);
+  2. the validation pass (`evaluate`);
+  3. the plateau schedule's step on the validation loss;
+  4. the epoch hooks (e.g. the attention record), each adding rows of its own;
+  5. the checkpoint, history.csv and the hooks' files, and the epoch's log line;
+  6. the decision to go on.
+It returns why it stopped, as a value (`Stop`): the run finished, stopped early, reached
+`--stop-at-step`, or was asked to stop by a signal. A stop mid-epoch is checkpointed at its exact
+position first, so that `--resume` continues it with nothing lost or changed. Only a non-finite
+loss is an exception (`TrainingDiverged`): nothing is checkpointed after one.
+
+Nothing here changes a result: the chunk size, the bars and the clocks only decide how the same
+steps are launched and shown. `core.train` holds the steps themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol, TypeVar
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from tinylm_jax.core.config import ExperimentConfig, UserError
+from tinylm_jax.core.data import Dataset, batch_rows, train_order
+from tinylm_jax.core.metrics import best_epoch, perplexity, should_stop
+from tinylm_jax.core.parallel import is_primary, shard_batch_rows
+from tinylm_jax.core.train import (
+    TrainingDiverged,
+    TrainState,
+    default_steps_per_chunk,
+    eval_chunk,
+    token_weighted_mean,
+    train_chunk,
+)
+from tinylm_jax.run.checkpoint import RunCheckpoints
+from tinylm_jax.run.folder import RunFolder
+from tinylm_jax.run.signals import StopSignals
+
+T = TypeVar("T")
+
+
+class StopReason(enum.Enum):
+    FINISHED = "finished"  # the epoch limit
+    EARLY_STOP = "early stop"  # the protocol's patience ran out
+    STOP_AT_STEP = "stop at step"  # --stop-at-step: checkpointed, --resume continues
+    SIGNAL = "signal"  # SIGTERM or SIGINT: checkpointed, --resume continues
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    """Why a run stopped, and what to tell the user about it."""
+
+    reason: StopReason
+    message: str
+    signal: int | None = None  # the signal's number, for SIGNAL
+
+    @property
+    def resumable(self) -> bool:
+        """Stopped on request before the protocol's end, or before the runs after it."""
+        return self.reason in (StopReason.STOP_AT_STEP, StopReason.SIGNAL)
+
+
+class EpochHook(Protocol):
+    """Something recorded at the start of a run and after every epoch, resumed with the run.
+
+    Its rows travel in every checkpoint's record under `name` (so that a resume continues them
+    byte for byte) and are written to `<name>.csv` in the run folder, with columns `fields`.
+    """
+
+    name: str
+    fields: tuple[str, ...]
+
+    def start(self, state: TrainState) -> list[dict[str, Any]]:
+        """Rows for the initial state (a fresh run only)."""
+
+    def epoch_end(self, epoch: int, state: TrainState) -> list[dict[str, Any]]:
+        """Rows for the state after `epoch`, its plateau step taken."""
+
+
+RECORD_KEYS = ("history", "wall_time_s", "epoch_in_progress")  # a hook may use none of these
+
+
+@dataclasses.dataclass
+class EpochProgress:
+    """How far one epoch has got: enough to continue it mid-way with nothing changed.
+
+    The per-step sums are kept, not a running total, so that an epoch continued after a stop sums
+    exactly the same numbers in the same order as one that ran straight through.
+    """
+
+    epoch: int  # 1-based epoch number; it fixes the order of the training windows
+    steps_total: int  # optimiser steps this epoch takes when it runs to its end
+    steps_done: int = 0  # steps taken so far
+    loss_sums: list[float] = dataclasses.field(default_factory=list)  # summed CE, one per step
+    token_counts: list[float] = dataclasses.field(default_factory=list)  # its tokens, per step
+    seconds: float = 0.0  # training time spent on this epoch so far, over every session
+    tokens_per_s: float = math.nan  # throughput of the latest session, compilation excluded
+
+    @property
+    def finished(self) -> bool:
+        return self.steps_done == self.steps_total
+
+    @property
+    def train_loss(self) -> float:
+        """Token-weighted mean training loss over the steps done."""
+        return token_weighted_mean(self.loss_sums, self.token_counts)
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> EpochProgress:
+        return cls(**record)
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a run stands: what a checkpoint holds and a resume continues from."""
+
+    state: TrainState  # replicated over the run's mesh
+    history: list[dict[str, Any]]  # one row per finished epoch (history.csv)
+    hook_rows: dict[str, list[dict[str, Any]]]  # each hook's rows so far, by hook name
+    progress: EpochProgress | None = None  # the epoch in progress, if stopped mid-way
+    earlier_seconds: float = 0.0  # wall time of the sessions before this one
+
+    def steps_taken(self, steps_per_epoch: int) -> int:
+        return len(self.history) * steps_per_epoch + (self.progress.steps_done
+                                                      if self.progress else 0)
+
+    def record(self, wall_time_s: float) -> dict[str, Any]:
+        """The checkpoint's record: everything but the state's arrays."""
+        return {"history": self.history, **self.hook_rows, "wall_time_s": wall_time_s,
+                "epoch_in_progress": self.progress.to_record() if self.progress else None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """One run's loop: what it trains on, what it records, and how it runs."""
+
+    cfg: ExperimentConfig
+    data: Dataset  # tokens replicated over `mesh`
+    mesh: Mesh  # the devices each batch is split over
+    steps_per_epoch: int
+    hooks: tuple[EpochHook, ...] = ()
+    steps_per_chunk: int | None = None  # None: the backend's default; changes no result
+    stop_at_step: int | None = None  # stop once the run has taken this many steps in all
+    show_progress: bool = True  # bars, on a terminal only
+    signals: StopSignals = dataclasses.field(default_factory=StopSignals)  # polled between chunks
+    log: Callable[[str], None] = print
+    # The chunk executables compiled so far, by (function, chunk shape): compiled ahead of time,
+    # so that a pass's rate leaves its compilation out.
+    compiled: dict[tuple[Any, ...], Any] = dataclasses.field(default_factory=dict)
+
+    def chunks(self, rows: dict[str, np.ndarray], begin: int, end: int
+               ) -> Iterator[tuple[int, dict[str, jax.Array]]]:
+        """Rows [begin, end) of batch `rows` (N, B) in chunks, each with its first row's index
+        and split over the mesh."""
+        size = self.steps_per_chunk or default_steps_per_chunk()
+        for first in range(begin, end, size):
+            chunk = {key: value[first:min(first + size, end)] for key, value in rows.items()}
+            yield first, shard_batch_rows(chunk, self.mesh)
+
+
+def start(loop: Loop, checkpoints: RunCheckpoints, fresh: TrainState, resume: bool,
+          warn: Callable[[str], None]) -> Position:
+    """A fresh start (the hooks record the initial state), or the newest intact checkpoint's
+    position when resuming; refuses a `stop_at_step` the run has already passed."""
+    restored = checkpoints.restore_newest_intact(fresh, warn) if resume else None
+    if restored is None:
+        position = Position(fresh, [], {hook.name: hook.start(fresh) for hook in loop.hooks})
+    else:
+        state, record = restored
+        missing = [hook.name for hook in loop.hooks if hook.name not in record]
+        if missing:
+            raise UserError(f"{checkpoints.run_dir}: the run was begun without "
+                            f"{', '.join(missing)}; it cannot be resumed with it")
+        progress = record["epoch_in_progress"]
+        position = Position(state, record["history"],
+                            {hook.name: record[hook.name] for hook in loop.hooks},
+                            EpochProgress.from_record(progress) if progress else None,
+                            record["wall_time_s"])
+        loop.log(f"resumed {checkpoints.run_dir} at "
+                 f"{_where(len(position.history), position.progress)}")
+    done = position.steps_taken(loop.steps_per_epoch)
+    if loop.stop_at_step is not None and loop.stop_at_step <= done:
+        raise UserError(f"--stop-at-step {loop.stop_at_step}: the run has already taken "
+                        f"{done} steps")
+    return position
+
+
+def run_epochs(loop: Loop, position: Position, folder: RunFolder, checkpoints: RunCheckpoints,
+               began: float) -> Stop:
+    """Epochs from `position` on, until the protocol ends or a stop is asked for; `position`
+    follows along, saved to `checkpoints` and written to `folder` after every epoch. `began` is
+    when this session started (for the run's wall time)."""
+    cfg = loop.cfg
+    loop.log(f"training {cfg.name} in {folder}: {loop.steps_per_epoch} steps per epoch, "
+             f"up to {cfg.num_epochs} epochs")
+
+    def save(val_loss: float | None = None) -> int:
+        wall = position.earlier_seconds + time.perf_counter() - began
+        return checkpoints.save(position.state, position.record(wall), val_loss)
+
+    while len(position.history) < cfg.num_epochs and not should_stop(position.history, cfg):
+        epoch = len(position.history) + 1
+        progress = position.progress or EpochProgress(epoch, loop.steps_per_epoch)
+        lr = position.state.learning_rate
+        done_before = progress.steps_done
+        until = (None if loop.stop_at_step is None
+                 else loop.stop_at_step - (epoch - 1) * loop.steps_per_epoch)
+        position.state = train_epoch(loop, position.state, progress, until)  # 1
+        position.progress = progress
+        val_began = time.perf_counter()
+        val_loss = evaluate(loop, position.state) if progress.finished else None  # 2
+        if val_loss is None:  # stopped at --stop-at-step, or by a signal
+            saved = save() if progress.steps_done > done_before else None
+            return _stopped(loop, progress, until, saved, folder)
+        if not math.isfinite(val_loss):  # train losses were checked chunk by chunk
+            raise TrainingDiverged(f"epoch {epoch}: non-finite validation loss ({val_loss}); "
+                                   "stopped without checkpointing it")
+        position.state = position.state.step_plateau(val_loss)  # 3
+        position.history.append({
+            "epoch": epoch, "train_loss": progress.train_loss, "val_loss": val_loss,
+            "val_ppl": perplexity(val_loss), "lr": lr, "epoch_seconds": progress.seconds,
+            "train_tokens_per_s": progress.tokens_per_s})
+        for hook in loop.hooks:  # 4
+            position.hook_rows[hook.name] += hook.epoch_end(epoch, position.state)
+        position.progress = None
+        save(val_loss)  # 5
+        _write_epoch_files(loop, position, folder)
+        _log_epoch(loop, position.history, time.perf_counter() - val_began)
+    if loop.signals.received is not None:  # 6: a signal that came as the last epoch ended
+        return Stop(StopReason.SIGNAL, f"stopped by {loop.signals.signal_name} as {cfg.name} "
+                    "finished", loop.signals.received)
+    if should_stop(position.history, cfg):
+        return Stop(StopReason.EARLY_STOP, f"stopped early after epoch {len(position.history)}")
+    return Stop(StopReason.FINISHED, f"finished its {cfg.num_epochs} epochs")
+
+
+def train_epoch(loop: Loop, state: TrainState, progress: EpochProgress, until: int | None = None
+                ) -> TrainState:
+    """Continue the epoch from `progress.steps_done` in the window order of (seed, epoch), to
+    its end, to step `until` of it, or to the first chunk boundary at which a stop is asked
+    for. No host sync inside a chunk: each chunk's losses are fetched and checked while the
+    next one runs, so a non-finite loss raises a chunk late, before anything can save it."""
+    cfg = loop.cfg
+    rows = batch_rows(train_order(cfg.seed, progress.epoch, loop.data.splits.num_train),
+                      cfg.batch_size)
+    end = progress.steps_total if until is None else min(progress.steps_total, until)
+    clock = _Clock(loop.compiled)
+    bar = _bar(loop.show_progress, progress.steps_total, f"epoch {progress.epoch}",
+               progress.steps_done)
+
+    def launched() -> Iterator[tuple[int, dict[str, jax.Array]]]:
+        nonlocal state
+        for first, chunk in loop.chunks(rows, progress.steps_done, end):
+            if loop.signals.requested():
+                return
+            state, metrics = clock.call(train_chunk, state, loop.data.tokens, chunk["starts"],
+                                        chunk["weights"], seq_len=cfg.seq_len)
+            yield first, metrics
+
+    def collect(item: tuple[int, dict[str, jax.Array]]) -> None:
+        first, metrics = item
+        host = jax.device_get(metrics)
+        steps = len(host["loss_sum"])
+        if not np.all(np.isfinite(host["loss_sum"])):
+            raise TrainingDiverged(f"epoch {progress.epoch}, steps {first + 1}-{first + steps}: "
+                                   "non-finite training loss; stopped without checkpointing it")
+        progress.loss_sums.extend(float(x) for x in host["loss_sum"])
+        progress.token_counts.extend(float(x) for x in host["tokens"])
+        progress.steps_done += steps
+        clock.items += steps * cfg.batch_size * cfg.seq_len
+        loss = progress.loss_sums[-1] / progress.token_counts[-1]
+        bar.set_postfix_str(f"loss={loss:.4f} {clock.rate_text('tok')}", refresh=False)
+        bar.update(steps)
+
+    with bar:
+        _collect_one_behind(launched(), collect)
+    progress.seconds += clock.elapsed()
+    if clock.items:
+        progress.tokens_per_s = clock.rate()
+    return state
+
+
+def evaluate(loop: Loop, state: TrainState) -> float | None:
+    """Token-weighted mean loss over every validation window, in order, in compiled chunks;
+    None if a stop was asked for first (the pass is abandoned between chunks)."""
+    cfg = loop.cfg
+    rows = batch_rows(loop.data.splits.validation_starts(), cfg.batch_size)
+    metrics: list[dict[str, jax.Array]] = []
+    clock = _Clock(loop.compiled)
+    bar = _bar(loop.show_progress, len(rows["starts"]), "validation")
+    stopped = False
+
+    def launched() -> Iterator[tuple[int, dict[str, jax.Array]]]:
+        nonlocal stopped
+        for first, chunk in loop.chunks(rows, 0, len(rows["starts"])):
+            if metrics and loop.signals.requested():
+                stopped = True
+                return
+            metrics.append(clock.call(eval_chunk, state, loop.data.tokens, chunk["starts"],
+                                      chunk["weights"], seq_len=cfg.seq_len))
+            yield first, metrics[-1]
+
+    def collect(item: tuple[int, dict[str, jax.Array]]) -> None:
+        first, chunk_metrics = item
+        jax.block_until_ready(chunk_metrics)
+        weights = rows["weights"][first:first + len(chunk_metrics["tokens"])]
+        clock.items += float(weights.sum())  # padding windows weigh 0
+        bar.set_postfix_str(clock.rate_text("windows"), refresh=False)
+        bar.update(len(weights))
+
+    with bar:
+        _collect_one_behind(launched(), collect)
+    if stopped:
+        return None
+    host = jax.device_get(metrics)
+    return token_weighted_mean(np.concatenate([m["loss_sum"] for m in host]),
+                               np.concatenate([m["tokens"] for m in host]))
+
+
+def _collect_one_behind(launched: Iterable[T], collect: Callable[[T], None]) -> None:
+    """`collect` each launched chunk once the next one is launched, and the last at the end:
+    the host waits on a chunk while the device already runs the next."""
+    previous: list[T] = []
+    for item in launched:
+        if previous:
+            collect(previous.pop())
+        previous.append(item)
+    if previous:
+        collect(previous.pop())
+
+
+class _Clock:
+    """A pass's wall time, and its rate in items per second with compilation left out: each
+    chunk shape is compiled ahead of time on first use (into `compiled`), on a clock of its own.
+    """
+
+    def __init__(self, compiled: dict[tuple[Any, ...], Any]):
+        self.compiled = compiled
+        self.began = time.perf_counter()
+        self.compile_seconds = 0.0
+        self.items = 0.0
+
+    def call(self, function: Any, state: TrainState, tokens: jax.Array, starts: jax.Array,
+             weights: jax.Array, seq_len: int) -> Any:
+        key = (function, starts.shape)
+        if key not in self.compiled:
+            began = time.perf_counter()
+            self.compiled[key] = function.lower(state, tokens, starts, weights,
+                                                seq_len=seq_len).compile()
+            self.compile_seconds += time.perf_counter() - began
+        return self.compiled[key](state, tokens, starts, weights)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.began
+
+    def rate(self) -> float:
+        return self.items / max(self.elapsed() - self.compile_seconds, 1e-9)
+
+    def rate_text(self, unit: str) -> str:
+        return f"{self.rate():,.0f} {unit}/s" if self.items else ""
+
+
+# tqdm's layout less its own rate (s/step), so that the throughput in the postfix still fits
+# an 80-column terminal.
+BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+
+
+def _bar(show: bool, total: int, desc: str, initial: int = 0) -> tqdm:
+    """A bar on a terminal only (tqdm's disable=None: logs stay clean), cleared when done so that
+    the epoch's line stands alone."""
+    return tqdm(total=total, initial=initial, desc=desc, disable=not show or None, leave=False,
+                dynamic_ncols=True, bar_format=BAR_FORMAT)
+
+
+def _write_epoch_files(loop: Loop, position: Position, folder: RunFolder) -> None:
+    if is_primary():  # with several processes, process 0 writes the files
+        folder.write_history(position.history)
+        for hook in loop.hooks:
+            folder.write_rows(hook.name, hook.fields, position.hook_rows[hook.name])
+
+
+def _log_epoch(loop: Loop, history: list[dict[str, Any]], val_seconds: float) -> None:
+    """The epoch's line (validation's time is logged only: history.csv keeps its columns)."""
+    row = history[-1]
+    note = "new best" if best_epoch(history) == row["epoch"] else "no improvement"
+    loop.log(f"epoch {row['epoch']}/{loop.cfg.num_epochs}: train_loss={row['train_loss']:.4f} "
+             f"val_loss={row['val_loss']:.4f} val_ppl={row['val_ppl']:.2f} lr={row['lr']:.2e} "
+             f"train {row['epoch_seconds']:.1f}s at {row['train_tokens_per_s']:,.0f} tok/s, "
+             f"validation {val_seconds:.1f}s ({note})")
+
+
+def _stopped(loop: Loop, progress: EpochProgress, until: int | None, saved: int | None,
+             folder: RunFolder) -> Stop:
+    """The stop of an epoch cut short, by `--stop-at-step` or else by a signal."""
+    where = _where(progress.epoch - 1, progress)
+    if progress.finished:
+        where += " (before its validation)"
+    kept = (f"saved checkpoint {saved} in {folder.checkpoints}" if saved is not None
+            else "nothing new to save")
+    if until is not None and progress.steps_done >= until and not progress.finished:
+        return Stop(StopReason.STOP_AT_STEP,
+                    f"stopped at step {loop.stop_at_step} as asked at {where}; {kept}")
+    return Stop(StopReason.SIGNAL, f"stopped by {loop.signals.signal_name} at {where}; {kept}",
+                loop.signals.received)
+
+
+def _where(epochs_done: int, progress: EpochProgress | None) -> str:
+    if progress is None:
+        return f"the end of epoch {epochs_done}"
+    return f"epoch {progress.epoch}, step {progress.steps_done} of {progress.steps_total}"
