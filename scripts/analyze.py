@@ -1,4 +1,5 @@
-"""The seed report's figures and tables from a run: `python scripts/analyze.py all runs/wider`."""
+"""The reference report's figures and tables from a run:
+`python scripts/analyze.py all runs/wider`."""
 
 import sys
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Training speed against the seed's PyTorch loop: `python scripts/benchmark.py baseline`."""
+"""Training speed against the reference's PyTorch loop: `python scripts/benchmark.py baseline`."""
 
 import sys
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""A run's weights for the seed's PyTorch model: `python scripts/export_torch.py runs/wider
+"""A run's weights for the reference's PyTorch model: `python scripts/export_torch.py runs/wider
 --out wider.safetensors`."""
 
 import sys

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check in one go, 9.5 minutes at most (each part has its own time limit): the tests,
-# the benchmark against the seed's PyTorch loop, and the whole `all` protocol, timed. Everything
+# the benchmark against the reference's PyTorch loop, and the whole `all` protocol, timed. Everything
 # it measures goes under $OUT (default ./gpu_check_out); run from the repository root with the
 # corpus in $TINYLM_DATA:
 #   PYTHONPATH=. TINYLM_DATA=data/input.txt OUT=/tmp/out bash scripts/gpu_check.sh

@@ -1,4 +1,4 @@
-"""Train one of the seed report's experiments: `python scripts/run_experiment.py wider`."""
+"""Train one of the reference report's experiments: `python scripts/run_experiment.py wider`."""
 
 import sys
 from pathlib import Path

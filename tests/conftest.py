@@ -113,7 +113,7 @@ _OWN_XLA_CACHE = pytest.StashKey[str]()  # the cache this process made, and remo
 def pytest_configure(config: pytest.Config) -> None:
     if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)) > 1:
         # One core per worker: PyTorch's OpenMP threads spin-wait for each other, and a thread
-        # whose core the other worker holds stalls every op (a step of the seed's loop took
+        # whose core the other worker holds stalls every op (a step of the reference's loop took
         # 30 times as long). Before torch is imported; the processes tests start inherit it.
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # the first process of the run

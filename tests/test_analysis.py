@@ -18,14 +18,14 @@ from tinylm_jax.analysis.attention_stats import (
     uniform_causal,
     window_statistics,
 )
-from tinylm_jax.analysis.budget import BudgetCurve, budget_markdown, seed_curve
+from tinylm_jax.analysis.budget import BudgetCurve, budget_markdown, reference_curve
 from tinylm_jax.analysis.corpus import RunCorpus
-from tinylm_jax.analysis.detokenize import Spacing, seed_separator
+from tinylm_jax.analysis.detokenize import Spacing, reference_separator
 from tinylm_jax.analysis.plots import token_label
 from tinylm_jax.analysis.tokenizer_study import md_token, tokenizer_study
 from tinylm_jax.core.config import UserError, load_config
 from tinylm_jax.core.data import train_tokenizer
-from tinylm_jax.seed.table1 import SEED_TABLE1, SEED_VAL_PPL
+from tinylm_jax.reference.table1 import REFERENCE_TABLE1, REFERENCE_VAL_PPL
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def real_corpus(corpus_text):
                            corpus_text)
 
 
-def test_tokenizer_study_matches_the_seed(real_corpus):
+def test_tokenizer_study_matches_the_reference(real_corpus):
     study = tokenizer_study(real_corpus)
     assert (study.num_chars, study.distinct_chars, study.num_tokens) == (1_115_394, 65, 447_717)
     assert study.top_tokens[0] == (",", 19_846) and study.top_tokens[19] == ("be", 3_568)
@@ -43,9 +43,9 @@ def test_tokenizer_study_matches_the_seed(real_corpus):
     assert study.missed_words == ["duke", "richard", "queen"]  # 97 captured
 
 
-def test_the_spacing_model_restores_the_validation_text_better_than_the_seed(real_corpus):
+def test_the_spacing_model_restores_the_validation_text_better_than_the_reference(real_corpus):
     scores = tokenizer_study(real_corpus).spacing_scores
-    assert scores["spacing_exact"] > 0.9 > 0.5 > scores["seed_exact"]
+    assert scores["spacing_exact"] > 0.9 > 0.5 > scores["reference_exact"]
     start = real_corpus.window_start(0)
     ids = real_corpus.ids[start:start + 16]
     assert real_corpus.source_text(start, 16) == "o'erweighs your true.\n\nISABELLA:"
@@ -73,9 +73,9 @@ def test_spacing_learns_the_commonest_separator_per_pair():
     assert spacing.decode(Vocab(), [0, 1], after=1) == " ab"
 
 
-def test_seed_separator_is_its_punctuation_clean_up():
-    assert seed_separator("thee", ",") == "" and seed_separator("(", "I") == ""
-    assert seed_separator("lo", "se") == " " and seed_separator("I", ")") == ""
+def test_reference_separator_is_its_punctuation_clean_up():
+    assert reference_separator("thee", ",") == "" and reference_separator("(", "I") == ""
+    assert reference_separator("lo", "se") == " " and reference_separator("I", ")") == ""
 
 
 def test_punctuation_tokens_and_labels():
@@ -204,14 +204,14 @@ def test_the_js_distance_of_causal_rows_counts_only_the_keys_each_query_sees():
         float(per_query.mean()))
 
 
-def test_table_1_is_the_minimum_of_each_of_the_seeds_curves():
-    for name, (best, epoch) in SEED_TABLE1.items():
-        curve = SEED_VAL_PPL[name]
+def test_table_1_is_the_minimum_of_each_of_the_reference_curves():
+    for name, (best, epoch) in REFERENCE_TABLE1.items():
+        curve = REFERENCE_VAL_PPL[name]
         assert (min(curve), curve.index(min(curve)) + 1) == (best, epoch)
 
 
-def test_the_seeds_curves_are_placed_on_its_own_windows():
-    baseline, medium = seed_curve("baseline"), seed_curve("medium")
+def test_the_reference_curves_are_placed_on_its_own_windows():
+    baseline, medium = reference_curve("baseline"), reference_curve("medium")
     assert baseline.spent["tokens"][0] == 358_122 * 64
     assert medium.spent["tokens"][0] == 358_071 * 128
     assert baseline.spent["steps"][-1] == 7 * 700 and "seconds" not in baseline.spent
@@ -236,12 +236,12 @@ def test_the_perplexity_within_a_budget_is_the_best_of_the_epochs_finished_in_it
 def test_the_budget_table_compares_runs_at_the_most_every_run_spent():
     short = _curve("short", [70.0, 60.0], [100, 200], seconds=[10, 20])
     long_epochs = _curve("long", [65.0], [300], seconds=[30])
-    seed = _curve("seed report: baseline", [80.0, 62.0, 61.0], [150, 300, 450])
-    table = budget_markdown([short, long_epochs], [seed], "budget.png")
+    reference = _curve("reference report: baseline", [80.0, 62.0, 61.0], [150, 300, 450])
+    table = budget_markdown([short, long_epochs], [reference], "budget.png")
     assert "| PPL at 20 s | PPL at 200 tokens | PPL at 2.00e+03 FLOPs |" in table
     rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
     assert rows["short"].endswith("| 60.00 (2 ep.) | 60.00 (2 ep.) | 60.00 (2 ep.) |")
     assert rows["short"].startswith("| short | cpu, float32 | 2 | 6.0 | 60.00 (2) |")
     assert rows["long"].endswith("| 2.0 | 65.00 (1) | - | - | - |")  # its one epoch is longer
-    assert rows["seed report: baseline"].endswith("| - | 80.00 (1 ep.) | 80.00 (1 ep.) |")
+    assert rows["reference report: baseline"].endswith("| - | 80.00 (1 ep.) | 80.00 (1 ep.) |")
     assert "different hardware" not in table

@@ -16,7 +16,7 @@ def test_model_flops_follow_the_palm_accounting():
     assert model_flops_per_step(load_config("baseline")) == 2_161_920 * 32_768
 
 
-def test_the_benchmark_measures_ours_beside_the_seeds_loop(tiny_toml, tmp_path, corpus_text):
+def test_the_benchmark_measures_ours_beside_the_reference_loop(tiny_toml, tmp_path, corpus_text):
     pytest.importorskip("torch")
     corpus = tmp_path / "short.txt"
     corpus.write_text(corpus_text[:2000], encoding="utf-8")
@@ -26,11 +26,13 @@ def test_the_benchmark_measures_ours_beside_the_seeds_loop(tiny_toml, tmp_path, 
     report = run_benchmark([str(tiny_toml)], corpus, steps=steps, repeats=1, precision="fp32",
                            devices=None, with_torch=True, log=lambda *_: None)
     rows = [line for line in report.splitlines() if line.startswith("| tiny |")]
-    seed, autocast = "PyTorch, seed's loop", "PyTorch, seed's loop, CPU bf16 autocast"
-    assert [row.split(" | ")[1] for row in rows] == ["tinylm-jax", seed, autocast,
-                                                     f"**ours / {seed}**", f"**ours / {autocast}**"]
+    reference = "PyTorch, reference's loop"
+    autocast = f"{reference}, CPU bf16 autocast"
+    assert [row.split(" | ")[1] for row in rows] == ["tinylm-jax", reference, autocast,
+                                                     f"**ours / {reference}**",
+                                                     f"**ours / {autocast}**"]
     assert all(float(row.split(" | ")[4].replace(",", "")) > 0 for row in rows[:3])  # tok/s
-    memory = re.search(r"dry run ([\d,]+) MiB; seed data path \(torch\) ([\d,]+) MiB", report)
+    memory = re.search(r"dry run ([\d,]+) MiB; reference data path \(torch\) ([\d,]+) MiB", report)
     assert memory and all(int(m.replace(",", "")) > 50 for m in memory.groups())
 
 

@@ -143,7 +143,7 @@ def test_all_dry_run_reports_the_three_experiments(tmp_path, corpus_path, capsys
     assert not (tmp_path / "runs").exists()
 
 
-def test_comparison_table_sets_ours_beside_the_seed():
+def test_comparison_table_sets_ours_beside_the_reference():
     table = comparison_table({"baseline": {"experiment": "B", "best_val_ppl": 61.2,
                                            "best_epoch": 5}})
     assert "| B | 61.20 | 5 | 60.00 | 6 | +2.0% |" in table
@@ -155,7 +155,7 @@ def test_comparison_table_sets_ours_beside_the_seed():
     assert "| mine | 70.00 | 2 | - | - | - |" in table
 
 
-def test_the_epoch_table_sets_each_epoch_beside_the_seed_and_bolds_each_best():
+def test_the_epoch_table_sets_each_epoch_beside_the_reference_and_bolds_each_best():
     history = [{"epoch": 1, "val_ppl": 80.0}, {"epoch": 2, "val_ppl": 66.0},
                {"epoch": 3, "val_ppl": 66.5}]
     table = epoch_table(history, (78.06, 67.09, 62.34, 60.94))

@@ -16,8 +16,8 @@ from tinylm_jax.analysis.corpus import open_corpus
 from tinylm_jax.cli.analyze import analyze_main, generate_main, plot_attention_main
 from tinylm_jax.cli.run_experiment import main as run_experiment_main
 from tinylm_jax.core.model import model_flops_per_step
+from tinylm_jax.reference.table1 import REFERENCE_VAL_PPL
 from tinylm_jax.run.folder import RunFolder
-from tinylm_jax.seed.table1 import SEED_VAL_PPL
 
 PER_RUN_FILES = ["tokenizer_report.md", "token_frequencies.png", "loss_curves.png", "val_ppl.png",
                  "attention.npz", "attention/grid.png", "attention/layer1_head3.png",
@@ -98,7 +98,7 @@ def test_curves_and_a_comparison_need_no_corpus(run_copy, tmp_path, capsys):
     shutil.copytree(run, other)
     assert analyze_main(["compare", str(run), str(other), "--out", str(tmp_path / "cmp")]) == 0
     table = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert table.count("| tiny |") == 2 and "| 60.00 | 6 |" in table  # the seed's, by name
+    assert table.count("| tiny |") == 2 and "| 60.00 | 6 |" in table  # the reference's, by name
     assert "## tiny (baseline), epoch by epoch" in table and "| 6 |  | **60.00** |  |" in table
     assert _is_png(tmp_path / "cmp" / "val_ppl_comparison.png")
 
@@ -123,27 +123,27 @@ def test_a_comparison_draws_every_run_even_of_one_experiment(run_copy, tmp_path,
     shutil.copytree(run, tmp_path / "seed1")
     drawn = {}
     monkeypatch.setattr(plots, "perplexity_comparison",
-                        lambda histories, path, seeds: drawn.update(histories) or path)
+                        lambda histories, path, references: drawn.update(histories) or path)
     assert analyze_main(["compare", str(run), str(tmp_path / "seed1")]) == 0
     assert sorted(drawn) == ["tiny (run)", "tiny (seed1)"]
 
 
-def test_a_comparison_draws_the_seeds_curve_beside_each_run_of_its_experiments(
+def test_a_comparison_draws_the_reference_curve_beside_each_run_of_its_experiments(
         run_copy, tmp_path, monkeypatch, capsys):
     run, _ = run_copy
-    for name in ("baseline", "wider", "wider_seed1"):
+    for name in ("baseline", "wider", "wider_reference1"):
         shutil.copytree(run, tmp_path / name)
     drawn = {}
     monkeypatch.setattr(plots, "perplexity_comparison",
-                        lambda histories, path, seeds: drawn.update(seeds) or path)
-    runs = [str(tmp_path / name) for name in ("run", "baseline", "wider", "wider_seed1")]
+                        lambda histories, path, references: drawn.update(references) or path)
+    runs = [str(tmp_path / name) for name in ("run", "baseline", "wider", "wider_reference1")]
     assert analyze_main(["compare", *runs]) == 0
-    # Matched by folder name here (the tiny runs' experiment is no seed's); each curve once.
-    assert drawn == {"tiny (baseline)": SEED_VAL_PPL["baseline"],
-                     "tiny (wider)": SEED_VAL_PPL["wider"]}
+    # Matched by folder name here (the tiny runs' experiment is no reference's); each curve once.
+    assert drawn == {"tiny (baseline)": REFERENCE_VAL_PPL["baseline"],
+                     "tiny (wider)": REFERENCE_VAL_PPL["wider"]}
 
 
-def test_the_budget_puts_runs_and_the_seeds_curve_on_time_tokens_and_flops(run_copy, tmp_path,
+def test_the_budget_puts_runs_and_the_reference_curve_on_time_tokens_and_flops(run_copy, tmp_path,
                                                                            monkeypatch, capsys):
     run, _ = run_copy
     shutil.copytree(run, tmp_path / "baseline")
@@ -154,11 +154,11 @@ def test_the_budget_puts_runs_and_the_seeds_curve_on_time_tokens_and_flops(run_c
     table = (out / "budget.md").read_text()
     summary = json.loads((run / "summary.json").read_text())
     tokens = 2 * summary["train_windows"] * 16  # the tiny run: 2 epochs of 16-token windows
-    assert f"PPL at {tokens:,} tokens" in table and "| seed report: baseline |" in table
+    assert f"PPL at {tokens:,} tokens" in table and "| reference report: baseline |" in table
     assert table.count("| tiny (") == 2 and "cpu, float32" in table
     drawn = {}
     monkeypatch.setattr(plots, "budget_curves",
-                        lambda curves, seeds, path: drawn.update(curves=curves, seeds=seeds)
+                        lambda curves, refs, path: drawn.update(curves=curves, references=refs)
                         or path)
     assert analyze_main(["budget", str(run), "--out", str(out)]) == 0
     curve = drawn["curves"][0]
@@ -168,7 +168,7 @@ def test_the_budget_puts_runs_and_the_seeds_curve_on_time_tokens_and_flops(run_c
     steps = -(-summary["train_windows"] // 32)
     flops = model_flops_per_step(RunFolder(run).read_config())
     np.testing.assert_allclose(curve.spent["flops"], [steps * flops, 2 * steps * flops])
-    assert drawn["seeds"] == {}  # a run named "run" of a tiny experiment has no seed curve
+    assert drawn["references"] == {}  # a run named "run" of a tiny experiment has none
 
 
 def test_the_budget_of_a_run_with_shortened_epochs_counts_only_the_steps_taken(run_copy,

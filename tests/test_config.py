@@ -9,7 +9,7 @@ from tinylm_jax.core.config import (
 )
 
 
-def test_the_three_experiments_are_the_seeds():
+def test_the_three_experiments_are_the_references():
     baseline, medium, wider = (load_config(name) for name in EXPERIMENT_NAMES)
     assert (baseline.seq_len, baseline.d_model, baseline.n_heads, baseline.lr) == (64, 128, 4, 3e-4)
     assert medium.replace(seq_len=64, name=baseline.name) == baseline

@@ -25,16 +25,16 @@ def real_dataset(corpus_text):
     return build_dataset(corpus_text, load_config("baseline"))
 
 
-def test_bpe_gives_the_seeds_token_count(real_dataset):
+def test_bpe_gives_the_reference_token_count(real_dataset):
     assert real_dataset.tokenizer.get_vocab_size() == 500
     assert real_dataset.splits.num_tokens == 447_717
     counts = Counter(np.asarray(real_dataset.tokens).tolist())
     top = [(real_dataset.tokenizer.id_to_token(i), n) for i, n in counts.most_common(2)]
-    assert top == [(",", 19_846), ("s", 11_828)]  # the seed's figure 1
+    assert top == [(",", 19_846), ("s", 11_828)]  # the reference's figure 1
 
 
 @pytest.mark.parametrize("seq_len, train, val", [(64, 358_122, 89_531), (128, 358_071, 89_518)])
-def test_window_counts_match_the_seed(real_dataset, seq_len, train, val):
+def test_window_counts_match_the_reference(real_dataset, seq_len, train, val):
     splits = Splits.of(real_dataset.splits.num_tokens, seq_len, 0.8)
     assert (splits.num_train, splits.num_val) == (train, val)
 

@@ -1,4 +1,4 @@
-"""export_torch.py: a run's weights into the seed's PyTorch model, and its refusals."""
+"""export_torch.py: a run's weights into the reference's PyTorch model, and its refusals."""
 
 import json
 import runpy
@@ -14,12 +14,12 @@ from tinylm_jax.cli.analyze import analyze_main, export_torch_main
 from tinylm_jax.run.checkpoint import load_run
 
 
-def _seed_model(path):
-    """The README's recipe: the seed's model built from the file's config, loaded strictly."""
+def _reference_model(path):
+    """The README's recipe: the reference's model built from the file's config, loaded strictly."""
     torch = pytest.importorskip("torch")
     import safetensors.torch
 
-    from tinylm_jax.seed.torch_reference import TinyTransformerLM
+    from tinylm_jax.reference.torch_reference import TinyTransformerLM
 
     with safetensors.safe_open(path, "pt") as f:
         cfg = json.loads(f.metadata()["config"])
@@ -29,12 +29,13 @@ def _seed_model(path):
     return torch, model.eval()
 
 
-def test_the_exported_weights_give_the_jax_logits_in_the_seeds_model(tiny_run, tmp_path, capsys):
+def test_the_exported_weights_give_the_jax_logits_in_the_reference_model(tiny_run, tmp_path,
+                                                                         capsys):
     run_dir, _ = tiny_run
     path = tmp_path / "new" / "tiny.safetensors"  # the missing folder is made
     assert export_torch_main([str(run_dir), "--out", str(path)]) == 0
     assert capsys.readouterr().out == f"wrote {path}\n"
-    torch, model = _seed_model(path)
+    torch, model = _reference_model(path)
     run = load_run(run_dir)
     ids = np.random.default_rng(0).integers(0, run.config.vocab_size, (4, run.config.seq_len))
     with torch.no_grad():
@@ -94,8 +95,8 @@ def test_a_run_without_positions_is_refused_before_any_folder_is_made(tiny_run, 
     assert not out.parent.exists()
 
 
-def test_the_fp16_probe_finds_the_scale_at_which_the_seeds_scaler_would_skip(tiny_run, capsys):
-    """At 2^0 the seed's fp16 backward stays finite; at 2^100 the scaled logits' gradient no
+def test_the_fp16_probe_finds_the_scale_at_which_the_reference_scaler_would_skip(tiny_run, capsys):
+    """At 2^0 the reference's fp16 backward stays finite; at 2^100 the scaled logits' gradient no
     longer fits in float16, so GradScaler would skip the step. Reads the run, writes nothing."""
     pytest.importorskip("torch")
     run, corpus = tiny_run

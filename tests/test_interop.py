@@ -6,14 +6,14 @@ import pytest
 
 from tinylm_jax.core.config import ExperimentConfig
 from tinylm_jax.core.model import build_model, init_params
-from tinylm_jax.seed.interop import (
+from tinylm_jax.reference.interop import (
     IGNORED_BUFFERS,
     params_from_torch_state_dict,
     torch_state_dict_from_params,
 )
 
 torch = pytest.importorskip("torch")
-from tinylm_jax.seed.torch_reference import TinyTransformerLM as TorchLM  # noqa: E402
+from tinylm_jax.reference.torch_reference import TinyTransformerLM as TorchLM  # noqa: E402
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_bad_params_are_refused_by_name(cfg, edit, message):
 def test_optimiser_steps_match_torch_adamw_with_clipping(cfg, grad_scale, growth_interval):
     """Four steps of clipping + AdamW (torch defaults) from the same weights agree with torch.
 
-    With a scale, torch runs the seed's GradScaler loop, clipping the scaled gradients, and the
+    With a scale, torch runs the reference's GradScaler loop, clipping the scaled gradients, and the
     scale doubles after step 2, so both the replay and its growth are checked.
     """
     from tinylm_jax.core.train import create_train_state, train_step
@@ -138,7 +138,7 @@ def test_optimiser_steps_match_torch_adamw_with_clipping(cfg, grad_scale, growth
     assert moved > 1e-3  # the steps were not damped to nothing
 
 
-def test_a_model_without_positions_is_refused_for_the_seeds_model(cfg):
+def test_a_model_without_positions_is_refused_for_the_reference_model(cfg):
     cfg = cfg.replace(positional_encoding="none")
     params = init_params(build_model(cfg), 0)
     with pytest.raises(ValueError, match="always adds sinusoidal positions"):

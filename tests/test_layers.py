@@ -2,7 +2,7 @@
 
   core      config, data, model, training steps, the protocol's rules, atomic files: pure
             computation, with no bars, clocks or process state (no tqdm, time or sys)
-  seed      the seed report's numbers, its PyTorch model, weights to and from it
+  reference the reference report's numbers, its PyTorch model, weights to and from it
   run       the run folder, checkpoints, signals, the training loop, one experiment
   analysis  what a finished run shows: statistics, reports, plots, sampling
   bench     speed and scaling measurements
@@ -13,7 +13,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tinylm_jax"
-LAYERS = ("core", "seed", "run", "analysis", "bench", "cli")
+LAYERS = ("core", "reference", "run", "analysis", "bench", "cli")
 
 
 CORE_NEVER_IMPORTS = ("tqdm", "time", "sys")

@@ -12,7 +12,7 @@ NO_POSITIONS = str(EXPERIMENTS_DIR / "baseline_no_positions.toml")
 
 @pytest.mark.parametrize("name, expected", [("baseline", 391_552), ("medium", 391_552),
                                             ("wider", 1_307_392), (NO_POSITIONS, 391_552)])
-def test_parameter_counts_match_the_seed(name, expected):
+def test_parameter_counts_match_the_reference(name, expected):
     cfg = load_config(name)
     params = jax.eval_shape(lambda: init_params(build_model(cfg), cfg.seed))
     assert count_params(params) == expected

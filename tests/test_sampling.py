@@ -117,5 +117,5 @@ def test_top_next_tokens_ranks_the_softmax():
     np.testing.assert_allclose([p for _, p in ranked], [0.4, 0.3, 0.1], rtol=1e-5)
 
 
-def test_probability_bar_is_the_seeds():
+def test_probability_bar_is_the_references():
     assert probability_bar(0.138) == "#####" and probability_bar(0.02) == ""

@@ -1,1 +1,1 @@
-"""tinylm_jax: the seed report's tiny Transformer language model in JAX/Flax."""
+"""tinylm_jax: the reference report's tiny Transformer language model in JAX/Flax."""

@@ -1,4 +1,4 @@
-"""Attention statistics per head: what the seed reads off its heatmaps, as numbers.
+"""Attention statistics per head: what the reference reads off its heatmaps, as numbers.
 
 Per head, averaged over windows and over query positions q (keys k <= q), from the model's own
 attention weights (B, H, L, L):

@@ -1,13 +1,13 @@
-"""Seed section 5.2 measured: validation perplexity against the training budget spent.
+"""Reference section 5.2 measured: validation perplexity against the training budget spent.
 
-The seed claims that a longer context does not pay in a fixed time budget. After each epoch a
+The reference claims that a longer context does not pay in a fixed time budget. After each epoch a
 run has spent, three ways:
   seconds  training time so far: history.csv's epoch_seconds summed (the training steps,
            compilation included, validation excluded), on the run's own hardware
   tokens   training tokens seen: epochs x windows per epoch x seq_len
   flops    training FLOPs: optimiser steps x `model.model_flops_per_step`
-Tokens and FLOPs do not depend on the hardware. The seed's own curves (its printed perplexities)
-go on the same token and FLOP axes from its configs and corpus; it printed no times.
+Tokens and FLOPs do not depend on the hardware. The reference's own curves (its printed
+perplexities) go on the same token and FLOP axes from its configs and corpus; it printed no times.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from tinylm_jax.analysis.runs import FinishedRun
 from tinylm_jax.core.config import ExperimentConfig, load_config
 from tinylm_jax.core.data import Splits, num_batches
 from tinylm_jax.core.model import model_flops_per_step
-from tinylm_jax.seed.table1 import SEED_NUM_TOKENS, SEED_VAL_PPL
+from tinylm_jax.reference.table1 import REFERENCE_NUM_TOKENS, REFERENCE_VAL_PPL
 
 BUDGETS = ("seconds", "tokens", "flops")
 BUDGET_LABELS = {"seconds": "Training time (s)", "tokens": "Training tokens seen",
                  "flops": "Training FLOPs"}
-SEED_HARDWARE = "the seed's CUDA GPU, fp16 autocast"
+REFERENCE_HARDWARE = "the reference's CUDA GPU, fp16 autocast"
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,12 @@ def run_curve(run: FinishedRun) -> BudgetCurve:
                   np.array([r["epoch_seconds"] for r in history]))
 
 
-def seed_curve(experiment: str) -> BudgetCurve:
-    """The seed's curve for one of its experiments, on the windows of its own corpus."""
+def reference_curve(experiment: str) -> BudgetCurve:
+    """The reference's curve for one of its experiments, on the windows of its own corpus."""
     cfg = load_config(experiment)
-    splits = Splits.of(SEED_NUM_TOKENS, cfg.seq_len, cfg.train_fraction)
-    return _curve(f"seed report: {experiment}", SEED_HARDWARE, cfg, splits.num_train, None,
-                  np.array(SEED_VAL_PPL[experiment]))
+    splits = Splits.of(REFERENCE_NUM_TOKENS, cfg.seq_len, cfg.train_fraction)
+    return _curve(f"reference report: {experiment}", REFERENCE_HARDWARE, cfg, splits.num_train,
+                  None, np.array(REFERENCE_VAL_PPL[experiment]))
 
 
 def common_budgets(curves: list[BudgetCurve]) -> dict[str, float]:
@@ -118,9 +118,10 @@ def _steps_per_minute(curve: BudgetCurve) -> str:
     return f"{60 * curve.spent['steps'][-1] / curve.spent['seconds'][-1]:,.1f}"
 
 
-def budget_markdown(runs: list[BudgetCurve], seeds: list[BudgetCurve], figure_name: str) -> str:
+def budget_markdown(runs: list[BudgetCurve], references: list[BudgetCurve], figure_name: str
+                    ) -> str:
     """The table that judges the claim: each run's best perplexity, and the perplexity it had
-    reached by the budgets every one of `runs` reached; the seed's curves below, as reference."""
+    reached by the budgets every one of `runs` reached; the reference's curves below."""
     common = common_budgets(runs)
     places = {curve.hardware for curve in runs}
     lines = ["# Validation perplexity against the training budget", "",
@@ -132,7 +133,7 @@ def budget_markdown(runs: list[BudgetCurve], seeds: list[BudgetCurve], figure_na
              "x L x D per token). \"PPL at\" a budget is the best validation perplexity among "
              "the epochs finished within it (what the best checkpoint holds then), with their "
              "count; the budgets are the smallest totals among the runs, the most that every "
-             "run spent. Seed rows: the seed notebook's printed perplexities on its own "
+             "run spent. Reference rows: the reference notebook's printed perplexities on its own "
              "windows (it printed no times)."]
     if len(places) > 1:
         lines += ["", "The runs trained on different hardware, so their time budgets do not "
@@ -140,7 +141,7 @@ def budget_markdown(runs: list[BudgetCurve], seeds: list[BudgetCurve], figure_na
     at = " | ".join(f"PPL at {_amount(budget, common[budget])}" for budget in BUDGETS)
     lines += ["", f"| Run | Hardware | Epochs | Steps/min | Best PPL (epoch) | {at} |",
               "|---|---|---:|---:|---:|" + "---:|" * len(BUDGETS)]
-    for curve in runs + seeds:
+    for curve in runs + references:
         best, epoch = curve.best
         cells = " | ".join(_at(curve, budget, common[budget]) for budget in BUDGETS)
         lines.append(f"| {curve.label} | {curve.hardware} | {len(curve.ppl)} | "

@@ -42,7 +42,8 @@ class RunCorpus:
         return cls(cfg, tokenizer, text, ids, offsets, encoded.splits, spacing)
 
     def window_start(self, index: int) -> int:
-        """Token position of validation window `index` (0: the seed's first validation window)."""
+        """Token position of validation window `index` (0: the reference's first validation
+        window)."""
         if not 0 <= index < self.splits.num_val:
             raise UserError(f"--window must lie in [0, {self.splits.num_val - 1}], got {index}")
         return int(self.splits.validation_starts([index])[0])

@@ -1,13 +1,13 @@
 """Readable text from token ids, although the tokenizer forgets where the whitespace was.
 
-The seed's Whitespace pre-tokenizer splits on whitespace and keeps no trace of it, so
+The reference's Whitespace pre-tokenizer splits on whitespace and keeps no trace of it, so
 `tokenizer.decode` puts one space between every two tokens ("lo se thee ,"). Nothing in the ids
-says whether a boundary had a space, a newline or nothing at all. The seed patched the worst of it
-with a punctuation clean-up. `Spacing` instead learns, from the corpus, which separator most
-often sits between each pair of tokens (backing off to what most often precedes the second
-token), so subwords join ("lose"), speaker names end their line ("MENENIUS:\n") and punctuation
-hugs its word. It is a best guess: what it cannot know (a line break mid-sentence, a blank line
-between speeches) it gets wrong, and rare pairs fall back to the commonest case.
+says whether a boundary had a space, a newline or nothing at all. The reference patched the
+worst of it with a punctuation clean-up. `Spacing` instead learns, from the corpus, which
+separator most often sits between each pair of tokens (backing off to what most often precedes
+the second token), so subwords join ("lose"), speaker names end their line ("MENENIUS:\n") and
+punctuation hugs its word. It is a best guess: what it cannot know (a line break mid-sentence, a
+blank line between speeches) it gets wrong, and rare pairs fall back to the commonest case.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from tokenizers import Tokenizer
 UNSEEN = -1
 
 
-def seed_separator(previous: str, token: str) -> str:
-    """The seed's `clean_generated` as a rule per boundary: a space, except before . , ! ? : ;
+def reference_separator(previous: str, token: str) -> str:
+    """The reference's `clean_generated` as a rule per boundary: a space, except before . , ! ? : ;
     and inside parentheses; every newline becomes a space."""
     if token[0] in ".,!?:;)" or previous[-1] == "(":
         return ""
@@ -97,7 +97,7 @@ def separator_accuracy(text: str, ids: np.ndarray, offsets: np.ndarray, tokenize
     truth = np.array(_gaps(text, offsets), dtype=object)
     guesses = {
         "spacing": [spacing.separator(a, b) for a, b in pairs],
-        "seed": [seed_separator(tokens[i], tokens[i + 1]) for i in range(len(pairs))],
+        "reference": [reference_separator(tokens[i], tokens[i + 1]) for i in range(len(pairs))],
     }
     scores = {}
     for method, guess in guesses.items():

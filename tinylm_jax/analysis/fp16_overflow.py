@@ -1,22 +1,23 @@
-"""Would the seed's fp16 GradScaler have skipped steps where this project's clip replay does not?
+"""Would the reference's fp16 GradScaler have skipped steps where this project's clip replay
+does not?
 
-The seed trained under CUDA fp16 autocast with a `GradScaler`, and clipped the gradients while
-they were still scaled (README, "Fidelity to the seed"). The replay clips at
+The reference trained under CUDA fp16 autocast with a `GradScaler`, and clipped the gradients while
+they were still scaled (README, "Fidelity to the reference"). The replay clips at
 `grad_clip_norm / scale` with the scale doubling every 2,000 steps and never halving. The real
 scaler halves its scale, and skips the step, whenever the scaled gradients hold an inf or a nan.
-If that had happened in the seed's run, its clip, and so its effective learning rate, would have
-drifted from the replay's. This probe asks whether it could: the seed's own PyTorch model, with a
-run's weights, takes the seed's backward under fp16 autocast (on the CPU) at the scales the
-replay uses, and each batch and scale reports whether the scaler would find an inf, and the
-largest scaled gradient element against float16's largest finite value.
+If that had happened in the reference's run, its clip, and so its effective learning rate,
+would have drifted from the replay's. This probe asks whether it could: the reference's own
+PyTorch model, with a run's weights, takes the reference's backward under fp16 autocast (on the
+CPU) at the scales the replay uses, and each batch and scale reports whether the scaler would
+find an inf, and the largest scaled gradient element against float16's largest finite value.
 
 What it cannot replay: CPU autocast is not CUDA's. On the CPU, softmax and pow stay in float16
 where CUDA computes them in float32, so the probe's attention softmax is less precise than the
-seed's (an overflow there would show as an inf, which makes the probe, if anything, quicker to
+reference's (an overflow there would show as an inf, which makes the probe, if anything, quicker to
 report one). The headroom column bounds only the gradients computed in float16 (the Linear
 layers'); the embedding's and the norms' are float32, and the float16 activation gradients in
 between are covered by the inf check alone. A run keeps only its best and latest weights, so the
-probe answers for those, not for the steps at which the seed's scale doubled.
+probe answers for those, not for the steps at which the reference's scale doubled.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ import torch
 
 from tinylm_jax.analysis.corpus import RunCorpus
 from tinylm_jax.core.data import gather_windows
+from tinylm_jax.reference.interop import torch_state_dict_from_params
+from tinylm_jax.reference.torch_reference import TinyTransformerLM
 from tinylm_jax.run.checkpoint import LoadedRun
-from tinylm_jax.seed.interop import torch_state_dict_from_params
-from tinylm_jax.seed.torch_reference import TinyTransformerLM
 
 FP16_MAX = 65504.0
 
@@ -47,8 +48,8 @@ class ScaledBackward:
     max_abs_grad: float  # the largest finite |element| of the scaled parameter gradients
 
 
-def seed_model(run: LoadedRun) -> TinyTransformerLM:
-    """The seed's PyTorch model holding the run's parameters."""
+def reference_model(run: LoadedRun) -> TinyTransformerLM:
+    """The reference's PyTorch model holding the run's parameters."""
     cfg = run.config
     model = TinyTransformerLM(cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.seq_len,
                               cfg.n_layers)
@@ -59,7 +60,7 @@ def seed_model(run: LoadedRun) -> TinyTransformerLM:
 
 def _scaled_backward(model: TinyTransformerLM, inputs: torch.Tensor, targets: torch.Tensor,
                      scale: float) -> tuple[float, bool, float]:
-    """The seed's step up to the scaler's inf check: (loss, all grads finite, max |grad|)."""
+    """The reference's step up to the scaler's inf check: (loss, all grads finite, max |grad|)."""
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.float16):
         logits = model(inputs)  # (B, L, V) in float16
@@ -76,7 +77,7 @@ def scaled_backwards(run: LoadedRun, corpus: RunCorpus, exponents: tuple[int, ..
                      num_batches: int, seed: int = 0) -> list[ScaledBackward]:
     """Each of `num_batches` batches of random training windows (the run's batch size), at each
     scale 2**exponent."""
-    model = seed_model(run)
+    model = reference_model(run)
     tokens = jnp.asarray(corpus.ids)
     rng = np.random.default_rng(seed)
     rows = []

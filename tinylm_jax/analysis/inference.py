@@ -1,5 +1,5 @@
-"""Seed section 4.3 (notebook 6g-6h): the likeliest next tokens after a prompt, and a validation
-window continued by the model beside its real text."""
+"""Reference section 4.3 (notebook 6g-6h): the likeliest next tokens after a prompt, and a
+validation window continued by the model beside its real text."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from tinylm_jax.analysis.corpus import RunCorpus
 from tinylm_jax.analysis.sampling import generate, probability_bar, top_next_tokens
 from tinylm_jax.run.checkpoint import LoadedRun
 
-# The prompts of the seed's top-k table (its notebook misspells the last one "CURIOLANUS:").
-SEED_PROMPTS = ("MENENIUS:", "BRUTUS:", "CORIOLANUS:")
+# The prompts of the reference's top-k table (its notebook misspells the last one "CURIOLANUS:").
+REFERENCE_PROMPTS = ("MENENIUS:", "BRUTUS:", "CORIOLANUS:")
 
 
-def top_k_table(run: LoadedRun, corpus: RunCorpus, prompts: tuple[str, ...] = SEED_PROMPTS,
+def top_k_table(run: LoadedRun, corpus: RunCorpus, prompts: tuple[str, ...] = REFERENCE_PROMPTS,
                 k: int = 5) -> str:
-    """The seed's printout: per prompt, the k likeliest next tokens with bars."""
+    """The reference's printout: per prompt, the k likeliest next tokens with bars."""
     blocks = []
     for prompt in prompts:
         ranked = top_next_tokens(run.model, run.params, corpus.encode_prompt(prompt), k)
@@ -36,7 +36,7 @@ class Continuation:
 
 def predicted_vs_actual(run: LoadedRun, corpus: RunCorpus, window: int = 0,
                         temperature: float = 0.9, seed: int = 0) -> Continuation:
-    """The seed's comparison: a validation window's first min(25, L/2) tokens as the prompt,
+    """The reference's comparison: a validation window's first min(25, L/2) tokens as the prompt,
     continued to the window's length, beside the window's real text."""
     seq_len = corpus.config.seq_len
     start, window_ids = corpus.validation_window(window)

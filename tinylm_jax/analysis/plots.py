@@ -1,4 +1,4 @@
-"""The seed report's figures as PNG files: token frequencies, curves, attention heatmaps.
+"""The reference report's figures as PNG files: token frequencies, curves, attention heatmaps.
 
 Every function draws one figure, writes it to `path` and closes it; none shows a window.
 """
@@ -40,7 +40,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def token_frequencies(top_tokens: list[tuple[str, int]], path: Path) -> Path:
-    """Seed figure 1: the commonest BPE tokens and their counts."""
+    """Reference figure 1: the commonest BPE tokens and their counts."""
     fig, ax = plt.subplots(figsize=(10, 5), layout="constrained")
     labels = [token_label(tok) for tok, _ in top_tokens]
     ax.bar(range(len(top_tokens)), [n for _, n in top_tokens])
@@ -62,7 +62,7 @@ def _label_epoch_axes(ax: plt.Axes, epochs: list[int], ylabel: str, title: str) 
 
 
 def loss_curves(history: list[dict[str, float]], name: str, path: Path) -> Path:
-    """Seed figure 3: train and validation cross-entropy per epoch."""
+    """Reference figure 3: train and validation cross-entropy per epoch."""
     epochs = [row["epoch"] for row in history]
     fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
     ax.plot(epochs, [row["train_loss"] for row in history], marker="o", label="Train loss")
@@ -72,7 +72,7 @@ def loss_curves(history: list[dict[str, float]], name: str, path: Path) -> Path:
 
 
 def val_perplexity(history: list[dict[str, float]], name: str, path: Path) -> Path:
-    """Seed figure 4: validation perplexity per epoch, the best epoch marked."""
+    """Reference figure 4: validation perplexity per epoch, the best epoch marked."""
     epochs = [row["epoch"] for row in history]
     ppl = [row["val_ppl"] for row in history]
     best = epochs.index(best_epoch(history))
@@ -92,24 +92,25 @@ def _perplexity_axis(ax: plt.Axes) -> None:
     ax.grid(True, which="both", alpha=0.3)
 
 
-def _seed_line(ax: plt.Axes, ours: plt.Line2D, x: Sequence[float], ppl: Sequence[float],
+def _reference_line(ax: plt.Axes, ours: plt.Line2D, x: Sequence[float], ppl: Sequence[float],
                label: str) -> None:
-    """The seed's curve beside one of ours: dashed, in our curve's colour."""
+    """The reference's curve beside one of ours: dashed, in our curve's colour."""
     ax.plot(x, ppl, linestyle="--", marker="x", color=ours.get_color(), alpha=0.85, label=label)
 
 
 def perplexity_comparison(histories: dict[str, list[dict[str, float]]], path: Path,
-                          seed_curves: dict[str, Sequence[float]] | None = None) -> Path:
-    """Seed figure 2: validation perplexity of several runs on one log-scale axis, and the
-    seed's per-epoch curve dashed beside each run of `histories` that `seed_curves` names."""
-    seed_curves = seed_curves or {}
+                          reference_curves: dict[str, Sequence[float]] | None = None) -> Path:
+    """Reference figure 2: validation perplexity of several runs on one log-scale axis, and the
+    reference's per-epoch curve dashed beside each run of `histories` that `reference_curves`
+    names."""
+    reference_curves = reference_curves or {}
     fig, ax = plt.subplots(figsize=(10, 6), layout="constrained")
     for name, history in histories.items():
         ours, = ax.plot([row["epoch"] for row in history], [row["val_ppl"] for row in history],
                         marker="o", alpha=0.85, label=name)
-        if name in seed_curves:
-            seed = seed_curves[name]
-            _seed_line(ax, ours, range(1, len(seed) + 1), seed, f"{name}, seed report")
+        if name in reference_curves:
+            ref = reference_curves[name]
+            _reference_line(ax, ours, range(1, len(ref) + 1), ref, f"{name}, reference report")
     _perplexity_axis(ax)
     ax.set_xlabel("Epoch")
     ax.set_ylabel("Validation perplexity (log scale)")
@@ -119,10 +120,11 @@ def perplexity_comparison(histories: dict[str, list[dict[str, float]]], path: Pa
     return _save(fig, path)
 
 
-def budget_curves(curves: list[BudgetCurve], seeds: dict[str, BudgetCurve], path: Path) -> Path:
-    """Seed section 5.2: validation perplexity against training time, tokens seen and FLOPs;
-    the seed's curve (`seeds`, keyed by the label of the run it belongs to) dashed where it has
-    that budget. The hardware is in the title, or beside each run where they differ."""
+def budget_curves(curves: list[BudgetCurve], references: dict[str, BudgetCurve], path: Path
+                  ) -> Path:
+    """Reference section 5.2: validation perplexity against training time, tokens seen and FLOPs;
+    the reference's curve (`references`, keyed by the label of the run it belongs to) dashed
+    where it has that budget. The hardware is in the title, or beside each run where they differ."""
     places = {curve.hardware for curve in curves}
     fig, axes = plt.subplots(1, len(BUDGETS), figsize=(5.2 * len(BUDGETS), 5.2), sharey=True,
                              layout="constrained")
@@ -130,13 +132,13 @@ def budget_curves(curves: list[BudgetCurve], seeds: dict[str, BudgetCurve], path
         for curve in curves:
             label = curve.label if len(places) == 1 else f"{curve.label} ({curve.hardware})"
             ours, = ax.plot(curve.spent[budget], curve.ppl, marker="o", alpha=0.85, label=label)
-            seed = seeds.get(curve.label)
-            if seed is not None and budget in seed.spent:
-                _seed_line(ax, ours, seed.spent[budget], seed.ppl, seed.label)
+            ref = references.get(curve.label)
+            if ref is not None and budget in ref.spent:
+                _reference_line(ax, ours, ref.spent[budget], ref.ppl, ref.label)
         _perplexity_axis(ax)
         ax.set_xlabel(BUDGET_LABELS[budget])
     axes[0].set_ylabel("Validation perplexity (log scale)")
-    handles, labels = axes[-1].get_legend_handles_labels()  # the FLOP panel has the seed's too
+    handles, labels = axes[-1].get_legend_handles_labels()  # the FLOP panel has the reference's too
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4))
     timed_on = (f"time on {places.pop()}" if len(places) == 1
                 else "time on each run's own hardware")
@@ -167,7 +169,7 @@ def _attention_epoch_panel(ax: plt.Axes, rows: list[dict[str, Any]], layer: str,
 
 
 def attention_by_epoch(rows: list[dict[str, Any]], name: str, path: Path) -> Path:
-    """Seed section 5.3: per layer, the attention statistics of attention_by_epoch.csv's `rows`
+    """Reference section 5.3: per layer, the attention statistics of attention_by_epoch.csv's `rows`
     against the epoch."""
     layers = list(dict.fromkeys(row["layer"] for row in rows if row["layer"] != "uniform"))
     fig, axes = plt.subplots(len(layers), len(STAT_NAMES), squeeze=False, sharex=True,
@@ -184,7 +186,7 @@ def attention_by_epoch(rows: list[dict[str, Any]], name: str, path: Path) -> Pat
 
 
 def head_similarity(distances: np.ndarray, title: str, path: Path) -> Path:
-    """Seed section 5.1: per layer, the (H, H) distances between every two heads' attention,
+    """Reference section 5.1: per layer, the (H, H) distances between every two heads' attention,
     each cell labelled with its value, on one colour scale from 0."""
     layers, heads = distances.shape[:2]
     fig, axes = plt.subplots(1, layers, figsize=(3.4 * layers + 1.4, 3.9), squeeze=False,
@@ -206,7 +208,7 @@ def head_similarity(distances: np.ndarray, title: str, path: Path) -> Path:
 
 
 def scaling_loglog(panels: dict[str, dict[str, ScalingSeries]], title: str, path: Path) -> Path:
-    """Seed section 5.5: costs against the context length on log-log axes, one panel per
+    """Reference section 5.5: costs against the context length on log-log axes, one panel per
     y label in `panels`, each series measured (markers) and its fitted power law (dotted)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5.4), squeeze=False,
                              layout="constrained")
@@ -229,7 +231,8 @@ def scaling_loglog(panels: dict[str, dict[str, ScalingSeries]], title: str, path
 
 
 def attention_head(weights: np.ndarray, tokens: list[str], title: str, path: Path) -> Path:
-    """Seeds figures 5-8: one head's (L, L) weights, queries down, keys across, tokens on both."""
+    """Reference figures 5-8: one head's (L, L) weights, queries down, keys across, tokens on
+    both."""
     length = len(tokens)
     size = max(6.0, 0.16 * length + 2.5)
     fig, ax = plt.subplots(figsize=(size + 1.2, size), layout="constrained")

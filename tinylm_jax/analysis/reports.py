@@ -1,6 +1,6 @@
 """Writers of the analysis files of a run folder; each returns the paths it wrote.
 
-Files in a run folder after `analyze all` (seed section in brackets):
+Files in a run folder after `analyze all` (reference section in brackets):
   tokenizer_report.md, token_frequencies.png          tokenizer study [2]
   loss_curves.png, val_ppl.png                         training curves [4.1]
   attention.npz, attention/*.png                       one window's attention and its maps [4.2]
@@ -36,24 +36,24 @@ from tinylm_jax.analysis.attention_stats import (
     read_attention_record,
     stats_rows,
 )
-from tinylm_jax.analysis.budget import budget_markdown, run_curve, seed_curve
+from tinylm_jax.analysis.budget import budget_markdown, reference_curve, run_curve
 from tinylm_jax.analysis.corpus import RunCorpus, open_corpus
-from tinylm_jax.analysis.inference import SEED_PROMPTS, predicted_vs_actual, top_k_table
+from tinylm_jax.analysis.inference import REFERENCE_PROMPTS, predicted_vs_actual, top_k_table
 from tinylm_jax.analysis.runs import (
     comparison_table,
     epoch_table,
     read_finished_runs,
-    seed_partners,
+    reference_partners,
 )
 from tinylm_jax.analysis.sampling import generate
 from tinylm_jax.analysis.tokenizer_study import tokenizer_report, tokenizer_study
 from tinylm_jax.core.config import UserError
 from tinylm_jax.core.files import write_csv_atomic, write_text_atomic
+from tinylm_jax.reference.table1 import REFERENCE_VAL_PPL
 from tinylm_jax.run.checkpoint import LoadedRun, load_run
 from tinylm_jax.run.folder import RunFolder
-from tinylm_jax.seed.table1 import SEED_VAL_PPL
 
-SAMPLE_PROMPT = SEED_PROMPTS[0]
+SAMPLE_PROMPT = REFERENCE_PROMPTS[0]
 
 
 def output_folder(path: Path) -> Path:
@@ -87,31 +87,32 @@ def write_curves(run_dir: Path) -> list[Path]:
 
 
 def write_comparison(run_dirs: list[Path], out_dir: Path) -> list[Path]:
-    """Table 1 and figure 2 for finished runs, keyed by run folder name, the seed's curves
-    dashed beside the first run of each; that run's epochs beside the seed's printed log."""
+    """Table 1 and figure 2 for finished runs, keyed by run folder name, the reference's curves
+    dashed beside the first run of each; that run's epochs beside the reference's printed log."""
     runs = read_finished_runs(run_dirs)
     histories = {run.label: run.folder.read_history() for run in runs}
-    seeds = {label: SEED_VAL_PPL[seed] for label, seed in seed_partners(runs).items()}
+    references = {label: REFERENCE_VAL_PPL[name]
+                  for label, name in reference_partners(runs).items()}
     output_folder(out_dir).mkdir(parents=True, exist_ok=True)
     table = out_dir / "comparison.md"
     sections = [comparison_table({run.name: run.summary for run in runs})]
     sections += [f"## {label}, epoch by epoch\n\n{epoch_table(histories[label], curve)}"
-                 for label, curve in seeds.items()]
+                 for label, curve in references.items()]
     write_text_atomic(table, "\n".join(sections))
     return [table, plots.perplexity_comparison(histories, out_dir / "val_ppl_comparison.png",
-                                               seeds)]
+                                               references)]
 
 
 def write_budget(run_dirs: list[Path], out_dir: Path) -> list[Path]:
-    """Seed 5.2: perplexity against training time, tokens and FLOPs for finished runs (budget.md,
-    budget.png), the seed's curves beside the runs of its experiments."""
+    """Reference 5.2: perplexity against training time, tokens and FLOPs for finished runs
+    (budget.md, budget.png), the reference's curves beside the runs of its experiments."""
     runs = read_finished_runs(run_dirs)
     curves = [run_curve(run) for run in runs]
-    seeds = {label: seed_curve(seed) for label, seed in seed_partners(runs).items()}
+    references = {label: reference_curve(name) for label, name in reference_partners(runs).items()}
     output_folder(out_dir).mkdir(parents=True, exist_ok=True)
-    figure = plots.budget_curves(curves, seeds, out_dir / "budget.png")
+    figure = plots.budget_curves(curves, references, out_dir / "budget.png")
     table = out_dir / "budget.md"
-    write_text_atomic(table, budget_markdown(curves, list(seeds.values()), figure.name))
+    write_text_atomic(table, budget_markdown(curves, list(references.values()), figure.name))
     return [table, figure]
 
 
@@ -180,7 +181,7 @@ def write_attention_stats(run_dir: Path, run: LoadedRun, corpus: RunCorpus,
 
 def write_head_similarity(run_dir: Path, run: LoadedRun, corpus: RunCorpus,
                           windows: StatWindows) -> list[Path]:
-    """Seed 5.1's "redundancy with variation": distances between heads, on the windows of
+    """Reference 5.1's "redundancy with variation": distances between heads, on the windows of
     attention-stats."""
     num_windows = len(windows.ids)
     distances, to_uniform = head_similarity(run.model, run.params, windows.ids)
@@ -240,7 +241,7 @@ def analyze_run(run_dir: Path, data: str | None = None, which: str = "best",
     folder.read_history()
     read_attention_record(folder)
     windows = stat_windows(corpus, num_windows)
-    for prompt in SEED_PROMPTS:  # the top-k table's, and the sample's first
+    for prompt in REFERENCE_PROMPTS:  # the top-k table's, and the sample's first
         corpus.encode_prompt(prompt)
     run = load_run(run_dir, which)
     return (write_tokenizer_study(run_dir, corpus) + write_curves(run_dir)

@@ -3,7 +3,7 @@
 The context is a fixed-shape (1, L) window, L = the model's `max_seq_len`, holding the last
 `length <= L` tokens left-aligned; positions past `length` hold padding that causal attention
 never lets the read position see. Once the window is full it slides by one token per step, so
-positions always count from the window's start, as in the seed's `ids[:, -seq_len:]`. Every
+positions always count from the window's start, as in the reference's `ids[:, -seq_len:]`. Every
 step runs the same compiled function whatever the prompt, the step or the sampling settings.
 """
 
@@ -94,5 +94,5 @@ def top_next_tokens(model: nn.Module, params: Any, prompt_ids: list[int] | np.nd
 
 
 def probability_bar(prob: float, width: int = 40) -> str:
-    """The seed's bar: one mark per 1/40 of probability."""
+    """The reference's bar: one mark per 1/40 of probability."""
     return "#" * int(prob * width)

@@ -1,4 +1,4 @@
-"""Seed section 2: the corpus and its 500-entry BPE, counted, and how well decoding restores
+"""Reference section 2: the corpus and its 500-entry BPE, counted, and how well decoding restores
 the text's spacing."""
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ class TokenizerStudy:
 
 def tokenizer_study(corpus: RunCorpus, num_tokens: int = 20, num_words: int = 100
                     ) -> TokenizerStudy:
-    """The seed's counts: `Counter.most_common`, so ties keep first-seen order as in the seed."""
+    """The reference's counts: `Counter.most_common`, so ties keep first-seen order as in the
+    reference."""
     tokenizer, text = corpus.tokenizer, corpus.text
     top_ids = Counter(corpus.ids.tolist()).most_common(num_tokens)
     words = Counter(word.lower() for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(text))
@@ -74,5 +75,6 @@ def tokenizer_report(study: TokenizerStudy, figure_name: str) -> str:
               "| Method | Exact separator | Whitespace or not |", "|---|---:|---:|",
               f"| corpus spacing model (this project) | {sc['spacing_exact']:.1%} | "
               f"{sc['spacing_space']:.1%} |",
-              f"| seed's punctuation clean-up | {sc['seed_exact']:.1%} | {sc['seed_space']:.1%} |"]
+              f"| reference's punctuation clean-up | {sc['reference_exact']:.1%} | "
+              f"{sc['reference_space']:.1%} |"]
     return "\n".join(lines) + "\n"

@@ -1,9 +1,10 @@
-"""Speed, side by side: this project's compiled chunks against the seed notebook's PyTorch loop.
+"""Speed, side by side: this project's compiled chunks against the reference notebook's
+PyTorch loop.
 
 Both train the same model on the same real batches of 512 windows. Each figure is measured over
 `steps` steps, `repeats` times after a warm-up, and reported as the median with its range;
 compilation is timed on its own (ahead of time, `jit(...).lower(...).compile()`). The PyTorch
-loop is the seed's: windows materialised with `torch.stack`, a shuffling `DataLoader`, AdamW,
+loop is the reference's: windows materialised with `torch.stack`, a shuffling `DataLoader`, AdamW,
 clipping, `loss.item()` every step, and autocast + GradScaler on CUDA.
 """
 
@@ -115,27 +116,27 @@ def measure_ours(cfg: ExperimentConfig, data: Dataset, steps: int, repeats: int,
 
 
 def _endless(loader: Iterable) -> Iterator:
-    """A DataLoader's batches, epoch after epoch (reshuffled each time, as the seed's)."""
+    """A DataLoader's batches, epoch after epoch (reshuffled each time, as the reference's)."""
     while True:
         yield from loader
 
 
-def measure_seed_torch(cfg: ExperimentConfig, data: Dataset, steps: int, repeats: int,
+def measure_reference_torch(cfg: ExperimentConfig, data: Dataset, steps: int, repeats: int,
                        cpu_bf16: bool = False) -> PathResult:
-    """The seed notebook's loop, step for step (its model from `torch_reference`).
+    """The reference notebook's loop, step for step (its model from `torch_reference`).
 
     `cpu_bf16`: on a CPU, the same loop under `torch.autocast("cpu", torch.bfloat16)`, the
     strongest CPU peer (oneDNN's AMX/AVX512-BF16 kernels); there is no scaler to replay on CPU.
     """
     import torch
 
-    from tinylm_jax.seed.torch_reference import TinyTransformerLM, seed_windows
+    from tinylm_jax.reference.torch_reference import TinyTransformerLM, reference_windows
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     autocast = {"device_type": device.type, "enabled": cuda or cpu_bf16,
                 "dtype": torch.float16 if cuda else torch.bfloat16}
-    inputs, targets = seed_windows(np.asarray(data.tokens), cfg.seq_len)
+    inputs, targets = reference_windows(np.asarray(data.tokens), cfg.seq_len)
     split = data.splits.num_train
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(inputs[:split], targets[:split]),
@@ -176,7 +177,7 @@ def measure_seed_torch(cfg: ExperimentConfig, data: Dataset, steps: int, repeats
     step_s = _timed(train_steps, steps, repeats)
     eval_s = _timed(eval_steps, steps, repeats)
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    path = "PyTorch, seed's loop" + (", CPU bf16 autocast" if cpu_bf16 else "")
+    path = "PyTorch, reference's loop" + (", CPU bf16 autocast" if cpu_bf16 else "")
     return PathResult(path, step_s, eval_s, None, peak)
 
 
@@ -193,14 +194,14 @@ status = open("/proc/self/status").read().splitlines()
 print([line.split()[1] for line in status if line.startswith("VmHWM")][0], file=sys.stderr)
 """
 
-SEED_DATA_PATH = """
+REFERENCE_DATA_PATH = """
 import sys
 sys.path.insert(0, "REPO")
 from pathlib import Path
 from tinylm_jax.core.data import encode, read_corpus, train_tokenizer
-from tinylm_jax.seed.torch_reference import seed_windows
+from tinylm_jax.reference.torch_reference import reference_windows
 text = read_corpus(Path(sys.argv[1]))
-windows = seed_windows(encode(train_tokenizer(text, int(sys.argv[3])), text), int(sys.argv[2]))
+windows = reference_windows(encode(train_tokenizer(text, int(sys.argv[3])), text), int(sys.argv[2]))
 """
 
 
@@ -216,15 +217,16 @@ def peak_rss_mb(argv: list[str]) -> float:
 
 
 def host_memory(corpus: Path, experiment: str, cfg: ExperimentConfig) -> dict[str, float]:
-    """Peak RSS of this project's dry run against the seed's data path (corpus to windows)."""
+    """Peak RSS of this project's dry run against the reference's data path (corpus to windows)."""
     with tempfile.TemporaryDirectory() as scratch:
-        probe = Path(scratch) / "seed_data_path.py"
-        probe.write_text(SEED_DATA_PATH.replace("REPO", str(REPO)), encoding="utf-8")
+        probe = Path(scratch) / "reference_data_path.py"
+        probe.write_text(REFERENCE_DATA_PATH.replace("REPO", str(REPO)), encoding="utf-8")
         return {"tinylm-jax dry run": peak_rss_mb([str(REPO / "scripts" / "run_experiment.py"),
                                                    experiment, "--dry-run", "--data",
                                                    str(corpus)]),
-                "seed data path (torch)": peak_rss_mb([str(probe), str(corpus), str(cfg.seq_len),
-                                                       str(cfg.vocab_size)])}
+                "reference data path (torch)": peak_rss_mb([str(probe), str(corpus),
+                                                            str(cfg.seq_len),
+                                                            str(cfg.vocab_size)])}
 
 
 def random_batch(cfg: ExperimentConfig) -> dict[str, jax.Array]:
@@ -309,20 +311,20 @@ def run_benchmark(names: list[str], corpus: Path, steps: int, repeats: int, prec
         log(f"{cfg.name}: tinylm-jax, {steps} steps x {repeats}")
         rows.append((cfg, data, measure_ours(cfg, data, steps, repeats, precision, mesh)))
         if with_torch:
-            log(f"{cfg.name}: PyTorch seed loop, {steps} steps x {repeats}")
-            rows.append((cfg, data, measure_seed_torch(cfg, data, steps, repeats)))
+            log(f"{cfg.name}: PyTorch reference loop, {steps} steps x {repeats}")
+            rows.append((cfg, data, measure_reference_torch(cfg, data, steps, repeats)))
             if jax.default_backend() == "cpu":
-                log(f"{cfg.name}: PyTorch seed loop under CPU bf16 autocast")
-                rows.append((cfg, data, measure_seed_torch(cfg, data, steps, repeats,
+                log(f"{cfg.name}: PyTorch reference loop under CPU bf16 autocast")
+                rows.append((cfg, data, measure_reference_torch(cfg, data, steps, repeats,
                                                            cpu_bf16=True)))
     versions = ", ".join(f"{pkg} {version}" for pkg, version in
                          package_versions(*(("torch",) if with_torch else ())).items())
-    lines = ["# Training speed: tinylm-jax and the seed's PyTorch loop", "",
+    lines = ["# Training speed: tinylm-jax and the reference's PyTorch loop", "",
              f"- Machine: {machine_description()}.",
              f"- Versions: {versions}; Python {platform.python_version()}.",
              f"- Precision: {precision} (jax: {compute_dtype_name(precision)} compute on "
-             f"{mesh.devices.size} device(s); PyTorch: the seed's fp16 autocast on CUDA; on CPU "
-             "float32 as the seed, and again under bf16 autocast); batch 512; "
+             f"{mesh.devices.size} device(s); PyTorch: the reference's fp16 autocast on CUDA; on "
+             "CPU float32 as the reference, and again under bf16 autocast); batch 512; "
              f"each figure over {steps} steps, {repeats} repeats after a warm-up (median and "
              "range). Epoch s (est.): one epoch of training plus a full "
              "validation pass, from the median rates. Compile s: the train and eval chunks, "

@@ -1,6 +1,6 @@
-"""Seed section 5.5 measured: how the cost of training grows with the context length L.
+"""Reference section 5.5 measured: how the cost of training grows with the context length L.
 
-The seed: "doubling the sequence length asymptotically quadruples the computational and memory
+The reference: "doubling the sequence length asymptotically quadruples the computational and memory
 cost of the attention sub-layer", and activation storage dominates memory. For each L this
 builds the experiment's model with seq_len = L (no training and no corpus: random tokens and
 inputs) and measures, after a warm-up, the median seconds of `repeats` calls of
@@ -12,7 +12,7 @@ arguments + outputs - donated + temporaries, the temporaries being what the forw
 for the backward pass and the scratch. In two settings:
   fixed tokens   B = tokens / L, as under a fixed budget of tokens per step: attention's
                  B L^2 = tokens L, so its exponent tends to 1
-  fixed windows  B fixed, as the seed's batches of 512 windows: attention grows as L^2 (2)
+  fixed windows  B fixed, as the reference's batches of 512 windows: attention grows as L^2 (2)
 An exponent is the least-squares slope of log cost on log L.
 """
 
@@ -42,7 +42,7 @@ from tinylm_jax.core.train import (
 )
 
 SETTINGS = ("fixed tokens", "fixed windows")
-# The seed's claim, as the exponent each setting's costs tend to once attention dominates.
+# The reference's claim, as the exponent each setting's costs tend to once attention dominates.
 ASYMPTOTE = {"fixed tokens": 1, "fixed windows": 2}
 # Each measured cost, a CSV column: (what, seconds or memory).
 COSTS = {"attention_s": ("attention sub-layer", "seconds"),
@@ -165,7 +165,7 @@ def exponents(rows: list[dict[str, Any]], last: int | None = None
 
 def scaling_markdown(rows: list[dict[str, Any]], base: ExperimentConfig, precision: str,
                      repeats: int, command: str, figure_name: str) -> str:
-    """The fitted exponents beside the seed's asymptotes, then every measurement."""
+    """The fitted exponents beside the reference's asymptotes, then every measurement."""
     fits, near = exponents(rows), exponents(rows, last=2)
     lines = ["# Cost against context length", "",
              f"- Model: {base.name} (d_model {base.d_model}, {base.n_layers} layers, "
@@ -181,10 +181,10 @@ def scaling_markdown(rows: list[dict[str, Any]], base: ExperimentConfig, precisi
              f"- Reproduce: `{command}`.", "", f"![cost against context length]({figure_name})",
              "", "## Exponents", "",
              "cost = c L^k, k by least squares of log cost on log L over every length, and "
-             "over the two longest only (nearer the asymptote). The seed's claim: k tends to 2 "
-             "for the attention sub-layer at fixed windows, and so to 1 at fixed tokens "
+             "over the two longest only (nearer the asymptote). The reference's claim: k tends to "
+             "2 for the attention sub-layer at fixed windows, and so to 1 at fixed tokens "
              "(B = tokens / L); the whole step follows once attention dominates it.", "",
-             "| Setting | Cost | k, every length | k, two longest | seed's asymptote |",
+             "| Setting | Cost | k, every length | k, two longest | reference's asymptote |",
              "|---|---|---:|---:|---:|"]
     lines += [f"| {setting} | {what}, {unit} | {fits[setting, cost][0]:.2f} | "
               f"{near[setting, cost][0]:.2f} | {ASYMPTOTE[setting]} |"

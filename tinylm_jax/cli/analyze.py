@@ -15,12 +15,12 @@ from pathlib import Path
 from tinylm_jax.analysis import reports
 from tinylm_jax.analysis.attention_stats import STAT_WINDOWS
 from tinylm_jax.analysis.corpus import open_corpus
-from tinylm_jax.analysis.inference import SEED_PROMPTS, predicted_vs_actual, top_k_table
+from tinylm_jax.analysis.inference import REFERENCE_PROMPTS, predicted_vs_actual, top_k_table
 from tinylm_jax.analysis.sampling import generate
 from tinylm_jax.cli.console import OneLineParser, entry_point, print_paths
 from tinylm_jax.core.config import UserError, check_seed
+from tinylm_jax.reference.interop import save_torch_weights
 from tinylm_jax.run.checkpoint import load_run
-from tinylm_jax.seed.interop import save_torch_weights
 
 # Analyses of several finished runs, written into --out (default: the first run's parent).
 SEVERAL_RUNS = {"compare": reports.write_comparison, "budget": reports.write_budget}
@@ -54,12 +54,12 @@ def _windows(parser: argparse.ArgumentParser) -> None:
 def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--temperature", type=float, default=0.9,
-                        help="softmax temperature; 0 is greedy (default 0.9, the seed's)")
+                        help="softmax temperature; 0 is greedy (default 0.9, the reference's)")
 
 
 def analyze_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="analyze.py", description="The seed report's figures and tables "
-                           "from a finished run, written into its run folder.")
+    parser = OneLineParser(prog="analyze.py", description="The reference report's figures and "
+                           "tables from a finished run, written into its run folder.")
     sub = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS",
                                 parser_class=OneLineParser)
     everything = sub.add_parser("all", help="every analysis below for one run (compare and "
@@ -72,15 +72,15 @@ def analyze_parser() -> argparse.ArgumentParser:
     curves = sub.add_parser("curves", help="loss_curves.png and val_ppl.png from history.csv")
     curves.add_argument("run_dir", type=Path, help="a run folder")
     _several_runs(sub.add_parser("compare", help="several runs: comparison.md (Table 1 beside "
-                                 "the seed's) and val_ppl_comparison.png"))
+                                 "the reference's) and val_ppl_comparison.png"))
     _several_runs(sub.add_parser("budget", help="several runs: budget.md and budget.png, "
                                  "validation perplexity against training time, tokens and FLOPs "
-                                 "(seed 5.2)"))
+                                 "(reference 5.2)"))
     attention = sub.add_parser("attention", help="attention.npz for one sequence, and its maps")
     _common(attention)
     source = attention.add_mutually_exclusive_group()
     source.add_argument("--window", type=int, default=0, help="validation window index "
-                        "(default 0: the first window of the seed's first validation batch)")
+                        "(default 0: the first window of the reference's first validation batch)")
     source.add_argument("--text", help="your own text instead, at most seq_len tokens")
     attention.add_argument("--out", type=Path, help="export file (default RUN_DIR/attention.npz;"
                            " maps go to the folder of the same name)")
@@ -89,7 +89,7 @@ def analyze_parser() -> argparse.ArgumentParser:
     _common(stats)
     _windows(stats)
     similarity = sub.add_parser("head-similarity", help="head_similarity.md/.csv/.png: "
-                                "Jensen-Shannon distances between heads (seed 5.1)")
+                                "Jensen-Shannon distances between heads (reference 5.1)")
     _common(similarity)
     _windows(similarity)
     epochs = sub.add_parser("attention-epochs", help="attention_by_epoch.png: the per-layer "
@@ -98,15 +98,15 @@ def analyze_parser() -> argparse.ArgumentParser:
     topk = sub.add_parser("topk", help="the k likeliest next tokens per prompt, with bars")
     _common(topk)
     topk.add_argument("--prompt", action="append", help="a prompt (repeatable; default the "
-                      f"seed's {', '.join(SEED_PROMPTS)})")
+                      f"reference's {', '.join(REFERENCE_PROMPTS)})")
     topk.add_argument("--k", type=int, default=5, help="tokens per prompt (default 5)")
     predict = sub.add_parser("predict", help="a validation window's start continued by the "
                              "model, beside the real text")
     _common(predict)
     predict.add_argument("--window", type=int, default=0, help="validation window index")
     _sampling_flags(predict)
-    overflow = sub.add_parser("fp16-overflow", help="would the seed's fp16 GradScaler skip "
-                              "steps at these weights? The seed's PyTorch model under fp16 "
+    overflow = sub.add_parser("fp16-overflow", help="would the reference's fp16 GradScaler skip "
+                              "steps at these weights? The reference's PyTorch model under fp16 "
                               "autocast, a table on stdout (needs torch)")
     _common(overflow)
     overflow.add_argument("--scales", default="16,17,18,19,20", help="loss scales as powers of "
@@ -129,7 +129,7 @@ def _scale_exponents(text: str) -> tuple[int, ...]:
 
 
 def fp16_overflow(args: argparse.Namespace) -> int:
-    """The seed's scaler probe at a run's weights: a table on stdout, nothing written."""
+    """The reference's scaler probe at a run's weights: a table on stdout, nothing written."""
     exponents = _scale_exponents(args.scales)
     if args.batches < 1:
         raise UserError(f"--batches must be positive, got {args.batches}")
@@ -187,7 +187,7 @@ def analyze(args: argparse.Namespace) -> int:
     elif args.analysis == "head-similarity":
         print_paths(reports.write_head_similarity(run_dir, run, corpus, windows))
     elif args.analysis == "topk":
-        print(top_k_table(run, corpus, tuple(args.prompt or SEED_PROMPTS), args.k), end="")
+        print(top_k_table(run, corpus, tuple(args.prompt or REFERENCE_PROMPTS), args.k), end="")
     else:
         continuation = predicted_vs_actual(run, corpus, args.window, args.temperature,
                                            args.seed)
@@ -202,10 +202,10 @@ analyze_main = entry_point(analyze_parser, analyze)
 def generate_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="generate.py", description="Sample text from a run's checkpoint.")
     _common(parser)
-    parser.add_argument("--prompt", default=SEED_PROMPTS[0],
-                        help=f"text to continue (default {SEED_PROMPTS[0]!r})")
+    parser.add_argument("--prompt", default=REFERENCE_PROMPTS[0],
+                        help=f"text to continue (default {REFERENCE_PROMPTS[0]!r})")
     parser.add_argument("--max-new-tokens", type=int, default=50,
-                        help="tokens to generate (default 50, the seed's)")
+                        help="tokens to generate (default 50, the reference's)")
     parser.add_argument("--top-k", type=int, default=0,
                         help="sample only among the k likeliest tokens (default 0: all)")
     _sampling_flags(parser)
@@ -250,7 +250,7 @@ plot_attention_main = entry_point(plot_attention_parser, plot_attention)
 
 
 def export_torch_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="export_torch.py", description="A run's weights as the seed "
+    parser = OneLineParser(prog="export_torch.py", description="A run's weights as the reference "
                            "notebook's PyTorch state_dict, in a safetensors file: "
                            "model.load_state_dict(safetensors.torch.load_file(OUT)).")
     parser.add_argument("run_dir", type=Path, help="a run folder written by run_experiment.py")
@@ -271,7 +271,7 @@ def export_torch(args: argparse.Namespace) -> int:
     metadata = {"run_dir": str(args.run_dir), "checkpoint": args.which, "position": run.position}
     try:
         print_paths([save_torch_weights(run.params, run.config, out, metadata)])
-    except ValueError as err:  # a model the seed's cannot hold
+    except ValueError as err:  # a model the reference's cannot hold
         raise UserError(f"{args.run_dir}: {err}") from None
     return 0
 

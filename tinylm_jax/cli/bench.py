@@ -1,6 +1,6 @@
-"""Command lines of `scripts/benchmark.py` (training speed against the seed's PyTorch loop),
+"""Command lines of `scripts/benchmark.py` (training speed against the reference's PyTorch loop),
 `scripts/profile_step.py` (where a step's time goes) and `scripts/attention_scaling.py` (cost
-against context length, seed 5.5)."""
+against context length, reference 5.5)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _print_report(report: str, out: Path | None) -> int:
 
 def benchmark_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="benchmark.py", description="Training speed of this project "
-                           "against the seed notebook's PyTorch loop, as a Markdown table.")
+                           "against the reference notebook's PyTorch loop, as a Markdown table.")
     parser.add_argument("experiments", nargs="*", default=list(EXPERIMENT_NAMES),
                         help="experiment names or TOML paths (default: all three)")
     parser.add_argument("--data", help="corpus (default: $TINYLM_DATA, else the cache)")
@@ -102,7 +102,7 @@ profile_main = entry_point(profile_parser, profile)
 def scaling_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="attention_scaling.py", description="How the seconds and memory "
                            "of a training step and of its attention sub-layer grow with the "
-                           "context length (seed 5.5); no training, no corpus.")
+                           "context length (reference 5.5); no training, no corpus.")
     parser.add_argument("--experiment", default="baseline", help="the model: an experiment "
                         "name or TOML path (default baseline); seq_len and batch_size are set "
                         "per measurement")

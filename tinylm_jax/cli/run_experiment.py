@@ -28,7 +28,7 @@ from tinylm_jax.run.loop import Stop
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="run_experiment.py",
-        description="Train the seed report's tiny Transformer on Tiny Shakespeare.")
+        description="Train the reference report's tiny Transformer on Tiny Shakespeare.")
     parser.add_argument("experiment", help=f"{', '.join(EXPERIMENT_NAMES)}, all (the three in "
                         "order, plus a comparison table), or a path to an experiment .toml")
     parser.add_argument("--data", help="corpus file (default: $TINYLM_DATA, else a verified "

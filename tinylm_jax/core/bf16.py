@@ -1,5 +1,5 @@
 """Mixed precision's products: bfloat16 operands, float32 accumulation and outputs, and gradients
-whose products take bfloat16 operands too, as under the seed's autocast; and a host allocator
+whose products take bfloat16 operands too, as under the reference's autocast; and a host allocator
 that keeps XLA's buffers on a CPU.
 
 On a CPU each product is also written in the layout the fast kernels take (`canonical`).

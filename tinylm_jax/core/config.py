@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
-# The three experiments of the seed report, in the order `all` runs them.
+# The three experiments of the reference report, in the order `all` runs them.
 EXPERIMENT_NAMES = ("baseline", "medium", "wider")
 POSITIONAL_ENCODINGS = ("sinusoidal", "none")
 
@@ -25,7 +25,7 @@ class UserError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    name: str = "custom"  # label printed in logs and tables (the seed's experiment name)
+    name: str = "custom"  # label printed in logs and tables (the reference's experiment name)
     # --- data ---
     vocab_size: int = 500  # BPE vocabulary size, special tokens [PAD] and [UNK] included
     seq_len: int = 64  # tokens per training window; also the model's max_seq_len
@@ -35,11 +35,11 @@ class ExperimentConfig:
     n_layers: int = 2  # number of pre-norm Transformer blocks
     n_heads: int = 4  # attention heads per block; d_model must divide evenly among them
     d_ff: int = 256  # hidden width of each block's feed-forward network
-    # What tells the model where each token stands: "sinusoidal" adds the seed's fixed sin/cos
+    # What tells the model where each token stands: "sinusoidal" adds the reference's fixed sin/cos
     # table to the token embeddings; "none" leaves them as they are (only the causal mask then
-    # carries order), to measure the seed's claim that positions are essential.
+    # carries order), to measure the reference's claim that positions are essential.
     positional_encoding: str = "sinusoidal"
-    # --- optimiser (AdamW with torch's defaults, as the seed) ---
+    # --- optimiser (AdamW with torch's defaults, as the reference) ---
     lr: float = 3e-4  # initial learning rate
     batch_size: int = 512  # windows per optimiser step
     weight_decay: float = 0.01  # decoupled weight decay, applied to all parameters
@@ -47,10 +47,11 @@ class ExperimentConfig:
     adam_b2: float = 0.999  # AdamW second-moment decay
     adam_eps: float = 1e-8  # AdamW denominator epsilon
     grad_clip_norm: float = 1.0  # gradients are clipped to this global L2 norm before AdamW
-    # The seed clipped gradients still multiplied by torch's GradScaler scale, so the true gradient
-    # was clipped at grad_clip_norm / scale; these two fields replay that (1 and 0 turn it off).
-    grad_scale: float = 1.0  # the GradScaler's initial scale (the seed's: 65536)
-    grad_scale_growth_interval: int = 0  # steps between its doublings (seed: 2000); 0: never
+    # The reference clipped gradients still multiplied by torch's GradScaler scale, so the true
+    # gradient was clipped at grad_clip_norm / scale; these two fields replay that (1 and 0 turn
+    # it off).
+    grad_scale: float = 1.0  # the GradScaler's initial scale (the reference's: 65536)
+    grad_scale_growth_interval: int = 0  # steps between its doublings (reference: 2000); 0: never
     # --- protocol ---
     num_epochs: int = 20  # upper bound on training epochs
     early_stop_patience: int = 1  # stop after this many epochs without a strictly better val PPL

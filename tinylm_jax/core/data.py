@@ -1,8 +1,8 @@
 """Corpus, tokenizer and batches.
 
 The corpus is found through `--data`, `$TINYLM_DATA` or a verified download cache. It is tokenised
-with a 500-entry BPE (the seed's recipe) into one int32 array that stays on the device; windows are
-never materialised. Window `i` is `x = ids[i:i+L]`, `y = ids[i+1:i+L+1]`; the first
+with a 500-entry BPE (the reference's recipe) into one int32 array that stays on the device;
+windows are never materialised. Window `i` is `x = ids[i:i+L]`, `y = ids[i+1:i+L+1]`; the first
 `int(train_fraction * N)` of the `N = len(ids) - L` windows train, the rest validate.
 
 A batch is a fixed-shape set of window starts plus a weight per window (1 real, 0 padding), so the
@@ -95,7 +95,7 @@ def read_corpus(path: Path) -> str:
 
 
 def train_tokenizer(text: str, vocab_size: int) -> Tokenizer:
-    """The seed's tokenizer: BPE on the whole text, Whitespace pre-tokenizer."""
+    """The reference's tokenizer: BPE on the whole text, Whitespace pre-tokenizer."""
     tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
@@ -130,7 +130,7 @@ class Splits:
 
     def validation_starts(self, indices: np.ndarray | None = None) -> np.ndarray:
         """Token positions (int32) where validation windows begin: every one in order, or those
-        of `indices` (0: the first validation window, the seed's first validation batch's)."""
+        of `indices` (0: the first validation window, the reference's first validation batch's)."""
         indices = np.arange(self.num_val) if indices is None else np.asarray(indices)
         return (self.num_train + indices).astype(np.int32)
 

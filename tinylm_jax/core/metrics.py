@@ -27,6 +27,6 @@ def best_epoch(history: list[dict[str, Any]]) -> int | None:
 
 
 def should_stop(history: list[dict[str, Any]], cfg: ExperimentConfig) -> bool:
-    """The seed's rule: `early_stop_patience` epochs in a row without a new best PPL."""
+    """The reference's rule: `early_stop_patience` epochs in a row without a new best PPL."""
     best = best_epoch(history)
     return bool(history) and best is not None and len(history) - best >= cfg.early_stop_patience

@@ -1,19 +1,20 @@
-"""The seed's TinyTransformerLM as pure-functional flax.linen modules.
+"""The reference's TinyTransformerLM as pure-functional flax.linen modules.
 
 Shape convention, used in every comment below:
   B batch, L sequence length, D d_model, H heads, K head_dim = D // H, F d_ff, V vocab size.
 Attention weights are (B, H, L, L): query positions on axis 2, key positions on axis 3.
 
-Parameters are float32 and initialised like PyTorch's defaults for the same layers (the seed's
+Parameters are float32 and initialised like PyTorch's defaults for the same layers (the reference's
 model), not flax's: Linear weights and biases U(+-1/sqrt(fan_in)), embeddings N(0, 1), norm
 scales 1.
 `dtype` is the compute dtype of the matrix products. In bfloat16 (mixed precision) every product,
-forward and backward, takes bf16 operands and accumulates in float32, as under the seed's
+forward and backward, takes bf16 operands and accumulates in float32, as under the reference's
 autocast (`bf16`); the residual stream, norms, GELU, attention scores, softmax and logits stay
 float32. `canonical_layouts` writes those products in the layouts a CPU's bf16 kernels take
 (`bf16`: the CPU fast path); it is set from the platform the program is built for
 (`build_model`), so a GPU's program can be built and checked on a CPU machine.
-Submodule names mirror the seed's PyTorch attribute names so that `interop` maps them one to one.
+Submodule names mirror the reference's PyTorch attribute names so that `interop` maps them one
+to one.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def dense(features: int, fan_in: int, use_bias: bool, dtype: jnp.dtype, canonica
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> np.ndarray:
-    """(max_len, D) float32: sin on even dims, cos on odd dims, base 10000 (the seed's table)."""
+    """(max_len, D) float32: sin on even dims, cos on odd dims, base 10000 (the reference's
+    table)."""
     position = np.arange(max_len, dtype=np.float32)[:, None]
     div_term = np.exp(np.arange(0, d_model, 2, dtype=np.float32)
                       * np.float32(-math.log(10000.0) / d_model))
@@ -112,7 +114,7 @@ class MultiHeadSelfAttention(nn.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         batch, length, _ = x.shape
         head_dim = self.d_model // self.n_heads
-        # The seed's fused layout: the 3D features split as (3, H, K).
+        # The reference's fused layout: the 3D features split as (3, H, K).
         if is_mixed(self.dtype):  # three products from the kernel's thirds: no (B, L, 3D) split
             parts = Bf16Dense(3 * self.d_model, self.d_model, False, self.canonical_layouts,
                               splits=3, name="qkv_proj")(x)  # 3 x (B, L, D) float32

@@ -47,7 +47,7 @@ class TrainState(train_state.TrainState):
 
 def compute_dtype(precision: str, platform: str | None = None) -> jnp.dtype:
     """The compute dtype of `precision` on `platform` (default: jax's default backend).
-    `auto` is bfloat16 on GPU/TPU and float32 on CPU (the seed autocasts only on CUDA)."""
+    `auto` is bfloat16 on GPU/TPU and float32 on CPU (the reference autocasts only on CUDA)."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
@@ -63,7 +63,7 @@ def compute_dtype_name(precision: str) -> str:
 def clip_norm_schedule(cfg: ExperimentConfig) -> optax.Schedule:
     """The global-norm bound on the true gradient at each step.
 
-    The seed's notebook, on CUDA, clipped gradients still multiplied by GradScaler's scale (no
+    The reference's notebook, on CUDA, clipped gradients still multiplied by GradScaler's scale (no
     `unscale_` first): clip(scale * g, c) / scale = clip(g, c / scale). Its scale starts at 2^16
     and doubles every 2,000 steps without overflow, so with Adam's eps of 1e-8 this damps learning.
     """

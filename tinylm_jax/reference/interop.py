@@ -1,7 +1,7 @@
-"""Weights between the seed notebook's PyTorch `TinyTransformerLM` and this model's params.
+"""Weights between the reference notebook's PyTorch `TinyTransformerLM` and this model's params.
 
 PyTorch's `nn.Linear` stores (out, in) weights; flax's `Dense` stores (in, out) kernels, hence the
-transposes. The fused QKV projection keeps the seed's (3, H, K) feature layout on both sides.
+transposes. The fused QKV projection keeps the reference's (3, H, K) feature layout on both sides.
 One table maps the keys both ways. torch itself is not imported: values may be torch tensors or
 numpy arrays, and exports are safetensors files written with its numpy API.
 """
@@ -21,7 +21,7 @@ from tinylm_jax.core.config import ExperimentConfig
 from tinylm_jax.core.files import write_bytes_atomic
 from tinylm_jax.core.model import sinusoidal_positions
 
-# Registered buffers of the seed model: recomputed here, so ignored on import.
+# Registered buffers of the reference model: recomputed here, so ignored on import.
 IGNORED_BUFFERS = ("pos_encoding", "causal_mask")
 
 
@@ -64,7 +64,7 @@ def _mismatches(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, Any
 
 
 def params_from_torch_state_dict(state_dict: Mapping[str, Any], cfg: ExperimentConfig) -> dict:
-    """This model's params for `cfg` from a seed-model `state_dict`.
+    """This model's params for `cfg` from a reference-model `state_dict`.
 
     Raises ValueError naming every missing, unexpected or mis-shaped key.
     """
@@ -83,9 +83,9 @@ def params_from_torch_state_dict(state_dict: Mapping[str, Any], cfg: ExperimentC
     return params
 
 
-def seed_buffers(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
-    """The seed model's registered buffers, as it builds them: the (1, L, D) sinusoidal table and
-    each block's (L, L) causal mask, ones on and below the diagonal."""
+def reference_buffers(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
+    """The reference model's registered buffers, as it builds them: the (1, L, D) sinusoidal table
+    and each block's (L, L) causal mask, ones on and below the diagonal."""
     buffers = {"pos_encoding": sinusoidal_positions(cfg.seq_len, cfg.d_model)[None]}
     buffers.update({f"layers.{i}.causal_mask": np.tril(np.ones((cfg.seq_len, cfg.seq_len),
                                                                np.float32))
@@ -95,15 +95,15 @@ def seed_buffers(cfg: ExperimentConfig) -> dict[str, np.ndarray]:
 
 def torch_state_dict_from_params(params: Mapping[str, Any], cfg: ExperimentConfig
                                  ) -> dict[str, np.ndarray]:
-    """The seed model's `state_dict` for this model's `params`, as float32 numpy arrays: the exact
-    inverse of `params_from_torch_state_dict`, plus the seed's buffers, so that the seed's
-    `load_state_dict` (strict) takes it as it is.
+    """The reference model's `state_dict` for this model's `params`, as float32 numpy arrays: the
+    exact inverse of `params_from_torch_state_dict`, plus the reference's buffers, so that the
+    reference's `load_state_dict` (strict) takes it as it is.
 
     Raises ValueError naming every missing, unexpected or mis-shaped param ("layers_0/ff_in/bias"),
-    and for a model without positions, which the seed's model (it always adds them) cannot be.
+    and for a model without positions, which the reference's model (it always adds them) cannot be.
     """
     if cfg.positional_encoding != "sinusoidal":
-        raise ValueError(f"the seed's model always adds sinusoidal positions; this one uses "
+        raise ValueError(f"the reference's model always adds sinusoidal positions; this one uses "
                          f"positional_encoding = {cfg.positional_encoding!r}")
     expected = _expected(cfg)
     given = {"/".join(path): value for path, value in traverse_util.flatten_dict(params).items()}
@@ -116,14 +116,14 @@ def torch_state_dict_from_params(params: Mapping[str, Any], cfg: ExperimentConfi
     for key, (path, _, transpose) in expected.items():
         array = _to_numpy(given["/".join(path)])
         state[key] = np.ascontiguousarray(array.T) if transpose else array
-    return {**state, **seed_buffers(cfg)}
+    return {**state, **reference_buffers(cfg)}
 
 
 def save_torch_weights(params: Mapping[str, Any], cfg: ExperimentConfig, path: Path,
                        metadata: Mapping[str, str] | None = None) -> Path:
     """Write `torch_state_dict_from_params` as a safetensors file, whole or not at all.
 
-    The file's metadata holds the config (to build the seed model with) and `metadata`. Its
+    The file's metadata holds the config (to build the reference model with) and `metadata`. Its
     folder is created only once the weights have converted: a refusal writes nothing.
     """
     state = torch_state_dict_from_params(params, cfg)

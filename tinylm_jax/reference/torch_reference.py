@@ -1,7 +1,7 @@
-"""The seed notebook's PyTorch model, written to the report's spec.
+"""The reference notebook's PyTorch model, written to the report's spec.
 
 The tests compare this project's model and optimiser with it, and the benchmark trains it the
-seed's way. It needs torch, which the project itself does not (`pip install -e ".[torch]"`).
+reference's way. It needs torch, which the project itself does not (`pip install -e ".[torch]"`).
 """
 
 import math
@@ -78,8 +78,9 @@ class TinyTransformerLM(nn.Module):
         return (logits, attention) if return_attn else logits
 
 
-def seed_windows(ids, seq_len):
-    """The seed's data path: every window materialised, inputs and targets, each (N, L) int64."""
+def reference_windows(ids, seq_len):
+    """The reference's data path: every window materialised, inputs and targets, each (N, L)
+    int64."""
     ids = torch.tensor(ids, dtype=torch.long)  # a copy: jax hands out read-only arrays
     count = len(ids) - seq_len
     inputs = torch.stack([ids[i:i + seq_len] for i in range(count)])
