@@ -84,16 +84,24 @@ def snapshot(folder: Path) -> dict[Path, bytes]:
 
 
 def refused(command: Callable[[list[str]], int], argv: list[str],
-            capsys: pytest.CaptureFixture) -> str:
-    """Run a command line in-process on input it must refuse: exit code 2 and one `error:`
-    line on stderr, which is returned."""
+            capsys: pytest.CaptureFixture, watch: Path | None = None) -> str:
+    """Run a command line in-process on input it must refuse, and check the contract of bad
+    input: exit code 2, one `error:` line on stderr (no traceback), nothing on stdout, and
+    nothing created or changed under `watch`. Returns the error line."""
+    before = snapshot(watch) if watch else None
+    folders = sorted(p for p in watch.rglob("*") if p.is_dir()) if watch else None
     try:
         code = command(argv)
     except SystemExit as usage_error:  # argparse's own checks exit from inside the parser
         code = usage_error.code
-    assert code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1
+    captured = capsys.readouterr()
+    err = captured.err
+    assert "Traceback" not in err and code == 2, err
+    assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, err
+    assert captured.out == ""
+    if watch:
+        assert snapshot(watch) == before
+        assert sorted(p for p in watch.rglob("*") if p.is_dir()) == folders
     return err
 
 

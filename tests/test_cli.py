@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, TINY_CHARS, snapshot, tiny_toml_file
+from conftest import REPO, TINY_CHARS, refused, snapshot, tiny_toml_file
 
 from tinylm_jax.analysis.runs import comparison_table, epoch_table
 from tinylm_jax.cli.run_experiment import main
@@ -104,25 +105,69 @@ def test_resuming_with_another_config_is_refused(tiny_run, tiny_toml, capsys):
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda toml, corpus: ("nosuch", corpus), "unknown experiment 'nosuch'"),
-    (lambda toml, corpus: (toml, corpus.with_name("missing.txt")), "corpus file not found"),
-    (lambda toml, corpus: (tiny_toml_file(toml, dmodel=3), corpus), "unknown key(s) dmodel"),
-    (lambda toml, corpus: (tiny_toml_file(toml, train_fraction=1.5), corpus),
-     "'train_fraction' must lie in"),
-    (lambda toml, corpus: (toml, corpus.write_text("To be, or not") and corpus),
-     "corpus too short"),
-    (lambda toml, corpus: (toml, corpus.write_bytes(b"ok \xc3\x28") and corpus),
-     "byte offset 3"),
-])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, tiny_toml, tiny_corpus,
-                                                           capsys, edit, message):
-    experiment, corpus = edit(tiny_toml, tiny_corpus)
-    out = tmp_path / "never"
-    assert _run(experiment, corpus, out) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1 and err.startswith("error: ")
-    assert not out.exists()
+WORDS = ("to be or not that is the question whether tis nobler in the mind to suffer "
+         "the slings and arrows of outrageous fortune").split()
+
+
+@pytest.fixture
+def synthetic_corpus(tmp_path):
+    """A valid corpus of about 2,700 tokens, on which the tiny experiment passes --dry-run: bad
+    input needs no real corpus, as every case fails before training."""
+    path = tmp_path / "corpus.txt"
+    lines = (" ".join(WORDS[(7 * i + j) % len(WORDS)] for j in range(9)) for i in range(300))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _edit(tmp, corpus, **changes):
+    return tiny_toml_file(tmp / "bad.toml", **changes), corpus
+
+
+def _write(path, content):
+    path.write_bytes(content)
+    return path
+
+
+# One case of each kind of mistake (the many values of each kind are test_config's and
+# test_data's): (experiment, corpus) from the tmp folder and a valid corpus, and the words the
+# one error line must hold ("{toml}" and "{corpus}" stand for the paths).
+BAD_INPUT = {
+    "a-bad-value": (lambda tmp, c: _edit(tmp, c, lr=math.nan), ["'lr'", "must be finite",
+                                                                  "{toml}"]),
+    "an-unknown-key": (lambda tmp, c: _edit(tmp, c, dmodel=3), ["unknown key(s) dmodel",
+                                                                 "{toml}"]),
+    "not-toml": (lambda tmp, c: (_write(tmp / "bad.toml", b"seq_len = = 3\n"), c),
+                 ["not valid TOML", "{toml}"]),
+    "a-missing-file": (lambda tmp, c: (tmp / "no" / "such.toml", c),
+                       ["no such experiment file", "{toml}"]),
+    "an-unknown-experiment": (lambda tmp, c: ("widest", c),
+                              ["unknown experiment 'widest'", "baseline, medium, wider"]),
+    "an-empty-corpus": (lambda tmp, c: _edit(tmp, _write(c, b"  \n\t\r\n  ")),
+                        ["{corpus}: corpus is empty"]),
+    "a-short-corpus": (lambda tmp, c: _edit(tmp, _write(c, b"a " * 17)),
+                       ["{corpus}: corpus too short", "17 tokens", "seq_len 16"]),
+    "a-vocab-too-small": (lambda tmp, c: _edit(tmp, c, vocab_size=3),
+                          ["{corpus}: vocab_size 3 is too small"]),
+    "invalid-utf8": (lambda tmp, c: _edit(tmp, _write(c, b"ok \xc3\x28")),
+                     ["{corpus}: not valid UTF-8 at byte offset 3"]),
+    "a-corpus-folder": (lambda tmp, c: _edit(tmp, tmp),
+                        ["{corpus}: corpus path is not a regular file"]),
+    "config-before-corpus": (lambda tmp, c: _edit(tmp, tmp / "missing.txt", lr=math.nan),
+                             ["'lr'"]),
+}
+
+
+@pytest.mark.parametrize("make, words", BAD_INPUT.values(), ids=BAD_INPUT.keys())
+def test_bad_input_is_one_line_naming_the_field_or_file_and_writes_nothing(
+        tmp_path, synthetic_corpus, capsys, make, words):
+    experiment, corpus = make(tmp_path, synthetic_corpus)
+    argv = [str(experiment), "--data", str(corpus), "--out", str(tmp_path / "run"),
+            "--no-progress"]
+    err = refused(main, argv, capsys, watch=tmp_path)
+    for word in words:
+        assert word.format(toml=experiment, corpus=corpus) in err
+    if not corpus.exists():
+        assert str(corpus) not in err  # a bad config is named before the corpus is read
 
 
 def test_dry_run_reports_and_writes_nothing(tmp_path, tiny_toml, tiny_corpus, capsys):

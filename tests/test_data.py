@@ -1,9 +1,15 @@
+"""The corpus, its BPE and its windows: the reference's counts, the data order, where the corpus
+is found, and every corpus that must be refused, each with a message naming the file."""
+
+import os
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY, tiny_config
 
-from tinylm_jax.core.config import UserError, load_config
+from tinylm_jax.core.config import ExperimentConfig, UserError, load_config
 from tinylm_jax.core.data import (
     Splits,
     batches,
@@ -39,11 +45,6 @@ def test_window_counts_match_the_reference(real_dataset, seq_len, train, val):
     assert (splits.num_train, splits.num_val) == (train, val)
 
 
-def test_too_short_corpus_is_refused():
-    with pytest.raises(UserError, match="corpus too short"):
-        Splits.of(65, 64, 0.8)
-
-
 def test_batches_pad_the_last_one_and_cover_every_window_once():
     starts = np.arange(10, dtype=np.int32)
     out = list(batches(starts, 4))
@@ -59,23 +60,6 @@ def test_train_order_is_a_pure_function_of_seed_and_epoch():
     np.testing.assert_array_equal(first, train_order(0, 1, 1000))
     assert not np.array_equal(first, train_order(0, 2, 1000))
     assert not np.array_equal(first, train_order(1, 1, 1000))
-
-
-def test_invalid_utf8_names_the_byte_offset(tmp_path):
-    path = tmp_path / "bad.txt"
-    path.write_bytes(b"hello \xff world")
-    with pytest.raises(UserError, match="byte offset 6"):
-        read_corpus(path)
-
-
-@pytest.mark.parametrize("make, message", [
-    (lambda p: p, "not found"),
-    (lambda p: p.mkdir() or p, "not a regular file"),
-    (lambda p: p.write_text("  \n") and p, "empty"),
-])
-def test_unusable_corpus_paths(tmp_path, make, message):
-    with pytest.raises(UserError, match=message):
-        read_corpus(make(tmp_path / "corpus"))
 
 
 def test_resolution_order(tmp_path, monkeypatch):
@@ -107,3 +91,106 @@ def test_offline_without_corpus_names_the_three_ways(tmp_path, monkeypatch):
 def test_a_vocab_smaller_than_the_alphabet_is_refused(corpus_text):
     with pytest.raises(UserError, match="vocab_size 20 is too small"):
         build_dataset(corpus_text[:5000], load_config("baseline").replace(vocab_size=20))
+
+
+# --- corpora that must be refused --------------------------------------------------------------
+
+SEQ_LEN = TINY["seq_len"]
+
+
+def _corpus_refused(path: Path, *names: str, cfg: ExperimentConfig | None = None) -> str:
+    """The corpus at `path` is refused (read, then split for `cfg`) with a message naming each
+    of `names`; returned. The command line prefixes a splitting error with the path."""
+    with pytest.raises(UserError) as refusal:
+        build_dataset(read_corpus(path), cfg or tiny_config())
+    message = str(refusal.value)
+    for name in names:
+        assert name in message, f"{name!r} not in {message!r}"
+    return message
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"  \n\t\r\n  "],
+                         ids=["empty", "newline", "whitespace"])
+def test_an_empty_corpus_is_named(tmp_path, content):
+    data = tmp_path / "empty.txt"
+    data.write_bytes(content)
+    _corpus_refused(data, f"{data}: corpus is empty")
+
+
+@pytest.mark.parametrize("tokens", [1, SEQ_LEN - 1, SEQ_LEN, SEQ_LEN + 1])
+def test_a_corpus_of_at_most_seq_len_plus_one_tokens_is_too_short(tmp_path, tokens):
+    # One window needs seq_len + 1 tokens, and the split needs one window for each side.
+    data = tmp_path / "short.txt"
+    data.write_text(" ".join(["a"] * tokens) + "\n", encoding="utf-8")
+    _corpus_refused(data, "corpus too short", f"{tokens} tokens", f"seq_len {SEQ_LEN}")
+
+
+def test_seq_len_plus_one_characters_are_too_short(tmp_path):
+    data = tmp_path / "short.txt"
+    data.write_text("abcdefghijklmnopq"[:SEQ_LEN + 1], encoding="utf-8")
+    _corpus_refused(data, "corpus too short", f"seq_len {SEQ_LEN}")
+
+
+def test_seq_len_plus_two_tokens_are_enough():
+    """The boundary of the cases above: two windows, one to train and one to validate."""
+    splits = build_dataset(" ".join(["a"] * (SEQ_LEN + 2)) + "\n", tiny_config()).splits
+    assert (splits.num_train, splits.num_val) == (1, 1)
+
+
+INVALID_UTF8 = {
+    "first-byte": (b"\xff rest of the text", 0),
+    "latin1": (b"caf\xe9 au lait", 3),
+    "after-multibyte": ("é".encode() * 5 + b"\x80 and more", 10),  # bytes, not characters
+    "truncated": (b"valid text then a cut \xe2\x82", 22),  # a truncated sequence at the end
+    "utf16": (b"\xff\xfeh\x00i\x00", 0),  # UTF-16 with its byte order mark
+    "surrogate": (b"x\xed\xa0\x80y", 1),  # an encoded surrogate
+    "far": (b"a" * 100_000 + b"\xc0\xaf", 100_000),  # an overlong encoding, far in
+}
+
+
+@pytest.mark.parametrize("content, offset", INVALID_UTF8.values(), ids=INVALID_UTF8.keys())
+def test_invalid_utf8_names_the_file_and_the_byte_offset(tmp_path, content, offset):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(content)
+    _corpus_refused(corpus, f"{corpus}: not valid UTF-8 at byte offset {offset}")
+
+
+def not_a_file(tmp: Path, kind: str) -> Path:
+    """A corpus path of the given kind that is no readable file."""
+    if kind == "missing":
+        return tmp / "missing.txt"
+    if kind == "missing-folder":
+        return tmp / "no" / "such" / "corpus.txt"
+    if kind == "directory":
+        (tmp / "folder").mkdir()
+        return tmp / "folder"
+    if kind == "dangling-link":
+        (tmp / "dangling.txt").symlink_to(tmp / "gone.txt")
+        return tmp / "dangling.txt"
+    assert kind == "link-to-directory"
+    (tmp / "folder").mkdir()
+    (tmp / "link").symlink_to(tmp / "folder")
+    return tmp / "link"
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("missing", "corpus file not found"),
+    ("missing-folder", "corpus file not found"),
+    ("directory", "corpus path is not a regular file"),
+    ("dangling-link", "corpus file not found"),
+    ("link-to-directory", "corpus path is not a regular file"),
+])
+def test_a_corpus_path_that_is_not_a_file_is_named(tmp_path, kind, words):
+    data = not_a_file(tmp_path, kind)
+    _corpus_refused(data, f"{data}: {words}")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_corpus_is_named(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\n", encoding="utf-8")
+    corpus.chmod(0)
+    try:
+        _corpus_refused(corpus, f"{corpus}: cannot read corpus")
+    finally:
+        corpus.chmod(0o644)

@@ -68,11 +68,13 @@ class ExperimentConfig:
 
 
 _FIELD_TYPES = typing.get_type_hints(ExperimentConfig)
-_POSITIVE = ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff", "batch_size",
-             "num_epochs", "early_stop_patience", "lr", "adam_eps", "grad_clip_norm", "grad_scale")
-# (field, smallest allowed value) for fields that must also stay below 1.
-_FRACTIONS = (("train_fraction", None), ("plateau_factor", None), ("plateau_threshold", None),
-              ("adam_b1", 0.0), ("adam_b2", None), ("weight_decay", 0.0))
+POSITIVE_FIELDS = ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff",
+                   "batch_size", "num_epochs", "early_stop_patience", "lr", "adam_eps",
+                   "grad_clip_norm", "grad_scale")
+# (field, smallest allowed value; None: above 0) for fields that must also stay below 1.
+FRACTION_FIELDS = (("train_fraction", None), ("plateau_factor", None),
+                   ("plateau_threshold", None), ("adam_b1", 0.0), ("adam_b2", None),
+                   ("weight_decay", 0.0))
 MAX_SEED = 2**31 - 1
 # Upper bounds far above any model this kit trains: a typo (an extra zero or ten) is refused in one
 # line instead of hanging or crashing inside the tokenizer or XLA. Other integers stop at MAX_SEED.
@@ -133,7 +135,7 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Experime
                         f"valid keys: {', '.join(_FIELD_TYPES)}")
     checked = {key: _check_type(key, value, source) for key, value in values.items()}
     cfg = ExperimentConfig(**checked)
-    for key in _POSITIVE:
+    for key in POSITIVE_FIELDS:
         if getattr(cfg, key) <= 0:
             raise UserError(f"{source}: '{key}' must be positive, got {getattr(cfg, key)!r}")
     check_seed(cfg.seed, f"{source}: 'seed'")
@@ -144,7 +146,7 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Experime
     for key in ("plateau_patience", "grad_scale_growth_interval"):
         if getattr(cfg, key) < 0:
             raise UserError(f"{source}: '{key}' must be non-negative, got {getattr(cfg, key)!r}")
-    for key, lowest in _FRACTIONS:
+    for key, lowest in FRACTION_FIELDS:
         value = getattr(cfg, key)
         if not ((value > 0 if lowest is None else value >= lowest) and value < 1):
             bounds = "(0, 1)" if lowest is None else "[0, 1)"
