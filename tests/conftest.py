@@ -1,5 +1,5 @@
-"""Shared fixtures: the real corpus (via $TINYLM_DATA), the tiny experiment on a slice of it, and
-a finished run of that experiment.
+"""Shared fixtures: the real corpus (found as the package finds it: `find_corpus`), the tiny
+experiment on a slice of it, and a finished run of that experiment.
 
 The tiny experiment is defined once, here (`TINY`). A test that needs a variant asks for it by
 field: `tiny_toml_text(num_epochs=2)`, `tiny_toml_file(path, lr=1e30)`, `tiny_config(lr=3e-3)`.
@@ -23,11 +23,28 @@ import pytest
 from _pytest.config import parse_warning_filter
 
 from tinylm_jax.cli.run_experiment import main
-from tinylm_jax.core.config import ExperimentConfig, config_from_dict
-from tinylm_jax.core.data import Dataset, build_dataset
+from tinylm_jax.core.config import ExperimentConfig, UserError, config_from_dict
+from tinylm_jax.core.data import Dataset, build_dataset, resolve_corpus
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHARED_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+# Set by the first pytest process when no corpus can be had, to why; its workers inherit it.
+NO_CORPUS = "TINYLM_TESTS_NO_CORPUS"
+
+
+def find_corpus() -> tuple[Path | None, str]:
+    """The corpus for the tests, found as the package finds it, with this workplace's shared copy
+    second: $TINYLM_DATA, the shared copy beside the checkout, then the package's own cache
+    (downloaded into it and checked by sha256 when empty). (path, "") or (None, why not)."""
+    if os.environ.get("TINYLM_DATA"):
+        path = Path(os.environ["TINYLM_DATA"])
+        return (path, "") if path.is_file() else (None, f"TINYLM_DATA={path} is no file")
+    if SHARED_CORPUS.is_file():
+        return SHARED_CORPUS, ""
+    try:
+        return resolve_corpus(None), ""
+    except UserError as err:
+        return None, str(err)
 
 # The tiny experiment: seconds per epoch on a CPU, a 2-block model with 32 dims on 16-token
 # windows. On the first 8,000 characters of the corpus it overfits from epoch 2 on: validation is
@@ -119,6 +136,12 @@ _OWN_XLA_CACHE = pytest.StashKey[str]()  # the cache this process made, and remo
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if "PYTEST_XDIST_WORKER" not in os.environ and NO_CORPUS not in os.environ:
+        corpus, why = find_corpus()  # once, in the first process; the workers inherit it
+        if corpus is None:
+            os.environ[NO_CORPUS] = why
+        else:
+            os.environ["TINYLM_DATA"] = str(corpus)
     if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)) > 1:
         # One core per worker: PyTorch's OpenMP threads spin-wait for each other, and a thread
         # whose core the other worker holds stalls every op (a step of the reference's loop took
@@ -165,14 +188,21 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # hands whole files to whichever worker is free in this order (pyproject's --dist loadfile
 # --no-loadscope-reorder), so that the two workers finish at about the same time.
 SLOW_FILES_FIRST = ("test_loop.py", "test_cli.py", "test_reliability.py", "test_parallel.py",
-                    "test_commands.py", "test_scaling.py", "test_readme.py", "test_export.py",
-                    "test_bf16.py", "test_train.py", "test_notebook.py", "test_model.py",
-                    "test_interop.py")
+                    "test_commands.py", "test_api.py", "test_scaling.py", "test_readme.py",
+                    "test_export.py", "test_package.py", "test_bf16.py", "test_train.py",
+                    "test_notebook.py", "test_model.py", "test_interop.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: index for index, name in enumerate(SLOW_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+    if NO_CORPUS in os.environ and os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0":
+        # Said once, at the start (a worker's stderr is the terminal's): never a silent skip.
+        needing = sum("corpus_path" in item.fixturenames for item in items)
+        sys.__stderr__.write(f"\nNO CORPUS: {needing} of {len(items)} tests need the corpus "
+                             f"and will be skipped ({os.environ[NO_CORPUS]}). Fix: export "
+                             "TINYLM_DATA=/path/to/tinyshakespeare/input.txt\n\n")
+        sys.__stderr__.flush()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -189,10 +219,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 @pytest.fixture(scope="session")
 def corpus_path() -> Path:
-    path = Path(os.environ.get("TINYLM_DATA") or DEFAULT_CORPUS)
-    if not path.is_file():
-        pytest.skip("real corpus not found: set TINYLM_DATA")
-    return path
+    if NO_CORPUS in os.environ:
+        pytest.skip(f"no corpus: {os.environ[NO_CORPUS]}")
+    return Path(os.environ["TINYLM_DATA"])
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@
   run       the run folder, checkpoints, signals, the training loop, one experiment
   analysis  what a finished run shows: statistics, reports, plots, sampling
   bench     speed and scaling measurements
+  api       training and reading runs from Python (`tinylm_jax.train`, `load_run`)
   cli       every command line (scripts/ are one-line wrappers of these)
 """
 
@@ -13,7 +14,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tinylm_jax"
-LAYERS = ("core", "reference", "run", "analysis", "bench", "cli")
+LAYERS = ("core", "reference", "run", "analysis", "bench", "api", "cli")
 
 
 CORE_NEVER_IMPORTS = ("tqdm", "time", "sys")

@@ -15,7 +15,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -47,7 +46,6 @@ from tinylm_jax.core.versions import package_versions
 
 # Dense bf16 peak FLOP/s by device kind (vendor datasheets), for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
-REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -183,10 +181,10 @@ def measure_reference_torch(cfg: ExperimentConfig, data: Dataset, steps: int, re
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec.
 RSS_PROBE = """
-import runpy, sys
-sys.argv = sys.argv[1:]
+import sys
+code, sys.argv = sys.argv[1], sys.argv[1:]
 try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    exec(code)
 except SystemExit as done:
     if done.code:
         raise
@@ -194,39 +192,42 @@ status = open("/proc/self/status").read().splitlines()
 print([line.split()[1] for line in status if line.startswith("VmHWM")][0], file=sys.stderr)
 """
 
+DRY_RUN = """
+from tinylm_jax.cli.run_experiment import main
+sys.exit(main(sys.argv[1:]))
+"""
+
 REFERENCE_DATA_PATH = """
-import sys
-sys.path.insert(0, "REPO")
 from pathlib import Path
 from tinylm_jax.core.data import encode, read_corpus, train_tokenizer
 from tinylm_jax.reference.torch_reference import reference_windows
 text = read_corpus(Path(sys.argv[1]))
-windows = reference_windows(encode(train_tokenizer(text, int(sys.argv[3])), text), int(sys.argv[2]))
+windows = reference_windows(encode(train_tokenizer(text, int(sys.argv[3])), text),
+                            int(sys.argv[2]))
 """
 
 
-def peak_rss_mb(argv: list[str]) -> float:
-    """Peak resident memory of a Python script run as `argv` in a fresh process, in MiB."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # host memory only; leave the GPU alone
-    result = subprocess.run([sys.executable, "-c", RSS_PROBE, *argv], capture_output=True,
-                            text=True, cwd=REPO, env=env)
+def peak_rss_mb(code: str, args: list[str]) -> float:
+    """Peak resident memory of Python `code` run with `args` (its sys.argv[1:]) in a fresh
+    process that imports this same package, in MiB."""
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder that holds tinylm_jax
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",  # host memory only; leave the GPU alone
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
+                                                        os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", RSS_PROBE, code, *args], capture_output=True,
+                            text=True, env=env)
     lines = result.stderr.strip().splitlines()
     if result.returncode != 0 or not lines or not lines[-1].isdigit():
-        raise UserError(f"memory probe of {argv[0]} failed: {(lines or ['no output'])[-1]}")
+        raise UserError(f"memory probe failed: {(lines or ['no output'])[-1]}")
     return int(lines[-1]) / 1024  # VmHWM is in KiB
 
 
 def host_memory(corpus: Path, experiment: str, cfg: ExperimentConfig) -> dict[str, float]:
     """Peak RSS of this project's dry run against the reference's data path (corpus to windows)."""
-    with tempfile.TemporaryDirectory() as scratch:
-        probe = Path(scratch) / "reference_data_path.py"
-        probe.write_text(REFERENCE_DATA_PATH.replace("REPO", str(REPO)), encoding="utf-8")
-        return {"tinylm-jax dry run": peak_rss_mb([str(REPO / "scripts" / "run_experiment.py"),
-                                                   experiment, "--dry-run", "--data",
-                                                   str(corpus)]),
-                "reference data path (torch)": peak_rss_mb([str(probe), str(corpus),
-                                                            str(cfg.seq_len),
-                                                            str(cfg.vocab_size)])}
+    return {"tinylm-jax dry run": peak_rss_mb(DRY_RUN, [experiment, "--dry-run", "--data",
+                                                         str(corpus)]),
+            "reference data path (torch)": peak_rss_mb(REFERENCE_DATA_PATH, [
+                str(corpus), str(cfg.seq_len), str(cfg.vocab_size)])}
 
 
 def random_batch(cfg: ExperimentConfig) -> dict[str, jax.Array]:

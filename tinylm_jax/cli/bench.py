@@ -20,7 +20,13 @@ from tinylm_jax.bench.scaling import (
     write_scaling,
 )
 from tinylm_jax.bench.step_profile import profile_markdown, profile_step
-from tinylm_jax.cli.console import OneLineParser, entry_point, guarded, print_paths
+from tinylm_jax.cli.console import (
+    OneLineParser,
+    entry_point,
+    guarded,
+    invocation,
+    print_paths,
+)
 from tinylm_jax.core.bf16 import keep_host_buffers
 from tinylm_jax.core.config import EXPERIMENT_NAMES, ExperimentConfig, UserError, load_config
 from tinylm_jax.core.data import resolve_corpus
@@ -133,11 +139,13 @@ def _check(args: argparse.Namespace) -> tuple[ExperimentConfig, Plan]:
     return base, configs
 
 
-def scaling_main(argv: list[str] | None = None) -> int:
-    args = scaling_parser().parse_args(argv)
+def scaling_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = scaling_parser()
+    if prog:
+        parser.prog = prog
+    args = parser.parse_args(argv)
     keep_host_buffers()  # as training does
-    command = shlex.join(["python", "scripts/attention_scaling.py",
-                          *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join([*invocation(prog), *(sys.argv[1:] if argv is None else argv)])
 
     def run() -> int:
         base, configs = _check(args)

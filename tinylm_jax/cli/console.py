@@ -53,7 +53,12 @@ def print_paths(paths: list[Path]) -> None:
         print(f"wrote {path}")
 
 
-def resume_command(argv: list[str]) -> str:
+def invocation(prog: str | None = None) -> list[str]:
+    """How the user ran this command: `prog` (e.g. "tinylm train"), else python and the script."""
+    return shlex.split(prog) if prog else ["python", sys.argv[0]]
+
+
+def resume_command(argv: list[str], prog: str | None = None) -> str:
     """The command line that continues this one: the same, with --resume and no --overwrite
     or --stop-at-step."""
     kept, skip = [], False
@@ -66,10 +71,11 @@ def resume_command(argv: list[str]) -> str:
             kept.append(arg)
     if "--resume" not in kept:
         kept.append("--resume")
-    return shlex.join(["python", sys.argv[0], *kept])
+    return shlex.join([*invocation(prog), *kept])
 
 
-def guarded(action: Callable[[], int | Stop], argv: list[str] | None = None) -> int:
+def guarded(action: Callable[[], int | Stop], argv: list[str] | None = None,
+            prog: str | None = None) -> int:
     """Run a command: its exit code, or a training run's stop turned into one (with the command
     that continues it where it can be continued); a user's mistake or a diverged run is one
     `error:` line and an exit code."""
@@ -78,7 +84,7 @@ def guarded(action: Callable[[], int | Stop], argv: list[str] | None = None) -> 
         if isinstance(outcome, Stop):
             if outcome.resumable:
                 argv = sys.argv[1:] if argv is None else argv
-                print(f"{outcome.message}; continue with: {resume_command(argv)}",
+                print(f"{outcome.message}; continue with: {resume_command(argv, prog)}",
                       file=sys.stderr)
             return stop_exit_code(outcome)
         return outcome
@@ -99,10 +105,15 @@ def guarded(action: Callable[[], int | Stop], argv: list[str] | None = None) -> 
 
 def entry_point(parser: Callable[[], argparse.ArgumentParser],
                 action: Callable[[argparse.Namespace], int | Stop]
-                ) -> Callable[[list[str] | None], int]:
-    """A command's `main(argv)`: parse with `parser()`, then run `action(args)` `guarded`."""
-    def main(argv: list[str] | None = None) -> int:
-        args = parser().parse_args(argv)
-        return guarded(lambda: action(args), argv)
+                ) -> Callable[[list[str] | None, str | None], int]:
+    """A command's `main(argv, prog)`: parse with `parser()`, then run `action(args)` `guarded`.
+    `prog` names the command as the user typed it (`tinylm train`), for its usage line and the
+    command printed to continue a stopped run; by default the script's own name."""
+    def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+        command = parser()
+        if prog:
+            command.prog = prog
+        args = command.parse_args(argv)
+        return guarded(lambda: action(args), argv, prog)
 
     return main

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from tinylm_jax.analysis import reports
-from tinylm_jax.analysis.attention_stats import AttentionRecord
+from tinylm_jax.api.runs import default_hooks
 from tinylm_jax.cli.console import OneLineParser, entry_point, print_paths
 from tinylm_jax.core.bf16 import keep_host_buffers
 from tinylm_jax.core.config import (
@@ -118,8 +118,7 @@ def run(args: argparse.Namespace) -> int | Stop:
         print("\n\n".join(describe(one) for one in prepared))
         return 0
     for one in prepared:
-        hook = AttentionRecord.for_run(one.cfg, one.opts.precision, one.data)
-        result = train_prepared(one, [hook])
+        result = train_prepared(one, default_hooks(one))
         if result.summary is None or result.stop.resumable:  # stopped: the rest waits too
             return result.stop
     run_dirs = [one.opts.out_dir for one in prepared]

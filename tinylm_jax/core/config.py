@@ -7,13 +7,16 @@ from their defaults, and everything else (model, data, training loop) reads only
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import tomllib
 import typing
 from pathlib import Path
 from typing import Any
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
+# The package's experiments (the repository's experiments/, linked into the package and carried
+# by its wheel), wherever the package is installed.
+EXPERIMENTS_DIR = Path(str(importlib.resources.files("tinylm_jax") / "experiments"))
 # The three experiments of the reference report, in the order `all` runs them.
 EXPERIMENT_NAMES = ("baseline", "medium", "wider")
 POSITIONAL_ENCODINGS = ("sinusoidal", "none")

@@ -1,0 +1,1 @@
+"""The package's Python API (`tinylm_jax.train`, `load_run`, ...): see `runs`."""
