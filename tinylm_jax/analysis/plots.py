@@ -20,7 +20,9 @@ from matplotlib import ticker  # noqa: E402
 from tinylm_jax.analysis.attention import STAT_LABELS  # noqa: E402
 from tinylm_jax.analysis.attention_stats import STAT_NAMES  # noqa: E402
 from tinylm_jax.analysis.budget import BUDGET_LABELS, BUDGETS, BudgetCurve  # noqa: E402
+from tinylm_jax.analysis.spread import ExperimentSpread  # noqa: E402
 from tinylm_jax.core.metrics import best_epoch  # noqa: E402
+from tinylm_jax.reference.table1 import REFERENCE_VAL_PPL  # noqa: E402
 
 DPI = 120
 # One series of a log-log plot: context lengths, costs, and the fitted (exponent, coefficient).
@@ -117,6 +119,33 @@ def perplexity_comparison(histories: dict[str, list[dict[str, float]]], path: Pa
     ax.set_title("Validation perplexity per experiment")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
+    return _save(fig, path)
+
+
+def spread_bands(sets: list[ExperimentSpread], path: Path) -> Path:
+    """Run-to-run spread, one panel per experiment: every run's validation perplexity thin, the
+    band between the lowest and the highest shaded, their mean bold, the reference dashed."""
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 5), squeeze=False,
+                             layout="constrained")
+    for group, ax in zip(sets, axes[0], strict=True):
+        band = group.band()
+        epochs = [epoch for epoch, _ in band]
+        ax.fill_between(epochs, [b.low for _, b in band], [b.high for _, b in band], alpha=0.2,
+                        label="min-max over the runs")
+        for run in group.runs:
+            ax.plot([row["epoch"] for row in run.history], [row["val_ppl"] for row in run.history],
+                    linewidth=0.7, alpha=0.6, color="grey")
+        mean, = ax.plot(epochs, [b.mean for _, b in band], linewidth=2.2,
+                        label=f"mean of {len(group.runs)} runs")
+        curve = REFERENCE_VAL_PPL.get(group.reference) if group.reference else None
+        if curve:
+            _reference_line(ax, mean, range(1, len(curve) + 1), curve, "reference report")
+        _perplexity_axis(ax)
+        ax.set_xlabel("Epoch")
+        ax.set_title(group.experiment, fontsize=10)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend()
+    axes[0][0].set_ylabel("Validation perplexity (log scale)")
     return _save(fig, path)
 
 

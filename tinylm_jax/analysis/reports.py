@@ -46,6 +46,7 @@ from tinylm_jax.analysis.runs import (
     reference_partners,
 )
 from tinylm_jax.analysis.sampling import generate
+from tinylm_jax.analysis.spread import read_sets, spread_markdown
 from tinylm_jax.analysis.tokenizer_study import tokenizer_report, tokenizer_study
 from tinylm_jax.core.config import UserError
 from tinylm_jax.core.files import write_csv_atomic, write_text_atomic
@@ -114,6 +115,16 @@ def write_budget(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     table = out_dir / "budget.md"
     write_text_atomic(table, budget_markdown(curves, list(references.values()), figure.name))
     return [table, figure]
+
+
+def write_spread(paths: list[Path], out_dir: Path, command: str) -> list[Path]:
+    """The run-to-run spread of the sets of runs (or runs) under `paths`: spread.md, spread.png."""
+    sets = read_sets(paths)
+    output_folder(out_dir).mkdir(parents=True, exist_ok=True)
+    figure = plots.spread_bands(sets, out_dir / "spread.png")
+    report = out_dir / "spread.md"
+    write_text_atomic(report, spread_markdown(sets, figure.name, command))
+    return [report, figure]
 
 
 def attention_metadata(run_dir: Path, run: LoadedRun, which: str, source: str) -> dict[str, Any]:

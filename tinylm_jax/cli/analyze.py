@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 from pathlib import Path
 
 from tinylm_jax.analysis import reports
@@ -23,7 +24,12 @@ from tinylm_jax.reference.interop import save_torch_weights
 from tinylm_jax.run.checkpoint import load_run
 
 # Analyses of several finished runs, written into --out (default: the first run's parent).
-SEVERAL_RUNS = {"compare": reports.write_comparison, "budget": reports.write_budget}
+SEVERAL_RUNS = {
+    "compare": reports.write_comparison,
+    "budget": reports.write_budget,
+    "spread": lambda paths, out: reports.write_spread(paths, out, shlex.join(
+        ["python", "scripts/analyze.py", "spread", *map(str, paths), "--out", str(out)])),
+}
 
 
 def _common(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
@@ -76,6 +82,9 @@ def analyze_parser() -> argparse.ArgumentParser:
     _several_runs(sub.add_parser("budget", help="several runs: budget.md and budget.png, "
                                  "validation perplexity against training time, tokens and FLOPs "
                                  "(reference 5.2)"))
+    _several_runs(sub.add_parser("spread", help="sets of runs that differ only in the random seed "
+                                 "(--seeds folders, or run folders): spread.md and spread.png, "
+                                 "the run-to-run spread per experiment beside the reference"))
     attention = sub.add_parser("attention", help="attention.npz for one sequence, and its maps")
     _common(attention)
     source = attention.add_mutually_exclusive_group()

@@ -1,0 +1,65 @@
+"""The run-to-run spread: its statistics on known numbers, and its report on real run folders."""
+
+import math
+import shutil
+
+import pytest
+
+from tinylm_jax.analysis.spread import read_sets, spread, where_it_falls
+from tinylm_jax.cli.analyze import analyze_main
+from tinylm_jax.core.config import UserError
+
+
+def test_the_spread_of_known_numbers():
+    result = spread([60.0, 61.0, 62.0])
+    assert (result.n, result.mean, result.std, result.low, result.high) == (3, 61.0, 1.0, 60.0,
+                                                                            62.0)
+    assert 60.0 <= result.ci_low < 61.0 < result.ci_high <= 62.0
+
+
+def test_the_bootstrap_interval_is_exact_where_it_can_be_worked_by_hand():
+    """Resampling [0, 10] gives a mean of 0, 5 or 10 with chances 1/4, 1/2, 1/4: the 2.5th and
+    97.5th percentiles are 0 and 10. Equal values leave no spread at all."""
+    pair = spread([0.0, 10.0])
+    assert (pair.mean, pair.std, pair.ci_low, pair.ci_high) == (5.0, math.sqrt(50), 0.0, 10.0)
+    same = spread([58.5] * 4)
+    assert (same.std, same.ci_low, same.ci_high) == (0.0, 58.5, 58.5)
+    one = spread([60.0])
+    assert math.isnan(one.std) and (one.ci_low, one.ci_high) == (60.0, 60.0)
+    assert spread([1.0, 5.0, 2.0, 9.0]) == spread([1.0, 5.0, 2.0, 9.0])  # reproducible
+
+
+def test_where_a_reference_number_falls():
+    runs = spread([60.0, 61.0, 62.0])
+    assert where_it_falls(60.5, runs) == "inside the range, -0.5 sd from the mean"
+    assert where_it_falls(58.0, runs) == "outside the range, -3.0 sd from the mean"
+    assert where_it_falls(60.0, spread([60.0])) == "inside the range"
+
+
+@pytest.fixture
+def two_seeds(tiny_run, tmp_path):
+    """A set of two finished tiny runs (seed-0 and, by copy with its seed changed, seed-5) and
+    one unfinished member."""
+    source, _ = tiny_run
+    root = tmp_path / "set"
+    shutil.copytree(source, root / "seed-0")
+    shutil.copytree(source, root / "seed-5")
+    (root / "seed-7").mkdir()  # begun, nothing finished
+    (root / "seed-7" / "config.json").write_text((source / "config.json").read_text())
+    return root
+
+
+def test_a_set_reads_its_finished_members_and_reports_them(two_seeds, tmp_path, capsys):
+    (group,) = read_sets([two_seeds])
+    assert [run.seed for run in group.runs] == [0, 5]
+    out = tmp_path / "report"
+    assert analyze_main(["spread", str(two_seeds), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"wrote {out / 'spread.md'}",
+                                                    f"wrote {out / 'spread.png'}"]
+    report = (out / "spread.md").read_text()
+    assert "| tiny | 2 (0, 5) |" in report and "## tiny, epoch by epoch" in report
+
+
+def test_a_seed_counted_twice_is_refused(two_seeds, tiny_run):
+    with pytest.raises(UserError, match="seed 0 appears in more than one run folder"):
+        read_sets([two_seeds, tiny_run[0]])

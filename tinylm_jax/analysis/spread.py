@@ -1,0 +1,166 @@
+"""Run-to-run spread: how far apart runs of one protocol land when only the random seed differs.
+
+Per experiment, over its finished runs: the best validation perplexity's mean, standard
+deviation (n - 1), range and a 95% bootstrap interval of the mean; the range of best epochs;
+the per-epoch band (min, mean, max over the runs that reached the epoch); and where the
+reference's numbers fall in that spread. With 3-10 runs a percentile bootstrap of the mean is
+what rliable (Agarwal et al. 2021) recommends for so few; it is no wider than the runs' range.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tinylm_jax.core.config import UserError
+from tinylm_jax.core.metrics import best_epoch
+from tinylm_jax.reference.table1 import REFERENCE_TABLE1, REFERENCE_VAL_PPL, reference_experiment
+from tinylm_jax.run.folder import RunFolder, seed_members
+
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0  # the interval is reproducible, figure for figure
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Summary statistics of n values."""
+
+    n: int
+    mean: float
+    std: float  # sample standard deviation (n - 1); nan for one value
+    low: float  # the smallest value
+    high: float  # the largest value
+    ci_low: float  # 95% percentile-bootstrap interval of the mean
+    ci_high: float
+
+
+def spread(values: list[float], resamples: int = BOOTSTRAP_RESAMPLES,
+           seed: int = BOOTSTRAP_SEED) -> Spread:
+    """The spread of `values`; the bootstrap resamples them with replacement `resamples` times."""
+    array = np.asarray(values, np.float64)
+    if not len(array):
+        raise ValueError("no values")
+    rng = np.random.default_rng(seed)
+    means = array[rng.integers(0, len(array), (resamples, len(array)))].mean(axis=1)
+    ci_low, ci_high = np.percentile(means, [2.5, 97.5])
+    return Spread(len(array), float(array.mean()),
+                  float(array.std(ddof=1)) if len(array) > 1 else math.nan,
+                  float(array.min()), float(array.max()), float(ci_low), float(ci_high))
+
+
+@dataclass(frozen=True)
+class SeedRun:
+    """One finished run of a set."""
+
+    folder: Path
+    seed: int
+    history: list[dict[str, float]]
+    summary: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ExperimentSpread:
+    """Every finished run of one experiment, and their spread."""
+
+    experiment: str  # the config's name
+    runs: list[SeedRun]
+
+    @property
+    def best(self) -> Spread:
+        return spread([run.summary["best_val_ppl"] for run in self.runs])
+
+    @property
+    def best_epochs(self) -> list[int]:
+        return [run.summary["best_epoch"] for run in self.runs]
+
+    def band(self) -> list[tuple[int, Spread]]:
+        """Per epoch, the spread of validation perplexity over the runs that reached it."""
+        longest = max(len(run.history) for run in self.runs)
+        return [(epoch, spread([run.history[epoch - 1]["val_ppl"] for run in self.runs
+                                if len(run.history) >= epoch]))
+                for epoch in range(1, longest + 1)]
+
+    @property
+    def reference(self) -> str | None:
+        """The reference experiment these runs reproduce, if any."""
+        return reference_experiment(self.experiment, self.experiment)
+
+
+def read_sets(paths: list[Path]) -> list[ExperimentSpread]:
+    """The finished runs under `paths` (sets of `seed-N` run folders, or run folders), grouped
+    by experiment in the order first met; a run that has not finished is left out."""
+    groups: dict[str, list[SeedRun]] = {}
+    for path in paths:
+        members = seed_members(path) or [(None, path)]
+        for seed, member in members:
+            folder = RunFolder(member)
+            if not folder.file(RunFolder.SUMMARY).is_file():
+                continue
+            cfg = folder.read_config()
+            groups.setdefault(cfg.name, []).append(
+                SeedRun(member, cfg.seed if seed is None else seed, folder.read_history(),
+                        folder.read_summary()))
+    if not groups:
+        raise UserError(f"no finished run under {', '.join(map(str, paths))}")
+    for name, runs in groups.items():
+        seeds = [run.seed for run in runs]
+        twice = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if twice:
+            raise UserError(f"{name}: seed {twice[0]} appears in more than one run folder; "
+                            "a spread counts each seed once")
+    return [ExperimentSpread(name, runs) for name, runs in groups.items()]
+
+
+def _number(value: float, digits: int = 2) -> str:
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def where_it_falls(value: float, values: Spread) -> str:
+    """Where a reference number falls against runs' spread: inside the runs' range or not, and
+    how many standard deviations from their mean."""
+    inside = "inside" if values.low <= value <= values.high else "outside"
+    if values.n < 2 or not values.std:
+        return f"{inside} the range"
+    return f"{inside} the range, {(value - values.mean) / values.std:+.1f} sd from the mean"
+
+
+def spread_markdown(sets: list[ExperimentSpread], figure_name: str, command: str) -> str:
+    lines = ["# Run-to-run spread", "",
+             f"Runs of one protocol that differ only in the random seed (initialisation and data "
+             f"order). Reproduce: `{command}`. Best PPL: each run's best validation perplexity; "
+             "sd with n - 1; the interval is a 95% percentile bootstrap of the mean "
+             f"({BOOTSTRAP_RESAMPLES:,} resamples).", "",
+             "| Experiment | Runs (seeds) | Best PPL mean ± sd | Min-max | 95% CI of the mean | "
+             "Best epochs | Reference best (epoch) | Reference against the runs |",
+             "|---|---|---:|---:|---:|---|---:|---|"]
+    for group in sets:
+        best = group.best
+        seeds = ", ".join(str(run.seed) for run in group.runs)
+        epochs = sorted(group.best_epochs)
+        reference = REFERENCE_TABLE1.get(group.reference) if group.reference else None
+        ref_text = f"{reference[0]:.2f} ({reference[1]})" if reference else "-"
+        falls = where_it_falls(reference[0], best) if reference else "-"
+        lines.append(f"| {group.experiment} | {best.n} ({seeds}) | {best.mean:.2f} ± "
+                     f"{_number(best.std)} | {best.low:.2f}-{best.high:.2f} | "
+                     f"{best.ci_low:.2f}-{best.ci_high:.2f} | {epochs[0]}-{epochs[-1]} "
+                     f"({', '.join(map(str, group.best_epochs))}) | {ref_text} | {falls} |")
+    for group in sets:
+        curve = REFERENCE_VAL_PPL.get(group.reference, ()) if group.reference else ()
+        lines += ["", f"## {group.experiment}, epoch by epoch", "",
+                  "| Epoch | Runs | Val PPL min | Mean | Max | Reference | Reference against the "
+                  "runs |", "|---:|---:|---:|---:|---:|---:|---|"]
+        for epoch, band in group.band():
+            ref = curve[epoch - 1] if epoch <= len(curve) else None
+            lines.append(f"| {epoch} | {band.n} | {band.low:.2f} | {band.mean:.2f} | "
+                         f"{band.high:.2f} | {'-' if ref is None else f'{ref:.2f}'} | "
+                         f"{'-' if ref is None else where_it_falls(ref, band)} |")
+        reference_best = best_epoch([{"epoch": e, "val_ppl": v} for e, v in enumerate(curve, 1)])
+        if reference_best:
+            lines += ["", f"The reference's best epoch is {reference_best}; the runs' best "
+                      f"epochs are {', '.join(map(str, group.best_epochs))}."]
+    lines += ["", f"![Per-epoch band]({figure_name})", ""]
+    return "\n".join(lines)
