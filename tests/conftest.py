@@ -188,7 +188,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # hands whole files to whichever worker is free in this order (pyproject's --dist loadfile
 # --no-loadscope-reorder), so that the two workers finish at about the same time.
 SLOW_FILES_FIRST = ("test_loop.py", "test_cli.py", "test_reliability.py", "test_parallel.py",
-                    "test_commands.py", "test_api.py", "test_scaling.py", "test_readme.py",
+                    "test_commands.py", "test_api.py", "test_scaling.py", "test_docs.py",
                     "test_export.py", "test_package.py", "test_bf16.py", "test_train.py",
                     "test_notebook.py", "test_model.py", "test_interop.py")
 

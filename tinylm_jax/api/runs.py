@@ -1,7 +1,7 @@
 """Training and reading runs from Python, as the command line does.
 
     run = train("baseline", "runs/baseline", num_epochs=2, precision="bf16")
-    run.summary["best_val_ppl"], run.history[-1], run.best_params
+    run.summary["best_val_ppl"], run.history[-1], run.best_params, run.best.model
     runs = train_seeds("baseline", "runs/baseline", "0-4")  # seed-0 ... seed-4, one by one
     run = load_run("runs/baseline")
 
@@ -41,14 +41,23 @@ class Run:
     stop: Stop | None = None  # why `train` returned; None for a run loaded from its folder
 
     @functools.cached_property
-    def best_params(self) -> Any:
-        """The params of the best epoch (lowest validation loss)."""
-        return checkpoint.load_run(self.folder, "best").params
+    def best(self) -> checkpoint.LoadedRun:
+        """The best epoch's checkpoint (lowest validation loss), ready for the analyses: its
+        model, params, tokenizer and record."""
+        return checkpoint.load_run(self.folder, "best")
 
     @functools.cached_property
+    def latest(self) -> checkpoint.LoadedRun:
+        """The latest checkpoint: the last epoch, or where a stop left the run."""
+        return checkpoint.load_run(self.folder, "latest")
+
+    @property
+    def best_params(self) -> Any:
+        return self.best.params
+
+    @property
     def latest_params(self) -> Any:
-        """The params of the latest checkpoint: the last epoch, or where a stop left them."""
-        return checkpoint.load_run(self.folder, "latest").params
+        return self.latest.params
 
 
 def load_run(path: str | Path, stop: Stop | None = None) -> Run:
