@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one go, 9.5 minutes at most (each part has its own time limit): the tests,
-# the benchmark against the reference's PyTorch loop, and the whole `all` protocol, timed. Everything
+# the benchmark against the reference's PyTorch loop, the README's two-minute look, and the whole
+# `all` protocol, timed. Everything
 # it measures goes under $OUT (default ./gpu_check_out); run from the repository root with the
 # corpus in $TINYLM_DATA:
 #   PYTHONPATH=. TINYLM_DATA=data/input.txt OUT=/tmp/out bash scripts/gpu_check.sh
@@ -14,11 +15,11 @@ export PYTHONPATH=${PYTHONPATH:-.}
 if [[ ${QUICK:-0} == 1 ]]; then  # a CPU is slower everywhere: cut the work, allow more time
     run_flags=(--max-steps-per-epoch 2 --max-epochs 1)
     bench_flags=(--steps 2 --repeats 1)
-    limits=(900 600 900)
+    limits=(900 600 900 900)
 else
     run_flags=()
     bench_flags=()
-    limits=(180 150 240)  # tests, benchmark, `all`: 9.5 minutes in all
+    limits=(180 150 60 180)  # tests, benchmark, the look, `all`: 9.5 minutes in all
 fi
 status=0
 
@@ -42,9 +43,19 @@ timeout ${limits[1]} python scripts/benchmark.py ${bench_flags[@]+"${bench_flags
     > "$OUT/benchmark.log" 2>&1 || status=1
 tail -n 12 "$OUT/benchmark.log"
 
+# The README's two-minute look, each command timed.
+look=$(mktemp -d)
+for command in "scripts/run_experiment.py baseline --max-epochs 1 --max-steps-per-epoch 50 \
+--out $look/look --no-progress" "scripts/analyze.py all $look/look"; do
+    began=$(date +%s%N)
+    timeout ${limits[2]} python $command >> "$OUT/look.log" 2>&1 || status=1
+    echo "$command: $(( ($(date +%s%N) - began) / 1000000 )) ms" | tee -a "$OUT/look_times.txt"
+done
+rm -rf "$look"
+
 runs=$(mktemp -d)
 began=$(date +%s%N)
-timeout ${limits[2]} python scripts/run_experiment.py all --out "$runs" --no-progress \
+timeout ${limits[3]} python scripts/run_experiment.py all --out "$runs" --no-progress \
     ${run_flags[@]+"${run_flags[@]}"} \
     > "$OUT/all.log" 2>&1 || status=1
 ended=$(date +%s%N)
