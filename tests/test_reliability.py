@@ -148,11 +148,11 @@ SIGNAL_GATE = """
 import runpy, signal, sys, time
 import tinylm_jax.run.loop as loop
 
-original, calls = loop._Clock.call, []
+original, calls = loop._Pass.launch, []
 
 
-def gated(self, function, *args, **kwargs):
-    if function is loop.train_chunk:
+def gated(self, *args, **kwargs):
+    if self.function is loop.train_chunk:
         calls.append(1)
         if len(calls) == 3:
             print("third chunk", flush=True)
@@ -160,10 +160,10 @@ def gated(self, function, *args, **kwargs):
             deadline = time.monotonic() + 300
             while handler.received is None and time.monotonic() < deadline:
                 time.sleep(0.01)
-    return original(self, function, *args, **kwargs)
+    return original(self, *args, **kwargs)
 
 
-loop._Clock.call = gated
+loop._Pass.launch = gated
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -204,16 +204,16 @@ def test_sigterm_checkpoints_the_position_and_a_resume_in_another_process_equals
 def test_sigint_stops_a_run_like_sigterm_with_exit_130(setup, tmp_path, monkeypatch, capsys):
     """In-process: Ctrl-C during epoch 2's first chunk; the run checkpoints and stops before the
     next chunk (resuming such a checkpoint is the SIGTERM test's)."""
-    original, calls = loop._Clock.call, []
+    original, calls = loop._Pass.launch, []
 
-    def ctrl_c_in_the_third_chunk(self, function, *args, **kwargs):
-        if function is loop.train_chunk:
+    def ctrl_c_in_the_third_chunk(self, *args, **kwargs):
+        if self.function is loop.train_chunk:
             calls.append(1)
             if len(calls) == 3:
                 signal.raise_signal(signal.SIGINT)  # handled before raise_signal returns
-        return original(self, function, *args, **kwargs)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(loop._Clock, "call", ctrl_c_in_the_third_chunk)
+    monkeypatch.setattr(loop._Pass, "launch", ctrl_c_in_the_third_chunk)
     out = tmp_path / "run"
     assert _run(setup, out) == 128 + signal.SIGINT
     err = capsys.readouterr().err

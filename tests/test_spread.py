@@ -57,7 +57,8 @@ def test_a_set_reads_its_finished_members_and_reports_them(two_seeds, tmp_path, 
     assert capsys.readouterr().out.splitlines() == [f"wrote {out / 'spread.md'}",
                                                     f"wrote {out / 'spread.png'}"]
     report = (out / "spread.md").read_text()
-    assert "| tiny | 2 (0, 5) |" in report and "## tiny, epoch by epoch" in report
+    assert "| tiny (float32) | 2 (0, 5) |" in report
+    assert "## tiny (float32), epoch by epoch" in report
 
 
 def test_a_seed_counted_twice_is_refused(two_seeds, tiny_run):

@@ -142,7 +142,7 @@ def spread_bands(sets: list[ExperimentSpread], path: Path) -> Path:
             _reference_line(ax, mean, range(1, len(curve) + 1), curve, "reference report")
         _perplexity_axis(ax)
         ax.set_xlabel("Epoch")
-        ax.set_title(group.experiment, fontsize=10)
+        ax.set_title(group.label, fontsize=10)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()
     axes[0][0].set_ylabel("Validation perplexity (log scale)")

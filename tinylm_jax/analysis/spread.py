@@ -9,6 +9,7 @@ what rliable (Agarwal et al. 2021) recommends for so few; it is no wider than th
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +65,9 @@ class SeedRun:
 
 @dataclass(frozen=True)
 class ExperimentSpread:
-    """Every finished run of one experiment, and their spread."""
+    """Every finished run of one protocol, and their spread."""
 
+    label: str  # the experiment's name, with its precision and any step limit
     experiment: str  # the config's name
     runs: list[SeedRun]
 
@@ -92,27 +94,43 @@ class ExperimentSpread:
 
 def read_sets(paths: list[Path]) -> list[ExperimentSpread]:
     """The finished runs under `paths` (sets of `seed-N` run folders, or run folders), grouped
-    by experiment in the order first met; a run that has not finished is left out."""
-    groups: dict[str, list[SeedRun]] = {}
+    by protocol in the order first met: the same config but for the seed, the same precision,
+    step limit and corpus. A run that has not finished is left out."""
+    groups: dict[str, ExperimentSpread] = {}  # by protocol
     for path in paths:
-        members = seed_members(path) or [(None, path)]
-        for seed, member in members:
+        for seed, member in seed_members(path) or [(None, path)]:
             folder = RunFolder(member)
             if not folder.file(RunFolder.SUMMARY).is_file():
                 continue
-            cfg = folder.read_config()
-            groups.setdefault(cfg.name, []).append(
-                SeedRun(member, cfg.seed if seed is None else seed, folder.read_history(),
-                        folder.read_summary()))
+            cfg, record = folder.read_record()
+            protocol = json.dumps([cfg.replace(seed=0).to_dict(), record.get("compute_dtype"),
+                                   record.get("max_steps_per_epoch"),
+                                   record.get("corpus_sha256")], sort_keys=True)
+            group = groups.setdefault(protocol, ExperimentSpread(_label(cfg.name, record),
+                                                                 cfg.name, []))
+            group.runs.append(SeedRun(member, cfg.seed if seed is None else seed,
+                                      folder.read_history(), folder.read_summary()))
     if not groups:
         raise UserError(f"no finished run under {', '.join(map(str, paths))}")
-    for name, runs in groups.items():
-        seeds = [run.seed for run in runs]
+    for group in groups.values():
+        seeds = [run.seed for run in group.runs]
         twice = sorted({seed for seed in seeds if seeds.count(seed) > 1})
         if twice:
-            raise UserError(f"{name}: seed {twice[0]} appears in more than one run folder; "
-                            "a spread counts each seed once")
-    return [ExperimentSpread(name, runs) for name, runs in groups.items()]
+            raise UserError(f"{group.label}: seed {twice[0]} appears in more than one run "
+                            "folder; a spread counts each seed once")
+    labels = [group.label for group in groups.values()]
+    if len(set(labels)) < len(labels):
+        raise UserError(f"runs of one experiment under different protocols ({', '.join(labels)})"
+                        ": give each set its own spread")
+    return list(groups.values())
+
+
+def _label(name: str, record: dict[str, Any]) -> str:
+    """The experiment's name, with what sets its protocol apart from the reference's."""
+    extra = [record["compute_dtype"]] if record.get("compute_dtype") else []
+    if record.get("max_steps_per_epoch"):
+        extra.append(f"{record['max_steps_per_epoch']} steps per epoch")
+    return f"{name} ({', '.join(extra)})" if extra else name
 
 
 def _number(value: float, digits: int = 2) -> str:
@@ -144,13 +162,13 @@ def spread_markdown(sets: list[ExperimentSpread], figure_name: str, command: str
         reference = REFERENCE_TABLE1.get(group.reference) if group.reference else None
         ref_text = f"{reference[0]:.2f} ({reference[1]})" if reference else "-"
         falls = where_it_falls(reference[0], best) if reference else "-"
-        lines.append(f"| {group.experiment} | {best.n} ({seeds}) | {best.mean:.2f} ± "
+        lines.append(f"| {group.label} | {best.n} ({seeds}) | {best.mean:.2f} ± "
                      f"{_number(best.std)} | {best.low:.2f}-{best.high:.2f} | "
                      f"{best.ci_low:.2f}-{best.ci_high:.2f} | {epochs[0]}-{epochs[-1]} "
                      f"({', '.join(map(str, group.best_epochs))}) | {ref_text} | {falls} |")
     for group in sets:
         curve = REFERENCE_VAL_PPL.get(group.reference, ()) if group.reference else ()
-        lines += ["", f"## {group.experiment}, epoch by epoch", "",
+        lines += ["", f"## {group.label}, epoch by epoch", "",
                   "| Epoch | Runs | Val PPL min | Mean | Max | Reference | Reference against the "
                   "runs |", "|---:|---:|---:|---:|---:|---:|---|"]
         for epoch, band in group.band():

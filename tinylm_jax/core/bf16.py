@@ -1,6 +1,6 @@
 """Mixed precision's products: bfloat16 operands, float32 accumulation and outputs, and gradients
-whose products take bfloat16 operands too, as under the reference's autocast; and a host allocator
-that keeps XLA's buffers on a CPU.
+whose products take bfloat16 operands too (the reference's autocast ran every product in half
+precision, forward and backward); and a host allocator that keeps XLA's buffers on a CPU.
 
 On a CPU each product is also written in the layout the fast kernels take (`canonical`).
 XLA:CPU (jaxlib 0.10 and 0.12 alike) sends a bf16 x bf16 -> f32 dot to YNNPACK's

@@ -8,10 +8,11 @@ Parameters are float32 and initialised like PyTorch's defaults for the same laye
 model), not flax's: Linear weights and biases U(+-1/sqrt(fan_in)), embeddings N(0, 1), norm
 scales 1.
 `dtype` is the compute dtype of the matrix products. In bfloat16 (mixed precision) every product,
-forward and backward, takes bf16 operands and accumulates in float32, as under the reference's
-autocast (`bf16`); the residual stream, norms, GELU, attention scores, softmax and logits stay
-float32. `canonical_layouts` writes those products in the layouts a CPU's bf16 kernels take
-(`bf16`: the CPU fast path); it is set from the platform the program is built for
+forward and backward, takes bf16 operands and accumulates in float32 (`bf16`), as the reference's
+autocast runs its products in half precision; unlike autocast, which hands on half-precision
+outputs, the products' outputs, the residual stream, norms, GELU, attention scores, softmax and
+logits stay float32. `canonical_layouts` writes those products in the layouts a CPU's bf16
+kernels take (`bf16`: the CPU fast path); it is set from the platform the program is built for
 (`build_model`), so a GPU's program can be built and checked on a CPU machine.
 Submodule names mirror the reference's PyTorch attribute names so that `interop` maps them one
 to one.
@@ -203,12 +204,12 @@ def build_model(cfg: ExperimentConfig, dtype: jnp.dtype = jnp.float32,
     return TinyTransformerLM(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads,
                              d_ff=cfg.d_ff, max_seq_len=cfg.seq_len, n_layers=cfg.n_layers,
                              dtype=dtype, positional_encoding=cfg.positional_encoding,
-                             canonical_layouts=canonical_layouts(platform))
+                             canonical_layouts=on_cpu(platform))
 
 
-def canonical_layouts(platform: str | None = None) -> bool:
-    """Whether products take the CPU kernels' canonical layouts: on a CPU (default: jax's
-    default backend), where they pay; GPUs' and TPUs' libraries take any layout."""
+def on_cpu(platform: str | None = None) -> bool:
+    """Whether a program for `platform` (default: jax's default backend) runs on a CPU: there
+    the products take the CPU kernels' canonical layouts; GPUs' and TPUs' libraries take any."""
     return (platform or jax.default_backend()) == "cpu"
 
 

@@ -23,7 +23,7 @@ from flax.training import train_state
 
 from tinylm_jax.core.config import ExperimentConfig, UserError
 from tinylm_jax.core.data import Dataset, gather_windows, num_batches
-from tinylm_jax.core.model import build_model, init_params
+from tinylm_jax.core.model import build_model, init_params, on_cpu
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -51,13 +51,13 @@ def compute_dtype(precision: str, platform: str | None = None) -> jnp.dtype:
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        precision = "fp32" if (platform or jax.default_backend()) == "cpu" else "bf16"
+        precision = "fp32" if on_cpu(platform) else "bf16"
     return jnp.bfloat16 if precision == "bf16" else jnp.float32
 
 
-def compute_dtype_name(precision: str) -> str:
+def compute_dtype_name(precision: str, platform: str | None = None) -> str:
     """The compute dtype's name ("float32", "bfloat16"): what config.json and summaries record."""
-    return str(np.dtype(compute_dtype(precision)))
+    return str(np.dtype(compute_dtype(precision, platform)))
 
 
 def clip_norm_schedule(cfg: ExperimentConfig) -> optax.Schedule:

@@ -169,7 +169,7 @@ def train_prepared(run: PreparedRun, hooks: Sequence[EpochHook] = (),
             stop = loop.run_epochs(run_loop, position, folder, checkpoints, began)
         finally:
             checkpoints.close()
-        if not _ended(run, position.history):  # stopped on request: --resume continues
+        if not stop.ended:  # stopped on request: --resume continues
             return RunResult(stop, None)
         summary = _summary(run, position.history,
                            position.earlier_seconds + time.perf_counter() - began)
@@ -180,11 +180,6 @@ def train_prepared(run: PreparedRun, hooks: Sequence[EpochHook] = (),
     return RunResult(stop, summary)
 
 
-def _ended(run: PreparedRun, history: list[dict[str, Any]]) -> bool:
-    """Whether the protocol has run its course: the epoch limit, or the early stop."""
-    return len(history) >= run.cfg.num_epochs or should_stop(history, run.cfg)
-
-
 def _write_run_files(run: PreparedRun, position: loop.Position,
                      hooks: Sequence[EpochHook]) -> None:
     """config.json (the run's record), tokenizer.json, and the restored per-epoch files if any."""
@@ -192,10 +187,8 @@ def _write_run_files(run: PreparedRun, position: loop.Position,
     if not run.opts.resume:  # a resumed run keeps the tokenizer it was trained with
         folder.write_tokenizer(run.data.tokenizer)
     folder.write_record(run.cfg, run.settings)
-    if position.history:  # after a fallback to an older checkpoint, the later rows are gone
-        folder.write_history(position.history)
-    for hook in hooks:
-        folder.write_rows(hook.name, hook.fields, position.hook_rows[hook.name])
+    # The restored rows (after a fallback to an older checkpoint, the later rows are gone).
+    loop.write_epoch_files(folder, position, hooks)
 
 
 def _summary(run: PreparedRun, history: list[dict[str, Any]], wall: float) -> dict[str, Any]:

@@ -64,6 +64,7 @@ class Stop:
 
     reason: StopReason
     message: str
+    ended: bool  # the protocol has run its course (the epoch limit or the early stop)
     signal: int | None = None  # the signal's number, for SIGNAL
 
     @property
@@ -90,6 +91,16 @@ class EpochHook(Protocol):
 
 
 RECORD_KEYS = ("history", "wall_time_s", "epoch_in_progress")  # a hook may use none of these
+
+
+def _check_hooks(hooks: tuple[EpochHook, ...]) -> None:
+    """Each hook's rows go under its own name, in the record and as `<name>.csv`."""
+    names = [hook.name for hook in hooks]
+    clashes = sorted({name for name in names if names.count(name) > 1 or name in RECORD_KEYS
+                      or name == "history"})
+    if clashes:
+        raise ValueError(f"epoch hook names must be distinct and not {', '.join(RECORD_KEYS)}: "
+                         f"{', '.join(clashes)}")
 
 
 @dataclasses.dataclass
@@ -159,9 +170,9 @@ class Loop:
     show_progress: bool = True  # bars, on a terminal only
     signals: StopSignals = dataclasses.field(default_factory=StopSignals)  # polled between chunks
     log: Callable[[str], None] = print
-    # The chunk executables compiled so far, by (function, chunk shape): compiled ahead of time,
-    # so that a pass's rate leaves its compilation out.
-    compiled: dict[tuple[Any, ...], Any] = dataclasses.field(default_factory=dict)
+    # The chunk executables compiled so far, by (function, seq_len, chunk shape): one loop's,
+    # never shared (`_Pass`).
+    compiled: dict[tuple[Any, ...], Any] = dataclasses.field(default_factory=dict, init=False)
 
     def chunks(self, rows: dict[str, np.ndarray], begin: int, end: int
                ) -> Iterator[tuple[int, dict[str, jax.Array]]]:
@@ -177,6 +188,7 @@ def start(loop: Loop, checkpoints: RunCheckpoints, fresh: TrainState, resume: bo
           warn: Callable[[str], None]) -> Position:
     """A fresh start (the hooks record the initial state), or the newest intact checkpoint's
     position when resuming; refuses a `stop_at_step` the run has already passed."""
+    _check_hooks(loop.hooks)
     restored = checkpoints.restore_newest_intact(fresh, warn) if resume else None
     if restored is None:
         position = Position(fresh, [], {hook.name: hook.start(fresh) for hook in loop.hooks})
@@ -224,6 +236,7 @@ def run_epochs(loop: Loop, position: Position, folder: RunFolder, checkpoints: R
         position.progress = progress
         val_began = time.perf_counter()
         val_loss = evaluate(loop, position.state) if progress.finished else None  # 2
+        val_seconds = time.perf_counter() - val_began
         if val_loss is None:  # stopped at --stop-at-step, or by a signal
             saved = save() if progress.steps_done > done_before else None
             return _stopped(loop, progress, until, saved, folder)
@@ -239,14 +252,18 @@ def run_epochs(loop: Loop, position: Position, folder: RunFolder, checkpoints: R
             position.hook_rows[hook.name] += hook.epoch_end(epoch, position.state)
         position.progress = None
         save(val_loss)  # 5
-        _write_epoch_files(loop, position, folder)
-        _log_epoch(loop, position.history, time.perf_counter() - val_began)
-    if loop.signals.received is not None:  # 6: a signal that came as the last epoch ended
+        if is_primary():  # with several processes, process 0 writes the files
+            write_epoch_files(folder, position, loop.hooks)
+        _log_epoch(loop, position.history, val_seconds)
+    # 6: the protocol has ended; a signal that came with its last epoch still stops what follows
+    # (asked of every process, which all reach this line: none goes on alone).
+    if loop.signals.requested():
         return Stop(StopReason.SIGNAL, f"stopped by {loop.signals.signal_name} as {cfg.name} "
-                    "finished", loop.signals.received)
+                    "finished", True, loop.signals.received)
     if should_stop(position.history, cfg):
-        return Stop(StopReason.EARLY_STOP, f"stopped early after epoch {len(position.history)}")
-    return Stop(StopReason.FINISHED, f"finished its {cfg.num_epochs} epochs")
+        return Stop(StopReason.EARLY_STOP, f"stopped early after epoch {len(position.history)}",
+                    True)
+    return Stop(StopReason.FINISHED, f"finished its {cfg.num_epochs} epochs", True)
 
 
 def train_epoch(loop: Loop, state: TrainState, progress: EpochProgress, until: int | None = None
@@ -259,17 +276,17 @@ def train_epoch(loop: Loop, state: TrainState, progress: EpochProgress, until: i
     rows = batch_rows(train_order(cfg.seed, progress.epoch, loop.data.splits.num_train),
                       cfg.batch_size)
     end = progress.steps_total if until is None else min(progress.steps_total, until)
-    clock = _Clock(loop.compiled)
+    chunks = list(loop.chunks(rows, progress.steps_done, end))
+    one_pass = _Pass(loop, train_chunk, state, chunks)
     bar = _bar(loop.show_progress, progress.steps_total, f"epoch {progress.epoch}",
                progress.steps_done)
 
     def launched() -> Iterator[tuple[int, dict[str, jax.Array]]]:
         nonlocal state
-        for first, chunk in loop.chunks(rows, progress.steps_done, end):
+        for first, chunk in chunks:
             if loop.signals.requested():
                 return
-            state, metrics = clock.call(train_chunk, state, loop.data.tokens, chunk["starts"],
-                                        chunk["weights"], seq_len=cfg.seq_len)
+            state, metrics = one_pass.launch(state, chunk)
             yield first, metrics
 
     def collect(item: tuple[int, dict[str, jax.Array]]) -> None:
@@ -282,16 +299,16 @@ def train_epoch(loop: Loop, state: TrainState, progress: EpochProgress, until: i
         progress.loss_sums.extend(float(x) for x in host["loss_sum"])
         progress.token_counts.extend(float(x) for x in host["tokens"])
         progress.steps_done += steps
-        clock.items += steps * cfg.batch_size * cfg.seq_len
+        one_pass.items += steps * cfg.batch_size * cfg.seq_len
         loss = progress.loss_sums[-1] / progress.token_counts[-1]
-        bar.set_postfix_str(f"loss={loss:.4f} {clock.rate_text('tok')}", refresh=False)
+        bar.set_postfix_str(f"loss={loss:.4f} {one_pass.rate_text('tok')}", refresh=False)
         bar.update(steps)
 
     with bar:
         _collect_one_behind(launched(), collect)
-    progress.seconds += clock.elapsed()
-    if clock.items:
-        progress.tokens_per_s = clock.rate()
+    progress.seconds += one_pass.seconds()
+    if one_pass.items:
+        progress.tokens_per_s = one_pass.rate()
     return state
 
 
@@ -301,26 +318,26 @@ def evaluate(loop: Loop, state: TrainState) -> float | None:
     cfg = loop.cfg
     rows = batch_rows(loop.data.splits.validation_starts(), cfg.batch_size)
     metrics: list[dict[str, jax.Array]] = []
-    clock = _Clock(loop.compiled)
+    chunks = list(loop.chunks(rows, 0, len(rows["starts"])))
+    one_pass = _Pass(loop, eval_chunk, state, chunks)
     bar = _bar(loop.show_progress, len(rows["starts"]), "validation")
     stopped = False
 
     def launched() -> Iterator[tuple[int, dict[str, jax.Array]]]:
         nonlocal stopped
-        for first, chunk in loop.chunks(rows, 0, len(rows["starts"])):
+        for first, chunk in chunks:
             if metrics and loop.signals.requested():
                 stopped = True
                 return
-            metrics.append(clock.call(eval_chunk, state, loop.data.tokens, chunk["starts"],
-                                      chunk["weights"], seq_len=cfg.seq_len))
+            metrics.append(one_pass.launch(state, chunk))
             yield first, metrics[-1]
 
     def collect(item: tuple[int, dict[str, jax.Array]]) -> None:
         first, chunk_metrics = item
         jax.block_until_ready(chunk_metrics)
         weights = rows["weights"][first:first + len(chunk_metrics["tokens"])]
-        clock.items += float(weights.sum())  # padding windows weigh 0
-        bar.set_postfix_str(clock.rate_text("windows"), refresh=False)
+        one_pass.items += float(weights.sum())  # padding windows weigh 0
+        bar.set_postfix_str(one_pass.rate_text("windows"), refresh=False)
         bar.update(len(weights))
 
     with bar:
@@ -344,32 +361,40 @@ def _collect_one_behind(launched: Iterable[T], collect: Callable[[T], None]) -> 
         collect(previous.pop())
 
 
-class _Clock:
-    """A pass's wall time, and its rate in items per second with compilation left out: each
-    chunk shape is compiled ahead of time on first use (into `compiled`), on a clock of its own.
+class _Pass:
+    """One pass's chunks through `function` (`train_chunk` or `eval_chunk`), and its one_pass.
+
+    Every chunk length the pass needs is compiled ahead of time, before the one_pass starts, and
+    kept in `loop.compiled`: the pass's rate counts the device's work alone, and an epoch of a
+    single chunk has one too. Its seconds are the compilation's plus the one_pass's.
     """
 
-    def __init__(self, compiled: dict[tuple[Any, ...], Any]):
-        self.compiled = compiled
+    def __init__(self, loop: Loop, function: Any, state: TrainState,
+                 chunks: list[tuple[int, dict[str, jax.Array]]]):
+        self.loop, self.function = loop, function
+        began = time.perf_counter()
+        for _, chunk in chunks:
+            key = self._key(chunk)
+            if key not in loop.compiled:
+                loop.compiled[key] = function.lower(state, loop.data.tokens, chunk["starts"],
+                                                    chunk["weights"],
+                                                    seq_len=loop.cfg.seq_len).compile()
+        self.compile_seconds = time.perf_counter() - began
         self.began = time.perf_counter()
-        self.compile_seconds = 0.0
-        self.items = 0.0
+        self.items = 0.0  # what the rate counts (tokens, windows) of the chunks collected
 
-    def call(self, function: Any, state: TrainState, tokens: jax.Array, starts: jax.Array,
-             weights: jax.Array, seq_len: int) -> Any:
-        key = (function, starts.shape)
-        if key not in self.compiled:
-            began = time.perf_counter()
-            self.compiled[key] = function.lower(state, tokens, starts, weights,
-                                                seq_len=seq_len).compile()
-            self.compile_seconds += time.perf_counter() - began
-        return self.compiled[key](state, tokens, starts, weights)
+    def _key(self, chunk: dict[str, jax.Array]) -> tuple[Any, ...]:
+        return (self.function, self.loop.cfg.seq_len, chunk["starts"].shape)
 
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.began
+    def launch(self, state: TrainState, chunk: dict[str, jax.Array]) -> Any:
+        return self.loop.compiled[self._key(chunk)](state, self.loop.data.tokens,
+                                                     chunk["starts"], chunk["weights"])
+
+    def seconds(self) -> float:
+        return self.compile_seconds + time.perf_counter() - self.began
 
     def rate(self) -> float:
-        return self.items / max(self.elapsed() - self.compile_seconds, 1e-9)
+        return self.items / max(time.perf_counter() - self.began, 1e-9)
 
     def rate_text(self, unit: str) -> str:
         return f"{self.rate():,.0f} {unit}/s" if self.items else ""
@@ -387,11 +412,13 @@ def _bar(show: bool, total: int, desc: str, initial: int = 0) -> tqdm:
                 dynamic_ncols=True, bar_format=BAR_FORMAT)
 
 
-def _write_epoch_files(loop: Loop, position: Position, folder: RunFolder) -> None:
-    if is_primary():  # with several processes, process 0 writes the files
+def write_epoch_files(folder: RunFolder, position: Position,
+                      hooks: tuple[EpochHook, ...] | list[EpochHook]) -> None:
+    """history.csv and each hook's file, as `position` holds them."""
+    if position.history:  # a fresh run has none yet
         folder.write_history(position.history)
-        for hook in loop.hooks:
-            folder.write_rows(hook.name, hook.fields, position.hook_rows[hook.name])
+    for hook in hooks:
+        folder.write_rows(hook.name, hook.fields, position.hook_rows[hook.name])
 
 
 def _log_epoch(loop: Loop, history: list[dict[str, Any]], val_seconds: float) -> None:
@@ -414,9 +441,9 @@ def _stopped(loop: Loop, progress: EpochProgress, until: int | None, saved: int 
             else "nothing new to save")
     if until is not None and progress.steps_done >= until and not progress.finished:
         return Stop(StopReason.STOP_AT_STEP,
-                    f"stopped at step {loop.stop_at_step} as asked at {where}; {kept}")
+                    f"stopped at step {loop.stop_at_step} as asked at {where}; {kept}", False)
     return Stop(StopReason.SIGNAL, f"stopped by {loop.signals.signal_name} at {where}; {kept}",
-                loop.signals.received)
+                False, loop.signals.received)
 
 
 def _where(epochs_done: int, progress: EpochProgress | None) -> str:
