@@ -150,7 +150,7 @@ def test_the_gpu_program_is_built_for_the_gpu_on_this_cpu(tiny_cfg):
     batch = _batch(tiny_cfg)
     cpu = _lowered(train_step, create_train_state(tiny_cfg, "bf16", platform="cpu"), batch, "cpu")
     assert FAST_PATH_PIECES <= _names(cpu)
-    state = create_train_state(tiny_cfg, "auto", platform="cuda")  # auto: bf16 on a GPU
+    state = create_train_state(tiny_cfg, "auto", platform="cuda")  # auto: bf16
     for step in (train_step, eval_step):
         gpu = _lowered(step, state, batch, "cuda")
         assert not FAST_PATH_PIECES & _names(gpu)

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-processes", type=int, default=1, help="processes in the run")
     parser.add_argument("--process-id", type=int, default=0, help="this process's rank")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="compute precision; auto = bf16 on GPU/TPU, fp32 on CPU")
+                        help="compute precision; auto = bf16 (on a CPU, the fast path)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest "
                         "checkpoint in the run folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
