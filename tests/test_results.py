@@ -11,16 +11,20 @@ from tinylm_jax.analysis import reports
 from tinylm_jax.analysis.attention_stats import AttentionRecord, read_attention_record
 from tinylm_jax.run.folder import RunFolder
 
-RUN_FOLDERS = sorted(path.parent for path in (REPO / "results").glob("*/config.json"))
+RESULTS = REPO / "results"
+RUN_FOLDERS = sorted(path.parent for path in RESULTS.rglob("config.json"))
+TABLE_1 = [RESULTS / name for name in ("baseline", "medium_bf16", "wider_bf16")]
 
 
 def test_the_committed_run_folders_are_found():
-    assert {path.name for path in RUN_FOLDERS} >= {"baseline", "medium_bf16", "wider_bf16"}
+    assert set(TABLE_1) <= set(RUN_FOLDERS)
+    assert RESULTS / "spread" / "baseline" / "seed-0" in RUN_FOLDERS
 
 
-@pytest.mark.parametrize("published", RUN_FOLDERS, ids=lambda path: path.name)
+@pytest.mark.parametrize("published", RUN_FOLDERS,
+                         ids=lambda path: str(path.relative_to(RESULTS)))
 def test_a_committed_run_folder_loads_and_analyses(published, tmp_path):
-    run = shutil.copytree(published, tmp_path / published.name)  # the analyses write beside it
+    run = shutil.copytree(published, tmp_path / "run")  # the analyses write beside it
     folder = RunFolder(run)
     cfg, history, summary = folder.read_config(), folder.read_history(), folder.read_summary()
     assert summary["experiment"] == cfg.name and summary["epochs_run"] == len(history)
@@ -31,7 +35,13 @@ def test_a_committed_run_folder_loads_and_analyses(published, tmp_path):
     assert paths and all(path.stat().st_size > 0 for path in paths)
 
 
-def test_the_committed_run_folders_compare(tmp_path):
-    paths = reports.write_comparison(RUN_FOLDERS, tmp_path)
+def test_table_1_s_run_folders_compare(tmp_path):
+    paths = reports.write_comparison(TABLE_1, tmp_path)
     table = paths[0].read_text(encoding="utf-8")
-    assert all(RunFolder(path).read_summary()["experiment"] in table for path in RUN_FOLDERS)
+    assert all(RunFolder(path).read_summary()["experiment"] in table for path in TABLE_1)
+
+
+def test_the_committed_sets_of_seeds_give_their_spread(tmp_path):
+    paths = reports.write_spread(sorted((RESULTS / "spread").iterdir()), tmp_path, "command")
+    assert "## Baseline_seq64_d128_lr3e-4_bs512 (bfloat16), epoch by epoch" in \
+        paths[0].read_text(encoding="utf-8")
