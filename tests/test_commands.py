@@ -155,7 +155,7 @@ def test_the_budget_puts_runs_and_the_reference_curve_on_time_tokens_and_flops(r
     summary = json.loads((run / "summary.json").read_text())
     tokens = 2 * summary["train_windows"] * 16  # the tiny run: 2 epochs of 16-token windows
     assert f"PPL at {tokens:,} tokens" in table and "| reference report: baseline |" in table
-    assert table.count("| tiny (") == 2 and "cpu, float32" in table
+    assert table.count("| tiny (") == 2 and "cpu, bfloat16" in table  # auto
     drawn = {}
     monkeypatch.setattr(plots, "budget_curves",
                         lambda curves, refs, path: drawn.update(curves=curves, references=refs)

@@ -1,5 +1,6 @@
 """The run-to-run spread: its statistics on known numbers, and its report on real run folders."""
 
+import json
 import math
 import shutil
 
@@ -44,6 +45,9 @@ def two_seeds(tiny_run, tmp_path):
     root = tmp_path / "set"
     shutil.copytree(source, root / "seed-0")
     shutil.copytree(source, root / "seed-5")
+    config = json.loads((root / "seed-5" / "config.json").read_text())
+    config["experiment"]["seed"] = 5
+    (root / "seed-5" / "config.json").write_text(json.dumps(config))
     (root / "seed-7").mkdir()  # begun, nothing finished
     (root / "seed-7" / "config.json").write_text((source / "config.json").read_text())
     return root
@@ -57,8 +61,8 @@ def test_a_set_reads_its_finished_members_and_reports_them(two_seeds, tmp_path, 
     assert capsys.readouterr().out.splitlines() == [f"wrote {out / 'spread.md'}",
                                                     f"wrote {out / 'spread.png'}"]
     report = (out / "spread.md").read_text()
-    assert "| tiny (float32) | 2 (0, 5) |" in report
-    assert "## tiny (float32), epoch by epoch" in report
+    assert "| tiny (bfloat16) | 2 (0, 5) |" in report
+    assert "## tiny (bfloat16), epoch by epoch" in report
 
 
 def test_a_seed_counted_twice_is_refused(two_seeds, tiny_run):

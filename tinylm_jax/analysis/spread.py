@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from tinylm_jax.core.config import UserError
-from tinylm_jax.core.metrics import best_epoch
 from tinylm_jax.reference.table1 import REFERENCE_TABLE1, REFERENCE_VAL_PPL, reference_experiment
 from tinylm_jax.run.folder import RunFolder, seed_members
 
@@ -98,7 +97,7 @@ def read_sets(paths: list[Path]) -> list[ExperimentSpread]:
     step limit and corpus. A run that has not finished is left out."""
     groups: dict[str, ExperimentSpread] = {}  # by protocol
     for path in paths:
-        for seed, member in seed_members(path) or [(None, path)]:
+        for member in [member for _, member in seed_members(path)] or [path]:
             folder = RunFolder(member)
             if not folder.file(RunFolder.SUMMARY).is_file():
                 continue
@@ -108,8 +107,8 @@ def read_sets(paths: list[Path]) -> list[ExperimentSpread]:
                                    record.get("corpus_sha256")], sort_keys=True)
             group = groups.setdefault(protocol, ExperimentSpread(_label(cfg.name, record),
                                                                  cfg.name, []))
-            group.runs.append(SeedRun(member, cfg.seed if seed is None else seed,
-                                      folder.read_history(), folder.read_summary()))
+            group.runs.append(SeedRun(member, cfg.seed, folder.read_history(),
+                                      folder.read_summary()))
     if not groups:
         raise UserError(f"no finished run under {', '.join(map(str, paths))}")
     for group in groups.values():
@@ -176,9 +175,8 @@ def spread_markdown(sets: list[ExperimentSpread], figure_name: str, command: str
             lines.append(f"| {epoch} | {band.n} | {band.low:.2f} | {band.mean:.2f} | "
                          f"{band.high:.2f} | {'-' if ref is None else f'{ref:.2f}'} | "
                          f"{'-' if ref is None else where_it_falls(ref, band)} |")
-        reference_best = best_epoch([{"epoch": e, "val_ppl": v} for e, v in enumerate(curve, 1)])
-        if reference_best:
-            lines += ["", f"The reference's best epoch is {reference_best}; the runs' best "
-                      f"epochs are {', '.join(map(str, group.best_epochs))}."]
+        if group.reference:
+            lines += ["", f"The reference's best epoch is {REFERENCE_TABLE1[group.reference][1]}"
+                      f"; the runs' best epochs are {', '.join(map(str, group.best_epochs))}."]
     lines += ["", f"![Per-epoch band]({figure_name})", ""]
     return "\n".join(lines)
