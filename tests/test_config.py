@@ -243,6 +243,8 @@ def test_seed_lists_read_ranges_and_single_seeds_in_order():
     ("", "not a list of seeds"), ("3-1", "the range 3-1 is empty"),
     ("0-2,2", "seed 2 is given twice"),
     (f"{2**31}", "--seeds must lie in"),
+    (f"0-{2**31}", "--seeds must lie in"),  # refused before the range is expanded
+    ("0-1000", "more than 1,000 runs"), ("²", "not a list of seeds"),
 ])
 def test_malformed_seed_lists_are_refused(spec, message):
     with pytest.raises(UserError, match=message):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
+import re
 import tomllib
 import typing
 from pathlib import Path
@@ -85,6 +86,11 @@ _LARGEST = {"vocab_size": 2**20, "seq_len": 2**16, "d_model": 2**16, "n_layers":
             "n_heads": 2**10, "d_ff": 2**18, "batch_size": 2**20}
 
 
+# A set trains its members one after another, each a full protocol (45 min to hours on a CPU):
+# a larger set is a typo such as 0-40000, refused before thousands of folders are checked.
+MAX_SEED_SET = 1000
+
+
 def check_seed(seed: int, what: str) -> None:
     """Refuse a seed outside [0, MAX_SEED] (numpy's and JAX's seeds alike); `what` names it."""
     if not 0 <= seed <= MAX_SEED:
@@ -96,17 +102,21 @@ def parse_seeds(spec: str) -> list[int]:
     is checked like `--seed`; a malformed spec, an empty range or a repeat is refused."""
     seeds: list[int] = []
     for part in spec.split(","):
-        low, dash, high = part.strip().partition("-")
-        if not low.isdigit() or (dash and not high.isdigit()):
+        bounds = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", part, re.ASCII)
+        if bounds is None:
             raise UserError(f"--seeds: '{spec}' is not a list of seeds such as 0-4 or 0,2,7")
-        first, last = int(low), int(high) if dash else int(low)
+        first = int(bounds[1])
+        last = first if bounds[2] is None else int(bounds[2])
+        for bound in (first, last):  # before the range is expanded: 0-3000000000 is refused now
+            check_seed(bound, "--seeds")
         if last < first:
             raise UserError(f"--seeds: the range {part.strip()} is empty")
-        for seed in range(first, last + 1):
-            check_seed(seed, "--seeds")
-            if seed in seeds:
-                raise UserError(f"--seeds: seed {seed} is given twice")
-            seeds.append(seed)
+        repeats = [seed for seed in seeds if first <= seed <= last]
+        if repeats:
+            raise UserError(f"--seeds: seed {repeats[0]} is given twice")
+        if len(seeds) + last - first + 1 > MAX_SEED_SET:
+            raise UserError(f"--seeds: '{spec}' asks for more than {MAX_SEED_SET:,} runs")
+        seeds += range(first, last + 1)
     return seeds
 
 
