@@ -15,14 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tinylm_jax.analysis.attention_stats import AttentionRecord
 from tinylm_jax.core.config import ExperimentConfig, UserError, load_config, parse_seeds
 from tinylm_jax.run import checkpoint
-from tinylm_jax.run.experiment import PreparedRun, RunOptions, prepare, train_prepared
+from tinylm_jax.run.experiment import (
+    PreparedRun,
+    RunOptions,
+    prepare,
+    set_member,
+    train_prepared,
+)
 from tinylm_jax.run.folder import RunFolder, seed_member
 from tinylm_jax.run.loop import EpochHook, Stop
 
@@ -78,26 +84,34 @@ def default_hooks(run: PreparedRun) -> list[EpochHook]:
 def train(config: str | Path | ExperimentConfig, out_dir: str | Path, **overrides: Any) -> Run:
     """Train `config` (an experiment's name, a TOML path or a config) in run folder `out_dir`
     until its protocol ends or a stop is asked for (`Run.stop` says which)."""
-    cfg, opts = _resolve(config, Path(out_dir), overrides)
-    prepared = prepare(cfg, opts)
-    return load_run(out_dir, train_prepared(prepared, default_hooks(prepared)).stop)
+    prepared = prepare(*_resolve(config, Path(out_dir), overrides))
+    return load_run(out_dir, train_in_order([prepared])[0])
 
 
 def train_seeds(config: str | Path | ExperimentConfig, out_dir: str | Path,
                 seeds: str | Iterable[int], **overrides: Any) -> list[Run]:
     """A set of runs that differ only in the random seed, one after another, in run folders
     `out_dir/seed-N`; with `resume=True`, members not begun yet start. `seeds` is a list of
-    seeds or a spec such as "0-4". Stops at the first member stopped on request."""
-    seeds = parse_seeds(seeds) if isinstance(seeds, str) else list(seeds)
-    resume = overrides.pop("resume", False)
-    runs = []
-    for seed in seeds:
-        member = seed_member(Path(out_dir), seed)
-        runs.append(train(config, member, seed=seed, resume=resume and member.exists(),
-                          **overrides))
-        if runs[-1].stop.resumable:
+    seeds or a spec such as "0-4". Every member is checked before any trains; the set stops at
+    the first member stopped on request."""
+    spec = seeds if isinstance(seeds, str) else ",".join(str(seed) for seed in seeds)
+    prepared = [prepare(cfg, set_member(opts)) for cfg, opts in (
+        _resolve(config, seed_member(Path(out_dir), seed), {**overrides, "seed": seed})
+        for seed in parse_seeds(spec))]
+    stops = train_in_order(prepared)  # shorter than `prepared` where a member was stopped
+    return [load_run(one.opts.out_dir, stop)
+            for one, stop in zip(prepared, stops, strict=False)]
+
+
+def train_in_order(prepared: Sequence[PreparedRun]) -> list[Stop]:
+    """Train prepared runs one after another, each with the default hooks, and say why each
+    stopped; the first stopped on request ends the list (the rest wait for a resume)."""
+    stops: list[Stop] = []
+    for one in prepared:
+        stops.append(train_prepared(one, default_hooks(one)).stop)
+        if stops[-1].resumable:
             break
-    return runs
+    return stops
 
 
 def _resolve(config: str | Path | ExperimentConfig, out_dir: Path, overrides: dict[str, Any]

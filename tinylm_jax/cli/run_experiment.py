@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from tinylm_jax.analysis import reports
-from tinylm_jax.api.runs import default_hooks
+from tinylm_jax.api.runs import train_in_order
 from tinylm_jax.cli.console import OneLineParser, entry_point, print_paths
 from tinylm_jax.core.bf16 import keep_host_buffers
 from tinylm_jax.core.config import (
@@ -20,7 +20,7 @@ from tinylm_jax.core.config import (
 )
 from tinylm_jax.core.parallel import initialize_distributed, is_primary
 from tinylm_jax.core.train import PRECISIONS
-from tinylm_jax.run.experiment import RunOptions, describe, prepare, train_prepared
+from tinylm_jax.run.experiment import RunOptions, describe, prepare, set_member
 from tinylm_jax.run.folder import seed_member
 from tinylm_jax.run.loop import Stop
 
@@ -106,21 +106,19 @@ def run(args: argparse.Namespace) -> int | Stop:
     several = args.experiment == "all" or args.seeds is not None
     prepared = []
     for name, seed, out in _runs(args):  # validate every run before training any
-        # `--resume` after an interruption of several runs: those not started yet simply start.
-        resume = args.resume and (not several or out.exists())
         opts = RunOptions(out_dir=out, data=args.data, precision=args.precision,
-                          max_steps_per_epoch=args.max_steps_per_epoch, resume=resume,
+                          max_steps_per_epoch=args.max_steps_per_epoch, resume=args.resume,
                           overwrite=args.overwrite, progress=not args.no_progress,
                           steps_per_chunk=args.steps_per_chunk, devices=args.devices,
                           stop_at_step=args.stop_at_step)
-        prepared.append(prepare(_config(name, args, seed), opts, dry_run=args.dry_run))
+        prepared.append(prepare(_config(name, args, seed), set_member(opts) if several else opts,
+                                dry_run=args.dry_run))
     if args.dry_run:
         print("\n\n".join(describe(one) for one in prepared))
         return 0
-    for one in prepared:
-        result = train_prepared(one, default_hooks(one))
-        if result.summary is None or result.stop.resumable:  # stopped: the rest waits too
-            return result.stop
+    stops = train_in_order(prepared)
+    if stops[-1].resumable:  # stopped on request: the rest of the set waits too
+        return stops[-1]
     run_dirs = [one.opts.out_dir for one in prepared]
     if not is_primary():  # the files below are process 0's to write
         return 0

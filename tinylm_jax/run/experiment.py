@@ -103,6 +103,12 @@ def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> P
     return PreparedRun(cfg, opts, corpus, corpus_sha256, data, count_params(params), mesh)
 
 
+def set_member(opts: RunOptions) -> RunOptions:
+    """The options of one run of a set (several experiments or seeds): `--resume` after an
+    interruption of the set continues the runs begun, and those not begun yet simply start."""
+    return dataclasses.replace(opts, resume=opts.resume and opts.out_dir.exists())
+
+
 def describe(run: PreparedRun) -> str:
     """The dry run's report: resolved config, parameter count and window counts."""
     lines = [f"experiment: {run.cfg.name}"]
