@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 from pathlib import Path
 
 from tinylm_jax.analysis import reports
@@ -25,10 +24,9 @@ from tinylm_jax.run.checkpoint import load_run
 
 # Analyses of several finished runs, written into --out (default: the first run's parent).
 SEVERAL_RUNS = {
-    "compare": reports.write_comparison,
-    "budget": reports.write_budget,
-    "spread": lambda paths, out: reports.write_spread(paths, out, shlex.join(
-        ["python", "scripts/analyze.py", "spread", *map(str, paths), "--out", str(out)])),
+    "compare": lambda args, out: reports.write_comparison(args.run_dirs, out),
+    "budget": lambda args, out: reports.write_budget(args.run_dirs, out),
+    "spread": lambda args, out: reports.write_spread(args.run_dirs, out, args.command_line),
 }
 
 
@@ -165,7 +163,7 @@ def analyze(args: argparse.Namespace) -> int:
     _check_sampling(args)
     if args.analysis in SEVERAL_RUNS:
         out = args.out or args.run_dirs[0].resolve().parent
-        print_paths(SEVERAL_RUNS[args.analysis](args.run_dirs, out))
+        print_paths(SEVERAL_RUNS[args.analysis](args, out))
         return 0
     run_dir = args.run_dir
     if args.analysis == "curves":

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import shlex
-import sys
 from pathlib import Path
 
 from tinylm_jax.analysis.reports import output_folder
@@ -23,8 +21,6 @@ from tinylm_jax.bench.step_profile import profile_markdown, profile_step
 from tinylm_jax.cli.console import (
     OneLineParser,
     entry_point,
-    guarded,
-    invocation,
     print_paths,
 )
 from tinylm_jax.core.bf16 import keep_host_buffers
@@ -139,18 +135,13 @@ def _check(args: argparse.Namespace) -> tuple[ExperimentConfig, Plan]:
     return base, configs
 
 
-def scaling_main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = scaling_parser()
-    if prog:
-        parser.prog = prog
-    args = parser.parse_args(argv)
+def scaling(args: argparse.Namespace) -> int:
     keep_host_buffers()  # as training does
-    command = shlex.join([*invocation(prog), *(sys.argv[1:] if argv is None else argv)])
+    base, configs = _check(args)
+    rows = measure(configs, args.precision, args.repeats)
+    print_paths(write_scaling(rows, base, args.precision, args.repeats, args.command_line,
+                              args.out))
+    return 0
 
-    def run() -> int:
-        base, configs = _check(args)
-        rows = measure(configs, args.precision, args.repeats)
-        print_paths(write_scaling(rows, base, args.precision, args.repeats, command, args.out))
-        return 0
 
-    return guarded(run)
+scaling_main = entry_point(scaling_parser, scaling)

@@ -58,6 +58,11 @@ def invocation(prog: str | None = None) -> list[str]:
     return shlex.split(prog) if prog else ["python", sys.argv[0]]
 
 
+def command_line(argv: list[str] | None = None, prog: str | None = None) -> str:
+    """This command's line as the user typed it: what a report gives to reproduce it."""
+    return shlex.join([*invocation(prog), *(sys.argv[1:] if argv is None else argv)])
+
+
 def resume_command(argv: list[str], prog: str | None = None) -> str:
     """The command line that continues this one: the same, with --resume and no --overwrite
     or --stop-at-step."""
@@ -108,12 +113,14 @@ def entry_point(parser: Callable[[], argparse.ArgumentParser],
                 ) -> Callable[[list[str] | None, str | None], int]:
     """A command's `main(argv, prog)`: parse with `parser()`, then run `action(args)` `guarded`.
     `prog` names the command as the user typed it (`tinylm train`), for its usage line and the
-    command printed to continue a stopped run; by default the script's own name."""
+    command printed to continue a stopped run; by default the script's own name. The action
+    finds the whole command line, for a report to give, in `args.command_line`."""
     def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         command = parser()
         if prog:
             command.prog = prog
         args = command.parse_args(argv)
+        args.command_line = command_line(argv, prog)
         return guarded(lambda: action(args), argv, prog)
 
     return main
