@@ -9,6 +9,7 @@ import pytest
 from tinylm_jax.analysis.spread import read_sets, spread, where_it_falls
 from tinylm_jax.cli.analyze import analyze_main
 from tinylm_jax.core.config import UserError
+from tinylm_jax.run.folder import seed_members
 
 
 def test_the_spread_of_known_numbers():
@@ -68,3 +69,11 @@ def test_a_set_reads_its_finished_members_and_reports_them(two_seeds, tmp_path, 
 def test_a_seed_counted_twice_is_refused(two_seeds, tiny_run):
     with pytest.raises(UserError, match="seed 0 appears in more than one run folder"):
         read_sets([two_seeds, tiny_run[0]])
+
+
+def test_a_set_s_members_are_its_seed_folders_in_seed_order(tmp_path):
+    for name in ("seed-12", "seed-0", "seed-3", "seed-x", "seed-²", "seed-"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "seed-5").write_text("a file, not a run folder")
+    assert seed_members(tmp_path) == [(0, tmp_path / "seed-0"), (3, tmp_path / "seed-3"),
+                                      (12, tmp_path / "seed-12")]

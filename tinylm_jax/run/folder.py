@@ -29,6 +29,7 @@ import csv
 import fcntl
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import IO, Any
@@ -54,8 +55,8 @@ def seed_member(root: Path, seed: int) -> Path:
 
 def seed_members(root: Path) -> list[tuple[int, Path]]:
     """The members of the set of runs at `root`, (seed, run folder), in seed order."""
-    members = [(int(path.name.removeprefix("seed-")), path) for path in root.glob("seed-*")
-               if path.is_dir() and path.name.removeprefix("seed-").isdigit()]
+    members = [(int(number[1]), path) for path in root.glob("seed-*")
+               if path.is_dir() and (number := re.fullmatch(r"seed-(\d+)", path.name, re.ASCII))]
     return sorted(members)
 
 
