@@ -5,6 +5,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 from conftest import TINY, tiny_config
@@ -14,6 +15,7 @@ from tinylm_jax.core.data import (
     Splits,
     batches,
     build_dataset,
+    default_cache_path,
     download_corpus,
     read_corpus,
     resolve_corpus,
@@ -78,6 +80,21 @@ def test_download_is_verified(tmp_path, corpus_path):
         download_corpus(tmp_path / "cache2" / "input.txt", url=other.as_uri())
     assert not (tmp_path / "cache2" / "input.txt").exists()
     assert list((tmp_path / "cache2").iterdir()) == []
+
+
+def test_the_tests_find_the_corpus_in_the_package_s_cache_and_say_when_there_is_none(
+        tmp_path, monkeypatch, corpus_path):
+    """With no TINYLM_DATA and no shared copy, as on a fresh clone: the cache the package
+    downloads into serves the suite; offline with an empty cache, the reason comes back."""
+    monkeypatch.delenv("TINYLM_DATA", raising=False)
+    monkeypatch.setattr(conftest, "SHARED_CORPUS", tmp_path / "no-shared" / "input.txt")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("tinylm_jax.core.data.CORPUS_URL", "http://127.0.0.1:9/input.txt")
+    assert conftest.find_corpus()[0] is None and "download" in conftest.find_corpus()[1]
+    cached = default_cache_path()
+    cached.parent.mkdir(parents=True, exist_ok=True)  # the failed download made it
+    cached.write_bytes(corpus_path.read_bytes())
+    assert conftest.find_corpus() == (cached, "")
 
 
 def test_offline_without_corpus_names_the_three_ways(tmp_path, monkeypatch):
