@@ -66,8 +66,8 @@ def analyze_parser() -> argparse.ArgumentParser:
                            "tables from a finished run, written into its run folder.")
     sub = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS",
                                 parser_class=OneLineParser)
-    everything = sub.add_parser("all", help="every analysis below for one run (compare and "
-                                "budget excepted; attention-epochs if the run recorded it)")
+    everything = sub.add_parser("all", help="every analysis below of one run, fp16-overflow "
+                                "excepted (attention-epochs if the run recorded it)")
     _common(everything)
     _windows(everything)
     everything.add_argument("--seed", type=int, default=0, help="sampling seed for samples.md")
