@@ -362,11 +362,11 @@ def _collect_one_behind(launched: Iterable[T], collect: Callable[[T], None]) -> 
 
 
 class _Pass:
-    """One pass's chunks through `function` (`train_chunk` or `eval_chunk`), and its one_pass.
+    """One pass's chunks through `function` (`train_chunk` or `eval_chunk`), and its clock.
 
-    Every chunk length the pass needs is compiled ahead of time, before the one_pass starts, and
+    Every chunk length the pass needs is compiled ahead of time, before the clock starts, and
     kept in `loop.compiled`: the pass's rate counts the device's work alone, and an epoch of a
-    single chunk has one too. Its seconds are the compilation's plus the one_pass's.
+    single chunk has one too. Its seconds are the compilation's plus the clock's.
     """
 
     def __init__(self, loop: Loop, function: Any, state: TrainState,
