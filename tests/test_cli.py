@@ -230,6 +230,17 @@ def test_resume_needs_a_complete_run_folder(tmp_path, tiny_run_copy, tiny_toml, 
     assert "no tokenizer.json" in capsys.readouterr().err
 
 
+def test_resuming_a_run_that_has_ended_changes_none_of_its_files(tiny_run_copy, tiny_toml,
+                                                                  tiny_corpus, capsys):
+    """Nothing is left to train, so the summary keeps the wall time and versions of the
+    sessions that trained (a set resumed after its first member ended resumes that member)."""
+    out = tiny_run_copy  # its two epochs ended the protocol
+    before = snapshot(out)
+    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "2", "--resume") == 0
+    assert "best val_ppl" in capsys.readouterr().out
+    assert snapshot(out) == before
+
+
 def test_all_runs_the_three_and_resumes_what_is_missing(tmp_path, tiny_corpus, monkeypatch,
                                                         capsys):
     experiments = tmp_path / "experiments"

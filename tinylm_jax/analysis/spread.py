@@ -99,7 +99,7 @@ def read_sets(paths: list[Path]) -> list[ExperimentSpread]:
     for path in paths:
         for member in [member for _, member in seed_members(path)] or [path]:
             folder = RunFolder(member)
-            if not folder.file(RunFolder.SUMMARY).is_file():
+            if not folder.has_summary():
                 continue
             cfg, record = folder.read_record()
             protocol = json.dumps([cfg.replace(seed=0).to_dict(), record.get("compute_dtype"),

@@ -172,15 +172,21 @@ def train_prepared(run: PreparedRun, hooks: Sequence[EpochHook] = (),
             if primary:  # only now: a resume refused above has changed nothing
                 _write_run_files(run, position, hooks)
             barrier("written")
+            # A resume of a run that had ended trains nothing, and keeps the summary it wrote
+            # then (its wall time and versions are the training's, not this session's).
+            had_ended = (position.progress is None
+                         and loop.protocol_ended(run.cfg, position.history))
             stop = loop.run_epochs(run_loop, position, folder, checkpoints, began)
         finally:
             checkpoints.close()
         if not stop.ended:  # stopped on request: --resume continues
             return RunResult(stop, None)
-        summary = _summary(run, position.history,
-                           position.earlier_seconds + time.perf_counter() - began)
-        if primary:
-            folder.write_summary(summary)
+        if had_ended and folder.has_summary():
+            summary = folder.read_summary()
+        else:
+            summary = _summary(run, position.history, position.wall_time_s)
+            if primary:
+                folder.write_summary(summary)
     log(f"{run.cfg.name}: best val_ppl={summary['best_val_ppl']:.2f} at epoch "
         f"{summary['best_epoch']} ({folder})")
     return RunResult(stop, summary)

@@ -130,11 +130,14 @@ class RunFolder:
             raise UserError(f"{self.path}: no {path.name} (the run did not record {name})")
         return _read_epoch_rows(path, fields, name, text_fields)
 
+    def has_summary(self) -> bool:
+        return self.file(self.SUMMARY).is_file()
+
     def read_summary(self) -> dict[str, Any]:
         """summary.json, which only a finished run has."""
-        path = self.file(self.SUMMARY)
-        if not path.is_file():
+        if not self.has_summary():
             raise UserError(f"{self.path}: no {self.SUMMARY} (the run has not finished)")
+        path = self.file(self.SUMMARY)
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except ValueError as err:

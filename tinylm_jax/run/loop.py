@@ -144,15 +144,15 @@ class Position:
     history: list[dict[str, Any]]  # one row per finished epoch (history.csv)
     hook_rows: dict[str, list[dict[str, Any]]]  # each hook's rows so far, by hook name
     progress: EpochProgress | None = None  # the epoch in progress, if stopped mid-way
-    earlier_seconds: float = 0.0  # wall time of the sessions before this one
+    wall_time_s: float = 0.0  # the run's wall time at its last save, all sessions together
 
     def steps_taken(self, steps_per_epoch: int) -> int:
         return len(self.history) * steps_per_epoch + (self.progress.steps_done
                                                       if self.progress else 0)
 
-    def record(self, wall_time_s: float) -> dict[str, Any]:
+    def record(self) -> dict[str, Any]:
         """The checkpoint's record: everything but the state's arrays."""
-        return {"history": self.history, **self.hook_rows, "wall_time_s": wall_time_s,
+        return {"history": self.history, **self.hook_rows, "wall_time_s": self.wall_time_s,
                 "epoch_in_progress": self.progress.to_record() if self.progress else None}
 
 
@@ -212,6 +212,11 @@ def start(loop: Loop, checkpoints: RunCheckpoints, fresh: TrainState, resume: bo
     return position
 
 
+def protocol_ended(cfg: ExperimentConfig, history: list[dict[str, Any]]) -> bool:
+    """Whether a run with this history is over: all its epochs run, or stopped early."""
+    return len(history) >= cfg.num_epochs or should_stop(history, cfg)
+
+
 def run_epochs(loop: Loop, position: Position, folder: RunFolder, checkpoints: RunCheckpoints,
                began: float) -> Stop:
     """Epochs from `position` on, until the protocol ends or a stop is asked for; `position`
@@ -221,11 +226,13 @@ def run_epochs(loop: Loop, position: Position, folder: RunFolder, checkpoints: R
     loop.log(f"training {cfg.name} in {folder}: {loop.steps_per_epoch} steps per epoch, "
              f"up to {cfg.num_epochs} epochs")
 
-    def save(val_loss: float | None = None) -> int:
-        wall = position.earlier_seconds + time.perf_counter() - began
-        return checkpoints.save(position.state, position.record(wall), val_loss)
+    earlier_seconds = position.wall_time_s  # the sessions before this one
 
-    while len(position.history) < cfg.num_epochs and not should_stop(position.history, cfg):
+    def save(val_loss: float | None = None) -> int:
+        position.wall_time_s = earlier_seconds + time.perf_counter() - began
+        return checkpoints.save(position.state, position.record(), val_loss)
+
+    while not protocol_ended(cfg, position.history):
         epoch = len(position.history) + 1
         progress = position.progress or EpochProgress(epoch, loop.steps_per_epoch)
         lr = position.state.learning_rate
