@@ -9,6 +9,7 @@ from conftest import REPO
 
 from tinylm_jax.analysis import reports
 from tinylm_jax.analysis.attention_stats import AttentionRecord, read_attention_record
+from tinylm_jax.analysis.spread import read_sets
 from tinylm_jax.run.folder import RunFolder
 
 RESULTS = REPO / "results"
@@ -41,7 +42,16 @@ def test_table_1_s_run_folders_compare(tmp_path):
     assert all(RunFolder(path).read_summary()["experiment"] in table for path in TABLE_1)
 
 
-def test_the_committed_sets_of_seeds_give_their_spread(tmp_path):
-    paths = reports.write_spread(sorted((RESULTS / "spread").iterdir()), tmp_path, "command")
-    assert "## Baseline_seq64_d128_lr3e-4_bs512 (bfloat16), epoch by epoch" in \
-        paths[0].read_text(encoding="utf-8")
+def test_the_published_spread_is_what_the_committed_sets_of_seeds_give(tmp_path):
+    """results/spread.md and the README's Table 1 column follow the seed-N folders: when a
+    member is published, regenerate the report with the command it names, and update the
+    README with its figures."""
+    sets = sorted((RESULTS / "spread").iterdir())
+    command = ("python scripts/analyze.py spread "
+               f"{' '.join(str(path.relative_to(REPO)) for path in sets)} --out results")
+    paths = reports.write_spread(sets, tmp_path, command)
+    assert paths[0].read_text(encoding="utf-8") == \
+        (RESULTS / "spread.md").read_text(encoding="utf-8")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for group in read_sets(sets):
+        assert f"| {group.best.mean:.2f} ± {group.best.std:.2f} ({group.best.n}, " in readme
