@@ -13,10 +13,14 @@ from tinylm_jax.run.folder import seed_members
 
 
 def test_the_spread_of_known_numbers():
+    """Three runs: a resample of all three equal to one extreme has chance 1/27, above 2.5%, so
+    the interval is the range itself; from four runs on (1/256) it lies inside the range."""
     result = spread([60.0, 61.0, 62.0])
     assert (result.n, result.mean, result.std, result.low, result.high) == (3, 61.0, 1.0, 60.0,
                                                                             62.0)
-    assert 60.0 <= result.ci_low < 61.0 < result.ci_high <= 62.0
+    assert (result.ci_low, result.ci_high) == (60.0, 62.0)
+    four = spread([60.0, 61.0, 61.0, 62.0])
+    assert 60.0 < four.ci_low < 61.0 < four.ci_high < 62.0
 
 
 def test_the_bootstrap_interval_is_exact_where_it_can_be_worked_by_hand():

@@ -150,7 +150,9 @@ def spread_markdown(sets: list[ExperimentSpread], figure_name: str, command: str
              f"Runs of one protocol that differ only in the random seed (initialisation and data "
              f"order). Reproduce: `{command}`. Best PPL: each run's best validation perplexity; "
              "sd with n - 1; the interval is a 95% percentile bootstrap of the mean "
-             f"({BOOTSTRAP_RESAMPLES:,} resamples).", "",
+             f"({BOOTSTRAP_RESAMPLES:,} resamples); with three runs or fewer it is the range "
+             "itself (a resample made only of the lowest value, or only of the highest, has a "
+             "chance of at least 1/27), so there the range is the figure to read.", "",
              "| Experiment | Runs (seeds) | Best PPL mean ± sd | Min-max | 95% CI of the mean | "
              "Best epochs | Reference best (epoch) | Reference against the runs |",
              "|---|---|---:|---:|---:|---|---:|---|"]
