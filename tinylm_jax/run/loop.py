@@ -223,8 +223,11 @@ def run_epochs(loop: Loop, position: Position, folder: RunFolder, checkpoints: R
     follows along, saved to `checkpoints` and written to `folder` after every epoch. `began` is
     when this session started (for the run's wall time)."""
     cfg = loop.cfg
-    loop.log(f"training {cfg.name} in {folder}: {loop.steps_per_epoch} steps per epoch, "
-             f"up to {cfg.num_epochs} epochs")
+    if protocol_ended(cfg, position.history):  # a resume of a run that had ended
+        loop.log(f"{cfg.name} in {folder}: nothing left to train (the run had ended)")
+    else:
+        loop.log(f"training {cfg.name} in {folder}: {loop.steps_per_epoch} steps per epoch, "
+                 f"up to {cfg.num_epochs} epochs")
 
     earlier_seconds = position.wall_time_s  # the sessions before this one
 
