@@ -230,15 +230,28 @@ def test_resume_needs_a_complete_run_folder(tmp_path, tiny_run_copy, tiny_toml, 
     assert "no tokenizer.json" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("max_epochs", ["2", "1"])
 def test_resuming_a_run_that_has_ended_changes_none_of_its_files(tiny_run_copy, tiny_toml,
-                                                                  tiny_corpus, capsys):
-    """Nothing is left to train, so the summary keeps the wall time and versions of the
-    sessions that trained (a set resumed after its first member ended resumes that member)."""
+                                                                  tiny_corpus, capsys,
+                                                                  max_epochs):
+    """Nothing is left to train, so the files stay those of the sessions that trained: the
+    summary's wall time and versions, and the config even when the resume asks for a protocol
+    it has already passed (a set resumed after its first member ended resumes that member)."""
     out = tiny_run_copy  # its two epochs ended the protocol
     before = snapshot(out)
-    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "2", "--resume") == 0
-    assert "nothing left to train (the run had ended)" in capsys.readouterr().out
+    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", max_epochs, "--resume") == 0
+    assert "nothing left to train (its protocol has ended)" in capsys.readouterr().out
     assert snapshot(out) == before
+
+
+def test_a_resume_writes_the_unreadable_summary_of_an_ended_run_anew(tiny_run_copy, tiny_toml,
+                                                                       tiny_corpus):
+    """The same summary as the training wrote: the wall time comes from the last checkpoint."""
+    out = tiny_run_copy
+    summary = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").write_text("{ cut off")
+    assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "2", "--resume") == 0
+    assert json.loads((out / "summary.json").read_text()) == summary
 
 
 def test_all_runs_the_three_and_resumes_what_is_missing(tmp_path, tiny_corpus, monkeypatch,

@@ -147,7 +147,8 @@ def train_prepared(run: PreparedRun, hooks: Sequence[EpochHook] = (),
                    log: Callable[[str], None] = _print) -> RunResult:
     """Train a prepared run until the protocol ends or a stop is asked for, recording `hooks`
     at the start and after every epoch. The summary is written when the protocol ends (with a
-    signal that came as it ended too, so that a sequence of runs goes no further)."""
+    signal that came as it ended too, so that a sequence of runs goes no further); a resume of
+    a run that had ended trains nothing and writes nothing."""
     opts, folder = run.opts, run.folder
     primary = is_primary()  # with several processes, one writes the files; all checkpoint
     log = log if primary else (lambda _: None)
@@ -169,27 +170,33 @@ def train_prepared(run: PreparedRun, hooks: Sequence[EpochHook] = (),
                                  signals=signals, log=log)
             fresh = replicate(create_train_state(run.cfg, opts.precision), run.mesh)
             position = loop.start(run_loop, checkpoints, fresh, opts.resume, _warn)
-            if primary:  # only now: a resume refused above has changed nothing
+            kept = _summary_of_ended_run(run, position)
+            if primary and kept is None:  # only now: a resume refused above has changed nothing
                 _write_run_files(run, position, hooks)
             barrier("written")
-            # A resume of a run that had ended trains nothing, and keeps the summary it wrote
-            # then (its wall time and versions are the training's, not this session's).
-            had_ended = (position.progress is None
-                         and loop.protocol_ended(run.cfg, position.history))
             stop = loop.run_epochs(run_loop, position, folder, checkpoints, began)
         finally:
             checkpoints.close()
         if not stop.ended:  # stopped on request: --resume continues
             return RunResult(stop, None)
-        if had_ended and folder.has_summary():
-            summary = folder.read_summary()
-        else:
-            summary = _summary(run, position.history, position.wall_time_s)
-            if primary:
-                folder.write_summary(summary)
+        summary = kept or _summary(run, position.history, position.wall_time_s)
+        if primary and kept is None:
+            folder.write_summary(summary)
     log(f"{run.cfg.name}: best val_ppl={summary['best_val_ppl']:.2f} at epoch "
         f"{summary['best_epoch']} ({folder})")
     return RunResult(stop, summary)
+
+
+def _summary_of_ended_run(run: PreparedRun, position: loop.Position) -> dict[str, Any] | None:
+    """The summary of a run that had ended before this resume, kept as it is: its config,
+    wall time and versions are the training's, not this session's. None when epochs are left,
+    or when the summary is missing or unreadable (then it is written anew)."""
+    if position.progress is not None or not loop.protocol_ended(run.cfg, position.history):
+        return None
+    try:
+        return run.folder.read_summary()
+    except UserError:
+        return None
 
 
 def _write_run_files(run: PreparedRun, position: loop.Position,

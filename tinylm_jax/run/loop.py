@@ -223,8 +223,8 @@ def run_epochs(loop: Loop, position: Position, folder: RunFolder, checkpoints: R
     follows along, saved to `checkpoints` and written to `folder` after every epoch. `began` is
     when this session started (for the run's wall time)."""
     cfg = loop.cfg
-    if protocol_ended(cfg, position.history):  # a resume of a run that had ended
-        loop.log(f"{cfg.name} in {folder}: nothing left to train (the run had ended)")
+    if protocol_ended(cfg, position.history):  # resumed after the protocol's end
+        loop.log(f"{cfg.name} in {folder}: nothing left to train (its protocol has ended)")
     else:
         loop.log(f"training {cfg.name} in {folder}: {loop.steps_per_epoch} steps per epoch, "
                  f"up to {cfg.num_epochs} epochs")
