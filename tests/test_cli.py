@@ -244,12 +244,13 @@ def test_resuming_a_run_that_has_ended_changes_none_of_its_files(tiny_run_copy, 
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("damaged", ["{ cut off", "{}"])
 def test_a_resume_writes_the_unreadable_summary_of_an_ended_run_anew(tiny_run_copy, tiny_toml,
-                                                                       tiny_corpus):
+                                                                       tiny_corpus, damaged):
     """The same summary as the training wrote: the wall time comes from the last checkpoint."""
     out = tiny_run_copy
     summary = json.loads((out / "summary.json").read_text())
-    (out / "summary.json").write_text("{ cut off")
+    (out / "summary.json").write_text(damaged)
     assert _run(tiny_toml, tiny_corpus, out, "--max-epochs", "2", "--resume") == 0
     assert json.loads((out / "summary.json").read_text()) == summary
 
