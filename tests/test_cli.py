@@ -16,6 +16,7 @@ from tinylm_jax.analysis.runs import comparison_table, epoch_table
 from tinylm_jax.cli.run_experiment import main
 from tinylm_jax.core.metrics import perplexity
 from tinylm_jax.run.checkpoint import load_run
+from tinylm_jax.run.folder import SUMMARY_FIELDS
 
 
 def _run(toml, corpus, out, *extra):
@@ -66,6 +67,7 @@ def test_train_then_resume_equals_a_straight_run(straight, tmp_path, capsys):
     for x, y in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
         np.testing.assert_array_equal(x, y)
     summary = json.loads((split / "summary.json").read_text())
+    assert sorted(summary) == sorted(SUMMARY_FIELDS)  # what every reader may rely on
     assert summary["epochs_run"] == 4 and summary["param_count"] > 0
     assert summary["best_val_ppl"] == pytest.approx(min(float(r["val_ppl"])
                                                         for r in _history(split)))
@@ -244,7 +246,7 @@ def test_resuming_a_run_that_has_ended_changes_none_of_its_files(tiny_run_copy, 
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("damaged", ["{ cut off", "{}"])
+@pytest.mark.parametrize("damaged", ["{ cut off", "{}", '{"experiment": "tiny"}', "[]"])
 def test_a_resume_writes_the_unreadable_summary_of_an_ended_run_anew(tiny_run_copy, tiny_toml,
                                                                        tiny_corpus, damaged):
     """The same summary as the training wrote: the wall time comes from the last checkpoint."""

@@ -81,3 +81,13 @@ def test_a_set_s_members_are_its_seed_folders_in_seed_order(tmp_path):
     (tmp_path / "seed-5").write_text("a file, not a run folder")
     assert seed_members(tmp_path) == [(0, tmp_path / "seed-0"), (3, tmp_path / "seed-3"),
                                       (12, tmp_path / "seed-12")]
+
+
+def test_a_member_whose_summary_lacks_a_field_is_refused_naming_it(two_seeds, capsys):
+    summary_file = two_seeds / "seed-5" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    del summary["best_val_ppl"]
+    summary_file.write_text(json.dumps(summary))
+    assert analyze_main(["spread", str(two_seeds), "--out", str(two_seeds / "report")]) == 2
+    assert capsys.readouterr().err.strip().endswith("unreadable summary (no best_val_ppl)")
+    assert not (two_seeds / "report").exists()

@@ -70,7 +70,7 @@ def load_run(path: str | Path, stop: Stop | None = None) -> Run:
     """The run in folder `path`: its config, history and summary (if it finished)."""
     folder = RunFolder(path)
     finished = folder.has_summary()
-    history = folder.read_history() if folder.file(RunFolder.HISTORY).is_file() else []
+    history = folder.read_history() if folder.has_history() else []
     return Run(Path(path), folder.read_config(), history,
                folder.read_summary() if finished else None, stop)
 

@@ -191,11 +191,11 @@ def train_prepared(run: PreparedRun, hooks: Sequence[EpochHook] = (),
 def _summary_of_ended_run(run: PreparedRun, position: loop.Position) -> dict[str, Any] | None:
     """The summary of a run that had ended before this resume, kept as it is: its config,
     wall time and versions are the training's, not this session's. None when epochs are left,
-    or when the summary is missing, unreadable or empty (then it is written anew)."""
+    or when the summary is missing or unreadable (then it is written anew)."""
     if position.progress is not None or not loop.protocol_ended(run.cfg, position.history):
         return None
     try:
-        return run.folder.read_summary() or None
+        return run.folder.read_summary()
     except UserError:
         return None
 

@@ -41,6 +41,11 @@ from tinylm_jax.core.files import write_csv_atomic, write_text_atomic
 
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_ppl", "lr", "epoch_seconds",
                   "train_tokens_per_s")
+# What every summary.json holds; a summary without one of these is unreadable.
+SUMMARY_FIELDS = ("experiment", "best_val_ppl", "best_val_loss", "best_epoch", "epochs_run",
+                  "stopped_early", "param_count", "num_tokens", "train_windows", "val_windows",
+                  "max_steps_per_epoch", "precision", "backend", "device_kind", "devices",
+                  "versions", "wall_time_s")
 # Fields that may change when a run is resumed; any other difference is refused.
 RESUMABLE_CHANGES = ("name", "num_epochs", "early_stop_patience")
 # How config.json's run settings are named to the user.
@@ -116,10 +121,9 @@ class RunFolder:
 
     def read_history(self) -> list[dict[str, float]]:
         """history.csv as rows of numbers (epoch as int)."""
-        path = self.file(self.HISTORY)
-        if not path.is_file():
+        if not self.has_history():
             raise UserError(f"{self.path}: no {self.HISTORY} (has the run finished an epoch?)")
-        return _read_epoch_rows(path, HISTORY_FIELDS, "history")
+        return _read_epoch_rows(self.file(self.HISTORY), HISTORY_FIELDS, "history")
 
     def read_rows(self, name: str, fields: tuple[str, ...], text_fields: tuple[str, ...] = ()
                   ) -> list[dict[str, Any]]:
@@ -130,18 +134,26 @@ class RunFolder:
             raise UserError(f"{self.path}: no {path.name} (the run did not record {name})")
         return _read_epoch_rows(path, fields, name, text_fields)
 
+    def has_history(self) -> bool:
+        return self.file(self.HISTORY).is_file()
+
     def has_summary(self) -> bool:
         return self.file(self.SUMMARY).is_file()
 
     def read_summary(self) -> dict[str, Any]:
-        """summary.json, which only a finished run has."""
+        """summary.json, which only a finished run has, with every one of `SUMMARY_FIELDS`."""
         if not self.has_summary():
             raise UserError(f"{self.path}: no {self.SUMMARY} (the run has not finished)")
         path = self.file(self.SUMMARY)
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            summary = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as err:
             raise UserError(f"{path}: unreadable summary ({err})") from None
+        if not isinstance(summary, dict):
+            raise UserError(f"{path}: unreadable summary (not a JSON object)")
+        if missing := [field for field in SUMMARY_FIELDS if field not in summary]:
+            raise UserError(f"{path}: unreadable summary (no {', '.join(missing)})")
+        return summary
 
     # --- writers ---------------------------------------------------------------------------
 
