@@ -54,7 +54,7 @@ class BudgetCurve:
 def hardware(summary: dict[str, Any]) -> str:
     """Where a run trained, from its summary: "cpu, float32", "2 x NVIDIA H100, bfloat16"."""
     kind = summary["device_kind"]
-    devices = summary.get("devices", 1)
+    devices = summary["devices"]
     where = kind if devices == 1 else f"{devices} x {kind}"
     if kind.lower() != summary["backend"].lower():
         where += f" ({summary['backend']})"
