@@ -57,4 +57,4 @@ def test_the_published_spread_is_what_the_committed_sets_of_seeds_give(tmp_path)
                if line.startswith(("| Baseline ", "| Medium ", "| Wider "))}
     for group in read_sets(sets):
         best = group.best
-        assert f"| {best.mean:.2f} ± {best.std:.2f} ({best.n}, " in table_1[group.reference]
+        assert f"| {best.mean_and_sd()} ({best.n}, " in table_1[group.reference]

@@ -32,6 +32,7 @@ def test_the_bootstrap_interval_is_exact_where_it_can_be_worked_by_hand():
     assert (same.std, same.ci_low, same.ci_high) == (0.0, 58.5, 58.5)
     one = spread([60.0])
     assert math.isnan(one.std) and (one.ci_low, one.ci_high) == (60.0, 60.0)
+    assert (one.mean_and_sd(), pair.mean_and_sd()) == ("60.00", "5.00 ± 7.07")
     assert spread([1.0, 5.0, 2.0, 9.0]) == spread([1.0, 5.0, 2.0, 9.0])  # reproducible
 
 
@@ -39,7 +40,8 @@ def test_where_a_reference_number_falls():
     runs = spread([60.0, 61.0, 62.0])
     assert where_it_falls(60.5, runs) == "inside the range, -0.5 sd from the mean"
     assert where_it_falls(58.0, runs) == "outside the range, -3.0 sd from the mean"
-    assert where_it_falls(60.0, spread([60.0])) == "inside the range"
+    assert where_it_falls(60.0, spread([62.5, 62.5])) == "outside the range"
+    assert where_it_falls(60.0, spread([62.5])) == "-4.0% from the one run (no spread yet)"
 
 
 @pytest.fixture

@@ -37,6 +37,10 @@ class Spread:
     ci_low: float  # 95% percentile-bootstrap interval of the mean
     ci_high: float
 
+    def mean_and_sd(self) -> str:
+        """The mean ± sd as the report and Table 1 print it: one value has no sd to print."""
+        return f"{self.mean:.2f}" if self.n < 2 else f"{self.mean:.2f} ± {self.std:.2f}"
+
 
 def spread(values: list[float], resamples: int = BOOTSTRAP_RESAMPLES,
            seed: int = BOOTSTRAP_SEED) -> Spread:
@@ -132,15 +136,14 @@ def _label(name: str, record: dict[str, Any]) -> str:
     return f"{name} ({', '.join(extra)})" if extra else name
 
 
-def _number(value: float, digits: int = 2) -> str:
-    return "-" if math.isnan(value) else f"{value:.{digits}f}"
-
-
 def where_it_falls(value: float, values: Spread) -> str:
     """Where a reference number falls against runs' spread: inside the runs' range or not, and
-    how many standard deviations from their mean."""
+    how many standard deviations from their mean. One run has no spread to place it in: only how
+    far it lies from that run."""
+    if values.n < 2:
+        return f"{(value - values.mean) / values.mean:+.1%} from the one run (no spread yet)"
     inside = "inside" if values.low <= value <= values.high else "outside"
-    if values.n < 2 or not values.std:
+    if not values.std:
         return f"{inside} the range"
     return f"{inside} the range, {(value - values.mean) / values.std:+.1f} sd from the mean"
 
@@ -163,8 +166,8 @@ def spread_markdown(sets: list[ExperimentSpread], figure_name: str, command: str
         reference = REFERENCE_TABLE1.get(group.reference) if group.reference else None
         ref_text = f"{reference[0]:.2f} ({reference[1]})" if reference else "-"
         falls = where_it_falls(reference[0], best) if reference else "-"
-        lines.append(f"| {group.label} | {best.n} ({seeds}) | {best.mean:.2f} ± "
-                     f"{_number(best.std)} | {best.low:.2f}-{best.high:.2f} | "
+        lines.append(f"| {group.label} | {best.n} ({seeds}) | {best.mean_and_sd()} | "
+                     f"{best.low:.2f}-{best.high:.2f} | "
                      f"{best.ci_low:.2f}-{best.ci_high:.2f} | {epochs[0]}-{epochs[-1]} "
                      f"({', '.join(map(str, group.best_epochs))}) | {ref_text} | {falls} |")
     for group in sets:
