@@ -41,7 +41,7 @@ def test_where_a_reference_number_falls():
     assert where_it_falls(60.5, runs) == "inside the range, -0.5 sd from the mean"
     assert where_it_falls(58.0, runs) == "outside the range, -3.0 sd from the mean"
     assert where_it_falls(60.0, spread([62.5, 62.5])) == "outside the range"
-    assert where_it_falls(60.0, spread([62.5])) == "-4.0% from the one run (no spread yet)"
+    assert where_it_falls(60.0, spread([62.5])) == "-4.0% from the one run"
 
 
 @pytest.fixture

@@ -130,7 +130,8 @@ def spread_bands(sets: list[ExperimentSpread], path: Path) -> Path:
     for group, ax in zip(sets, axes[0], strict=True):
         band = group.band()
         epochs = [epoch for epoch, _ in band]
-        if len(group.runs) > 1:
+        several = len(group.runs) > 1
+        if several:
             ax.fill_between(epochs, [b.low for _, b in band], [b.high for _, b in band],
                             alpha=0.2, label="min-max over the runs")
             for run in group.runs:
@@ -138,7 +139,7 @@ def spread_bands(sets: list[ExperimentSpread], path: Path) -> Path:
                         [row["val_ppl"] for row in run.history], linewidth=0.7, alpha=0.6,
                         color="grey")
         mean, = ax.plot(epochs, [b.mean for _, b in band], linewidth=2.2,
-                        label=f"mean of {len(group.runs)} runs" if len(group.runs) > 1
+                        label=f"mean of {len(group.runs)} runs" if several
                         else "the one run so far")
         curve = REFERENCE_VAL_PPL.get(group.reference) if group.reference else None
         if curve:

@@ -138,10 +138,10 @@ def _label(name: str, record: dict[str, Any]) -> str:
 
 def where_it_falls(value: float, values: Spread) -> str:
     """Where a reference number falls against runs' spread: inside the runs' range or not, and
-    how many standard deviations from their mean. One run has no spread to place it in: only how
-    far it lies from that run."""
+    how many standard deviations from their mean. One run (a set of one, or the only run that
+    reached an epoch) has no spread to place it in: only how far it lies from that run."""
     if values.n < 2:
-        return f"{(value - values.mean) / values.mean:+.1%} from the one run (no spread yet)"
+        return f"{(value - values.mean) / values.mean:+.1%} from the one run"
     inside = "inside" if values.low <= value <= values.high else "outside"
     if not values.std:
         return f"{inside} the range"
