@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tinylm_jax.analysis.spread import read_sets, spread, where_it_falls
+from tinylm_jax.analysis.spread import best_epochs_text, read_sets, spread, where_it_falls
 from tinylm_jax.cli.analyze import analyze_main
 from tinylm_jax.core.config import UserError
 from tinylm_jax.run.folder import seed_members
@@ -33,7 +33,15 @@ def test_the_bootstrap_interval_is_exact_where_it_can_be_worked_by_hand():
     one = spread([60.0])
     assert math.isnan(one.std) and (one.ci_low, one.ci_high) == (60.0, 60.0)
     assert (one.mean_and_sd(), pair.mean_and_sd()) == ("60.00", "5.00 ± 7.07")
+    assert (one.range_text(), one.interval_text()) == ("-", "-")
+    assert (pair.range_text(), pair.interval_text()) == ("0.00-10.00", "0.00-10.00")
     assert spread([1.0, 5.0, 2.0, 9.0]) == spread([1.0, 5.0, 2.0, 9.0])  # reproducible
+
+
+def test_best_epochs_read_as_a_range_then_each_run_s_and_one_run_s_alone():
+    assert best_epochs_text([6, 5, 6]) == "5-6 (6, 5, 6)"
+    assert best_epochs_text([6, 6]) == "6 (6, 6)"
+    assert best_epochs_text([13]) == "13"
 
 
 def test_where_a_reference_number_falls():

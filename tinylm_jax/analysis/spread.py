@@ -41,6 +41,14 @@ class Spread:
         """The mean ± sd as the report and Table 1 print it: one value has no sd to print."""
         return f"{self.mean:.2f}" if self.n < 2 else f"{self.mean:.2f} ± {self.std:.2f}"
 
+    def range_text(self) -> str:
+        """min-max; one value has no range, and a "58.54-58.54" would read as if it had one."""
+        return "-" if self.n < 2 else f"{self.low:.2f}-{self.high:.2f}"
+
+    def interval_text(self) -> str:
+        """The bootstrap interval; one value has none, as it has no range."""
+        return "-" if self.n < 2 else f"{self.ci_low:.2f}-{self.ci_high:.2f}"
+
 
 def spread(values: list[float], resamples: int = BOOTSTRAP_RESAMPLES,
            seed: int = BOOTSTRAP_SEED) -> Spread:
@@ -136,6 +144,13 @@ def _label(name: str, record: dict[str, Any]) -> str:
     return f"{name} ({', '.join(extra)})" if extra else name
 
 
+def best_epochs_text(epochs: list[int]) -> str:
+    """The runs' best epochs: their range, then each run's in run order; one run's alone."""
+    low, high = min(epochs), max(epochs)
+    span = f"{low}" if low == high else f"{low}-{high}"
+    return span if len(epochs) < 2 else f"{span} ({', '.join(map(str, epochs))})"
+
+
 def where_it_falls(value: float, values: Spread) -> str:
     """Where a reference number falls against runs' spread: inside the runs' range or not, and
     how many standard deviations from their mean. One run (a set of one, or the only run that
@@ -162,14 +177,12 @@ def spread_markdown(sets: list[ExperimentSpread], figure_name: str, command: str
     for group in sets:
         best = group.best
         seeds = ", ".join(str(run.seed) for run in group.runs)
-        epochs = sorted(group.best_epochs)
         reference = REFERENCE_TABLE1.get(group.reference) if group.reference else None
         ref_text = f"{reference[0]:.2f} ({reference[1]})" if reference else "-"
         falls = where_it_falls(reference[0], best) if reference else "-"
         lines.append(f"| {group.label} | {best.n} ({seeds}) | {best.mean_and_sd()} | "
-                     f"{best.low:.2f}-{best.high:.2f} | "
-                     f"{best.ci_low:.2f}-{best.ci_high:.2f} | {epochs[0]}-{epochs[-1]} "
-                     f"({', '.join(map(str, group.best_epochs))}) | {ref_text} | {falls} |")
+                     f"{best.range_text()} | {best.interval_text()} | "
+                     f"{best_epochs_text(group.best_epochs)} | {ref_text} | {falls} |")
     for group in sets:
         curve = REFERENCE_VAL_PPL.get(group.reference, ()) if group.reference else ()
         lines += ["", f"## {group.label}, epoch by epoch", "",
