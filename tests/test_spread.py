@@ -6,7 +6,13 @@ import shutil
 
 import pytest
 
-from tinylm_jax.analysis.spread import best_epochs_text, read_sets, spread, where_it_falls
+from tinylm_jax.analysis.spread import (
+    best_epochs_sentence,
+    best_epochs_text,
+    read_sets,
+    spread,
+    where_it_falls,
+)
 from tinylm_jax.cli.analyze import analyze_main
 from tinylm_jax.core.config import UserError
 from tinylm_jax.run.folder import seed_members
@@ -42,6 +48,8 @@ def test_best_epochs_read_as_a_range_then_each_run_s_and_one_run_s_alone():
     assert best_epochs_text([6, 5, 6]) == "5-6 (6, 5, 6)"
     assert best_epochs_text([6, 6]) == "6 (6, 6)"
     assert best_epochs_text([13]) == "13"
+    assert best_epochs_sentence([5, 6, 5]) == "the runs' best epochs are 5, 6, 5"
+    assert best_epochs_sentence([4]) == "the one run's best epoch is 4"
 
 
 def test_where_a_reference_number_falls():

@@ -151,6 +151,13 @@ def best_epochs_text(epochs: list[int]) -> str:
     return span if len(epochs) < 2 else f"{span} ({', '.join(map(str, epochs))})"
 
 
+def best_epochs_sentence(epochs: list[int]) -> str:
+    """The runs' best epochs as a clause of prose, in run order; one run's in the singular."""
+    if len(epochs) == 1:
+        return f"the one run's best epoch is {epochs[0]}"
+    return f"the runs' best epochs are {', '.join(map(str, epochs))}"
+
+
 def where_it_falls(value: float, values: Spread) -> str:
     """Where a reference number falls against runs' spread: inside the runs' range or not, and
     how many standard deviations from their mean. One run (a set of one, or the only run that
@@ -195,6 +202,6 @@ def spread_markdown(sets: list[ExperimentSpread], figure_name: str, command: str
                          f"{'-' if ref is None else where_it_falls(ref, band)} |")
         if group.reference:
             lines += ["", f"The reference's best epoch is {REFERENCE_TABLE1[group.reference][1]}"
-                      f"; the runs' best epochs are {', '.join(map(str, group.best_epochs))}."]
+                      f"; {best_epochs_sentence(group.best_epochs)}."]
     lines += ["", f"![Per-epoch band]({figure_name})", ""]
     return "\n".join(lines)
