@@ -7,6 +7,8 @@ import shutil
 import pytest
 
 from tinylm_jax.analysis.spread import (
+    ExperimentSpread,
+    SeedRun,
     best_epochs_sentence,
     best_epochs_text,
     read_sets,
@@ -50,6 +52,17 @@ def test_best_epochs_read_as_a_range_then_each_run_s_and_one_run_s_alone():
     assert best_epochs_text([13]) == "13"
     assert best_epochs_sentence([5, 6, 5]) == "the runs' best epochs are 5, 6, 5"
     assert best_epochs_sentence([4]) == "the one run's best epoch is 4"
+
+
+def test_the_band_over_every_run_stops_at_the_first_early_stop(tmp_path):
+    def run(seed, curve):
+        return SeedRun(tmp_path, seed, [{"epoch": i + 1, "val_ppl": v} for i, v in
+                                        enumerate(curve)], {})
+    group = ExperimentSpread("tiny", "tiny", [run(0, [70.0, 63.0, 63.3]),
+                                              run(1, [71.0, 65.8, 65.5, 65.9])])
+    assert [(epoch, band.n) for epoch, band in group.band()] == [(1, 2), (2, 2), (3, 2), (4, 1)]
+    assert [(epoch, band.mean) for epoch, band in group.common_band()] == [
+        (1, 70.5), (2, 64.4), (3, 64.4)]
 
 
 def test_where_a_reference_number_falls():

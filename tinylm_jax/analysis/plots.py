@@ -123,12 +123,13 @@ def perplexity_comparison(histories: dict[str, list[dict[str, float]]], path: Pa
 
 
 def spread_bands(sets: list[ExperimentSpread], path: Path) -> Path:
-    """Run-to-run spread, one panel per experiment: every run's validation perplexity thin, the
-    band between the lowest and the highest shaded, their mean bold, the reference dashed."""
+    """Run-to-run spread, one panel per experiment: every run's validation perplexity thin; over
+    the epochs every run reached, the band between the lowest and the highest shaded and their
+    mean bold; the reference dashed."""
     fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 5), squeeze=False,
                              layout="constrained")
     for group, ax in zip(sets, axes[0], strict=True):
-        band = group.band()
+        band = group.common_band()
         epochs = [epoch for epoch, _ in band]
         several = len(group.runs) > 1
         if several:
@@ -136,7 +137,7 @@ def spread_bands(sets: list[ExperimentSpread], path: Path) -> Path:
                             alpha=0.2, label="min-max over the runs")
             for run in group.runs:
                 ax.plot([row["epoch"] for row in run.history],
-                        [row["val_ppl"] for row in run.history], linewidth=0.7, alpha=0.6,
+                        [row["val_ppl"] for row in run.history], linewidth=0.8, alpha=0.8,
                         color="grey")
         mean, = ax.plot(epochs, [b.mean for _, b in band], linewidth=2.2,
                         label=f"mean of {len(group.runs)} runs" if several

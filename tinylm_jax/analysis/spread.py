@@ -97,6 +97,11 @@ class ExperimentSpread:
                                 if len(run.history) >= epoch]))
                 for epoch in range(1, longest + 1)]
 
+    def common_band(self) -> list[tuple[int, Spread]]:
+        """The band over the epochs every run reached: past the first early stop a mean would
+        change which runs it averages, and so jump with no run doing so."""
+        return self.band()[:min(len(run.history) for run in self.runs)]
+
     @property
     def reference(self) -> str | None:
         """The reference experiment these runs reproduce, if any."""
