@@ -54,6 +54,18 @@ def test_best_epochs_read_as_a_range_then_each_run_s_and_one_run_s_alone():
     assert best_epochs_sentence([4]) == "the one run's best epoch is 4"
 
 
+def test_a_run_still_improving_at_the_epoch_cap_has_its_best_epoch_read_as_a_lower_bound(
+        tmp_path):
+    def run(best_epoch, epochs_run):
+        return SeedRun(tmp_path, 0, [], {"best_epoch": best_epoch, "epochs_run": epochs_run})
+    group = ExperimentSpread("tiny", "tiny", [run(13, 14), run(20, 20)])
+    assert group.still_improving == [False, True]
+    assert best_epochs_text(group.best_epochs, group.still_improving) == "13-20+ (13, 20+)"
+    assert best_epochs_text([20, 20], [True, True]) == "20+ (20+, 20+)"
+    assert best_epochs_sentence([20], [True]).startswith(
+        "the one run's best epoch is 20+ (a + marks a run whose last epoch was still a new best")
+
+
 def test_the_band_over_every_run_stops_at_the_first_early_stop(tmp_path):
     def run(seed, curve):
         return SeedRun(tmp_path, seed, [{"epoch": i + 1, "val_ppl": v} for i, v in

@@ -90,6 +90,12 @@ class ExperimentSpread:
     def best_epochs(self) -> list[int]:
         return [run.summary["best_epoch"] for run in self.runs]
 
+    @property
+    def still_improving(self) -> list[bool]:
+        """Per run: its last epoch was still a new best, so the epoch cap ended it, not early
+        stopping, and its best epoch is only a lower bound of where the protocol would put it."""
+        return [run.summary["best_epoch"] == run.summary["epochs_run"] for run in self.runs]
+
     def band(self) -> list[tuple[int, Spread]]:
         """Per epoch, the spread of validation perplexity over the runs that reached it."""
         longest = max(len(run.history) for run in self.runs)
@@ -149,18 +155,30 @@ def _label(name: str, record: dict[str, Any]) -> str:
     return f"{name} ({', '.join(extra)})" if extra else name
 
 
-def best_epochs_text(epochs: list[int]) -> str:
-    """The runs' best epochs: their range, then each run's in run order; one run's alone."""
-    low, high = min(epochs), max(epochs)
-    span = f"{low}" if low == high else f"{low}-{high}"
-    return span if len(epochs) < 2 else f"{span} ({', '.join(map(str, epochs))})"
+def _marked(epochs: list[int], still_improving: list[bool] | None) -> list[str]:
+    """Each best epoch, with a "+" where the run was still improving when the cap ended it."""
+    flags = still_improving or [False] * len(epochs)
+    return [f"{epoch}+" if flag else str(epoch) for epoch, flag in zip(epochs, flags, strict=True)]
 
 
-def best_epochs_sentence(epochs: list[int]) -> str:
+def best_epochs_text(epochs: list[int], still_improving: list[bool] | None = None) -> str:
+    """The runs' best epochs: their range, then each run's in run order; one run's alone. Runs
+    of one protocol share its epoch cap, so an epoch with a "+" is the range's top."""
+    marked = _marked(epochs, still_improving)
+    low, high = marked[epochs.index(min(epochs))], marked[epochs.index(max(epochs))]
+    span = low if low == high else f"{low}-{high}"
+    return span if len(epochs) < 2 else f"{span} ({', '.join(marked)})"
+
+
+def best_epochs_sentence(epochs: list[int], still_improving: list[bool] | None = None) -> str:
     """The runs' best epochs as a clause of prose, in run order; one run's in the singular."""
-    if len(epochs) == 1:
-        return f"the one run's best epoch is {epochs[0]}"
-    return f"the runs' best epochs are {', '.join(map(str, epochs))}"
+    marked = _marked(epochs, still_improving)
+    clause = (f"the one run's best epoch is {marked[0]}" if len(epochs) == 1
+              else f"the runs' best epochs are {', '.join(marked)}")
+    if any(still_improving or []):
+        clause += (" (a + marks a run whose last epoch was still a new best: the epoch cap "
+                   "ended it, so its best epoch is a lower bound)")
+    return clause
 
 
 def where_it_falls(value: float, values: Spread) -> str:
@@ -194,7 +212,8 @@ def spread_markdown(sets: list[ExperimentSpread], figure_name: str, command: str
         falls = where_it_falls(reference[0], best) if reference else "-"
         lines.append(f"| {group.label} | {best.n} ({seeds}) | {best.mean_and_sd()} | "
                      f"{best.range_text()} | {best.interval_text()} | "
-                     f"{best_epochs_text(group.best_epochs)} | {ref_text} | {falls} |")
+                     f"{best_epochs_text(group.best_epochs, group.still_improving)} | {ref_text} | "
+                     f"{falls} |")
     for group in sets:
         curve = REFERENCE_VAL_PPL.get(group.reference, ()) if group.reference else ()
         lines += ["", f"## {group.label}, epoch by epoch", "",
@@ -207,6 +226,6 @@ def spread_markdown(sets: list[ExperimentSpread], figure_name: str, command: str
                          f"{'-' if ref is None else where_it_falls(ref, band)} |")
         if group.reference:
             lines += ["", f"The reference's best epoch is {REFERENCE_TABLE1[group.reference][1]}"
-                      f"; {best_epochs_sentence(group.best_epochs)}."]
+                      f"; {best_epochs_sentence(group.best_epochs, group.still_improving)}."]
     lines += ["", f"![Per-epoch band]({figure_name})", ""]
     return "\n".join(lines)
