@@ -62,8 +62,12 @@ def test_a_run_still_improving_at_the_epoch_cap_has_its_best_epoch_read_as_a_low
     assert group.still_improving == [False, True]
     assert best_epochs_text(group.best_epochs, group.still_improving) == "13-20+ (13, 20+)"
     assert best_epochs_text([20, 20], [True, True]) == "20+ (20+, 20+)"
-    assert best_epochs_sentence([20], [True]).startswith(
-        "the one run's best epoch is 20+ (a + marks a run whose last epoch was still a new best")
+    assert best_epochs_text([20, 20], [False, True]) == "20+ (20, 20+)"
+    with pytest.raises(ValueError):
+        best_epochs_text([13], [])
+    assert best_epochs_sentence([20], [True]) == (
+        "the one run's best epoch is 20+ (a + marks a run whose last epoch was still a new best: "
+        "the epoch cap ended it, so its best epoch is a lower bound)")
 
 
 def test_the_band_over_every_run_stops_at_the_first_early_stop(tmp_path):

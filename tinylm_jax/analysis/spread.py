@@ -93,7 +93,7 @@ class ExperimentSpread:
     @property
     def still_improving(self) -> list[bool]:
         """Per run: its last epoch was still a new best, so the epoch cap ended it, not early
-        stopping, and its best epoch is only a lower bound of where the protocol would put it."""
+        stopping, and its best epoch is only a lower bound of where a longer cap would put it."""
         return [run.summary["best_epoch"] == run.summary["epochs_run"] for run in self.runs]
 
     def band(self) -> list[tuple[int, Spread]]:
@@ -157,16 +157,17 @@ def _label(name: str, record: dict[str, Any]) -> str:
 
 def _marked(epochs: list[int], still_improving: list[bool] | None) -> list[str]:
     """Each best epoch, with a "+" where the run was still improving when the cap ended it."""
-    flags = still_improving or [False] * len(epochs)
+    flags = [False] * len(epochs) if still_improving is None else still_improving
     return [f"{epoch}+" if flag else str(epoch) for epoch, flag in zip(epochs, flags, strict=True)]
 
 
 def best_epochs_text(epochs: list[int], still_improving: list[bool] | None = None) -> str:
     """The runs' best epochs: their range, then each run's in run order; one run's alone. Runs
-    of one protocol share its epoch cap, so an epoch with a "+" is the range's top."""
+    of one protocol share its epoch cap, so only the range's top can carry a "+"."""
     marked = _marked(epochs, still_improving)
-    low, high = marked[epochs.index(min(epochs))], marked[epochs.index(max(epochs))]
-    span = low if low == high else f"{low}-{high}"
+    low, top = min(epochs), max(epochs)
+    high = f"{top}+" if f"{top}+" in marked else str(top)
+    span = high if low == top else f"{low}-{high}"
     return span if len(epochs) < 2 else f"{span} ({', '.join(marked)})"
 
 
@@ -175,7 +176,7 @@ def best_epochs_sentence(epochs: list[int], still_improving: list[bool] | None =
     marked = _marked(epochs, still_improving)
     clause = (f"the one run's best epoch is {marked[0]}" if len(epochs) == 1
               else f"the runs' best epochs are {', '.join(marked)}")
-    if any(still_improving or []):
+    if "+" in "".join(marked):
         clause += (" (a + marks a run whose last epoch was still a new best: the epoch cap "
                    "ended it, so its best epoch is a lower bound)")
     return clause
