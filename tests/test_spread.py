@@ -56,8 +56,11 @@ def test_best_epochs_read_as_a_range_then_each_run_s_and_one_run_s_alone():
 
 def test_a_run_still_improving_at_the_epoch_cap_has_its_best_epoch_read_as_a_lower_bound(
         tmp_path):
-    def run(best_epoch, epochs_run):
-        return SeedRun(tmp_path, 0, [], {"best_epoch": best_epoch, "epochs_run": epochs_run})
+    def run(best_epoch, epochs_run):  # falling to its best epoch, rising after it
+        curve = [70.0 - min(epoch, best_epoch) + max(0, epoch - best_epoch)
+                 for epoch in range(1, epochs_run + 1)]
+        return SeedRun(tmp_path, 0, [{"epoch": i + 1, "val_ppl": v} for i, v in enumerate(curve)],
+                       {"best_epoch": best_epoch})
     group = ExperimentSpread("tiny", "tiny", [run(13, 14), run(20, 20)])
     assert group.still_improving == [False, True]
     assert best_epochs_text(group.best_epochs, group.still_improving) == "13-20+ (13, 20+)"

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from tinylm_jax.core.config import UserError
+from tinylm_jax.core.metrics import latest_is_best
 from tinylm_jax.reference.table1 import REFERENCE_TABLE1, REFERENCE_VAL_PPL, reference_experiment
 from tinylm_jax.run.folder import RunFolder, seed_members
 
@@ -94,7 +95,7 @@ class ExperimentSpread:
     def still_improving(self) -> list[bool]:
         """Per run: its last epoch was still a new best, so the epoch cap ended it, not early
         stopping, and its best epoch is only a lower bound of where a longer cap would put it."""
-        return [run.summary["best_epoch"] == run.summary["epochs_run"] for run in self.runs]
+        return [latest_is_best(run.history) for run in self.runs]
 
     def band(self) -> list[tuple[int, Spread]]:
         """Per epoch, the spread of validation perplexity over the runs that reached it."""

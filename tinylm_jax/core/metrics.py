@@ -26,6 +26,12 @@ def best_epoch(history: list[dict[str, Any]]) -> int | None:
     return best
 
 
+def latest_is_best(history: list[dict[str, Any]]) -> bool:
+    """Whether the latest epoch set a new best: the log's "new best", and for a finished run, one
+    that the epoch cap, not early stopping, ended while it was still improving."""
+    return bool(history) and best_epoch(history) == history[-1]["epoch"]
+
+
 def should_stop(history: list[dict[str, Any]], cfg: ExperimentConfig) -> bool:
     """The reference's rule: `early_stop_patience` epochs in a row without a new best PPL."""
     best = best_epoch(history)

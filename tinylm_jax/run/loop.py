@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from tinylm_jax.core.config import ExperimentConfig, UserError
 from tinylm_jax.core.data import Dataset, batch_rows, train_order
-from tinylm_jax.core.metrics import best_epoch, perplexity, should_stop
+from tinylm_jax.core.metrics import latest_is_best, perplexity, should_stop
 from tinylm_jax.core.parallel import is_primary, shard_batch_rows
 from tinylm_jax.core.train import (
     TrainingDiverged,
@@ -434,7 +434,7 @@ def write_epoch_files(folder: RunFolder, position: Position,
 def _log_epoch(loop: Loop, history: list[dict[str, Any]], val_seconds: float) -> None:
     """The epoch's line (validation's time is logged only: history.csv keeps its columns)."""
     row = history[-1]
-    note = "new best" if best_epoch(history) == row["epoch"] else "no improvement"
+    note = "new best" if latest_is_best(history) else "no improvement"
     loop.log(f"epoch {row['epoch']}/{loop.cfg.num_epochs}: train_loss={row['train_loss']:.4f} "
              f"val_loss={row['val_loss']:.4f} val_ppl={row['val_ppl']:.2f} lr={row['lr']:.2e} "
              f"train {row['epoch_seconds']:.1f}s at {row['train_tokens_per_s']:,.0f} tok/s, "
