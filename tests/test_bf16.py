@@ -65,32 +65,38 @@ def test_the_fast_path_has_the_same_parameters_as_float32(tiny_cfg):
         np.testing.assert_array_equal(a, b)
 
 
-def _plain_attention(q, k, v):
+def _plain_attention(q, k, v, keep):
     """The model's float32 attention core, differentiated by jax: the reference."""
     scores = jnp.einsum("nqk,nsk->nqs", q, k, precision="highest")
     weights = bf16.causal_softmax(scores, q.shape[-1])
-    return jnp.einsum("nqs,nsk->nqk", weights, v, precision="highest"), weights
+    mixing = weights if keep is None else weights * keep
+    return jnp.einsum("nqs,nsk->nqk", mixing, v, precision="highest"), weights
 
 
 @LAYOUTS
-def test_the_attention_gradient_equals_jax_grad_within_bf16_rounding(canonical):
+@pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["no-dropout", "dropout"])
+def test_the_attention_gradient_equals_jax_grad_within_bf16_rounding(canonical, dropout):
     """q, k and v are exact in bfloat16, but the weights and the gradients flowing back are
     rounded to it before each product (8 significant bits: 2^-9 relative per rounding, a few
     roundings on each path, so about 0.5%); 2% of each gradient's norm is allowed (measured
-    0.26% at most). A loss that reads the weights themselves checks their cotangent's path."""
-    keys = jax.random.split(jax.random.key(1), 5)
+    0.26% at most). A loss that reads the weights themselves checks their cotangent's path; the
+    dropout's mask (a quarter of the weights dropped, the rest scaled by 4/3) is applied to the
+    weights that mix v, as the plain core applies it."""
+    keys = jax.random.split(jax.random.key(1), 6)
     q, k, v = (_bf16_exact(key, (6, 16, 8)).astype(jnp.bfloat16) for key in keys[:3])
     out_weight = jax.random.normal(keys[3], (6, 16, 8))
     weights_weight = jax.random.normal(keys[4], (6, 16, 16))
+    keep = (jax.random.bernoulli(keys[5], 1 - dropout, (6, 16, 16)).astype(jnp.float32)
+            / (1 - dropout) if dropout else None)
 
     def loss(attention, q, k, v):
-        out, weights = attention(q, k, v)
+        out, weights = attention(q, k, v, keep)
         return jnp.sum(out * out_weight) + jnp.sum(weights * weights_weight)
 
     expected = jax.grad(loss, argnums=(1, 2, 3))(
         _plain_attention, *(x.astype(jnp.float32) for x in (q, k, v)))
     got = jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)(
-        lambda q, k, v: causal_attention(q, k, v, canonical), q, k, v)
+        lambda q, k, v, keep: causal_attention(q, k, v, keep, canonical), q, k, v)
     for a, b in zip(got, expected, strict=True):
         assert a.dtype == jnp.bfloat16
         error = float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))

@@ -78,8 +78,14 @@ def test_a_toml_path_loads_and_equals_its_dict(tmp_path):
 
 def test_a_field_left_out_takes_its_default():
     stored = load_config("baseline").to_dict()
-    del stored["positional_encoding"]  # e.g. config.json of a run from before the field
-    assert config_from_dict(stored).positional_encoding == "sinusoidal"
+    del stored["qk_norm"]  # e.g. config.json of a run from before the field
+    assert config_from_dict(stored).qk_norm is False
+
+
+def test_a_renamed_key_of_an_earlier_config_json_is_read_under_its_new_name():
+    stored = {**load_config("baseline").to_dict(), "positional_encoding": "none"}
+    del stored["positions"]
+    assert config_from_dict(stored).positions == "none"
 
 
 # --- numbers out of range ------------------------------------------------------------------
@@ -137,8 +143,8 @@ def test_d_model_must_divide_among_the_heads(d_model, n_heads):
 
 def test_only_the_sinusoidal_positions_need_an_even_width():
     _config_refused("d_model (33) must be even", d_model=33, n_heads=3)
-    cfg = config_from_dict({"d_model": 33, "n_heads": 1, "positional_encoding": "none"})
-    assert (cfg.d_model, cfg.positional_encoding) == (33, "none")
+    cfg = config_from_dict({"d_model": 33, "n_heads": 1, "positions": "none"})
+    assert (cfg.d_model, cfg.positions) == (33, "none")
 
 
 # --- wrong keys, wrong types, broken TOML ---------------------------------------------------
@@ -167,7 +173,13 @@ def test_an_unknown_key_is_named(key, value):
     ("seed", 0.5, "must be an integer"),
     ("name", 3, "must be a non-empty string"),
     ("name", "", "must be a non-empty string"),
-    ("positional_encoding", "learned", "must be one of sinusoidal, none, got 'learned'"),
+    ("positions", "alibi", "must be one of sinusoidal, learned, rope, none, got 'alibi'"),
+    ("norm", "batchnorm", "must be one of rmsnorm, layernorm"),
+    ("mlp", "GELU", "must be one of gelu, swiglu, relu2"),
+    ("schedule", "linear", "must be one of plateau, cosine, wsd"),
+    ("optimizer", "sgd", "must be one of adamw, muon"),
+    ("qk_norm", 1, "must be true or false"),
+    ("tie_embeddings", "yes", "must be true or false"),
 ], ids=_case_id)
 def test_a_value_of_the_wrong_type_names_its_field(field, value, words):
     assert words in _config_refused(f"'{field}'", **{field: value})

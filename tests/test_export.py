@@ -87,11 +87,11 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_run, tmp_path, capsys, ar
 def test_a_run_without_positions_is_refused_before_any_folder_is_made(tiny_run, tmp_path, capsys):
     run = shutil.copytree(tiny_run[0], tmp_path / "run")  # the shared run stays as it is
     config = json.loads((run / "config.json").read_text())
-    config["experiment"]["positional_encoding"] = "none"  # same params: load_run takes it
+    config["experiment"]["positions"] = "none"  # same params: load_run takes it
     (run / "config.json").write_text(json.dumps(config))
     out = tmp_path / "new" / "w.safetensors"
     message = refused(export_torch_main, [str(run), "--out", str(out)], capsys)
-    assert "always adds sinusoidal positions" in message
+    assert "cannot represent positions = 'none'" in message
     assert not out.parent.exists()
 
 

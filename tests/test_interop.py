@@ -138,8 +138,13 @@ def test_optimiser_steps_match_torch_adamw_with_clipping(cfg, grad_scale, growth
     assert moved > 1e-3  # the steps were not damped to nothing
 
 
-def test_a_model_without_positions_is_refused_for_the_reference_model(cfg):
-    cfg = cfg.replace(positional_encoding="none")
+@pytest.mark.parametrize("option", [
+    {"positions": "none"}, {"positions": "rope"}, {"positions": "learned"},
+    {"norm": "layernorm"}, {"qk_norm": True}, {"mlp": "swiglu"}, {"mlp": "relu2"},
+    {"tie_embeddings": True}], ids=str)
+def test_a_model_beyond_the_reference_is_refused_naming_the_field(cfg, option):
+    cfg = cfg.replace(**option)
     params = init_params(build_model(cfg), 0)
-    with pytest.raises(ValueError, match="always adds sinusoidal positions"):
+    (field, value), = option.items()
+    with pytest.raises(ValueError, match=re.escape(f"cannot represent {field} = {value!r}")):
         torch_state_dict_from_params(params, cfg)

@@ -71,7 +71,7 @@ def test_initialisation_follows_pytorch_defaults():
 
 def test_the_no_position_model_differs_from_the_default_only_in_the_missing_addition(
         tiny_cfg, monkeypatch):
-    default, bare = build_model(tiny_cfg), build_model(tiny_cfg.replace(positional_encoding="none"))
+    default, bare = build_model(tiny_cfg), build_model(tiny_cfg.replace(positions="none"))
     params = init_params(default, 0)
     assert jax.tree.map(jnp.shape, init_params(bare, 0)) == jax.tree.map(jnp.shape, params)
     ids = jax.random.randint(jax.random.key(4), (2, tiny_cfg.seq_len), 0, tiny_cfg.vocab_size)

@@ -422,7 +422,7 @@ def _small_state():
 
 
 checkpoints = RunCheckpoints(RunFolder(sys.argv[1]))
-checkpoints.save(_small_state(), {{"history": []}}, 1.0)
+checkpoints.save(_small_state(), {{"history": []}})
 
 
 async def cut_off(self, item, directory):
@@ -430,7 +430,7 @@ async def cut_off(self, item, directory):
 
 
 ocp.JsonCheckpointHandler._save_fn = cut_off
-checkpoints.save(_small_state(), {{"history": []}}, 0.5)
+checkpoints.save(_small_state(), {{"history": []}})
 """
 
 
@@ -445,7 +445,7 @@ def test_a_save_that_never_commits_leaves_the_previous_one_and_is_tidied(tmp_pat
     reopened = RunCheckpoints(RunFolder(tmp_path))  # the next start
     assert not list((tmp_path / "checkpoints").glob("*tmp*"))
     assert reopened.latest() == 1 and _same_state(reopened.restore(1, state)[0], state)
-    assert reopened.save(state, {"history": []}, 0.5) == 2
+    assert reopened.save(state, {"history": []}) == 2
     reopened.close()
 
 
@@ -478,10 +478,13 @@ def test_an_unwritable_output_folder_is_refused_before_training(setup, capsys):
     ([1.0, None, 0.8, None, 0.9, None], [3, 6], 3),  # None: a stop's checkpoint, no metrics
 ])
 def test_exactly_the_best_and_the_latest_are_kept_across_restarts(tmp_path, losses, kept, best):
-    state = _small_state()
+    """The best is the protocol's best epoch (`metrics.best_epoch`: a non-finite one never)."""
+    state, history = _small_state(), []
     for loss in losses:
+        if loss is not None:
+            history.append({"epoch": len(history) + 1, "val_ppl": math.exp(loss)})
         checkpoints = RunCheckpoints(RunFolder(tmp_path))  # a restart between every save
-        checkpoints.save(state, {"history": []}, loss)
+        checkpoints.save(state, {"history": list(history)}, epoch_end=loss is not None)
         checkpoints.close()
     checkpoints = RunCheckpoints(RunFolder(tmp_path), read_only=True)
     assert sorted(checkpoints.manager.all_steps()) == kept
@@ -510,7 +513,7 @@ def test_resuming_with_other_settings_is_refused_before_anything_changes(setup, 
     ("d_model", 64, "d_model (32 -> 64)"),
     ("lr", 0.001, "lr (0.03 -> 0.001)"),
     ("grad_clip_norm", 0.5, "grad_clip_norm (1.0 -> 0.5)"),
-    ("positional_encoding", "none", "positional_encoding ('sinusoidal' -> 'none')"),
+    ("positions", "none", "positions ('sinusoidal' -> 'none')"),
 ])
 def test_resuming_with_another_model_or_optimiser_is_refused(setup, tmp_path, capsys, field,
                                                              value, message, stopped_copy):
@@ -534,7 +537,7 @@ def test_a_non_finite_loss_stops_with_exit_3_and_no_checkpoint_holds_it(setup, t
     state = _small_state()
     state = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
     with pytest.raises(TrainingDiverged, match="non-finite values"):
-        RunCheckpoints(RunFolder(tmp_path / "direct")).save(state, {"history": []}, 1.0)
+        RunCheckpoints(RunFolder(tmp_path / "direct")).save(state, {"history": []})
 
 
 def test_a_second_run_on_a_folder_in_use_is_refused(setup, capsys, stopped_copy):

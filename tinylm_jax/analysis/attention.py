@@ -26,13 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinylm_jax.analysis.attention_stats import (
-    STAT_NAMES,
-    attention_weights,
-    padded_batches,
-    uniform_causal,
-)
+from tinylm_jax.analysis.attention_stats import STAT_NAMES, attention_weights, uniform_causal
 from tinylm_jax.core.config import UserError
+from tinylm_jax.core.data import padded_batches
 
 # How tables and figures name the statistics.
 STAT_LABELS = {"mean_distance": "Mean distance", "self_mass": "Self mass",

@@ -17,7 +17,6 @@ the baseline, 0.9 s for the wider model, after a 2 s compilation).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,7 +27,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from tinylm_jax.core.config import ExperimentConfig, UserError
-from tinylm_jax.core.data import Dataset, Splits, gather_windows
+from tinylm_jax.core.data import Dataset, Splits, gather_windows, padded_batches
 from tinylm_jax.core.model import build_model
 from tinylm_jax.core.parallel import local_replica
 from tinylm_jax.core.train import TrainState, compute_dtype
@@ -106,17 +105,6 @@ def _batch_statistics(model: nn.Module, params: Any, ids: jax.Array, punct_keys:
     per_layer = [window_statistics(w, punct_keys) for w in attention_weights(model, params, ids)]
     stats = {name: jnp.stack([s[name] for s in per_layer]) for name in STAT_NAMES}  # (layers, B, H)
     return stats, window_statistics(uniform_causal(*ids.shape), punct_keys)  # (B, 1)
-
-
-def padded_batches(arrays: tuple[np.ndarray, ...], batch_size: int
-                    ) -> Iterator[tuple[int, list[np.ndarray]]]:
-    """The rows of `arrays` (each (N, ...)) in batches of `batch_size` rows, the last padded with
-    zeros so that one compiled shape serves them all, each with its count of real rows."""
-    for begin in range(0, len(arrays[0]), batch_size):
-        parts = [array[begin:begin + batch_size] for array in arrays]
-        keep = len(parts[0])
-        yield keep, [np.pad(part, ((0, batch_size - keep),) + ((0, 0),) * (part.ndim - 1))
-                     for part in parts]
 
 
 def head_statistics(model: nn.Module, params: Any, windows: np.ndarray, punct_keys: np.ndarray,

@@ -118,7 +118,7 @@ def step_cost(cfg: ExperimentConfig, precision: str, repeats: int) -> Cost:
 def attention_cost(cfg: ExperimentConfig, precision: str, repeats: int) -> Cost:
     """The model's attention sub-layer alone, forward and backward, on a random input."""
     dtype = compute_dtype(precision)
-    layer = MultiHeadSelfAttention(cfg.d_model, cfg.n_heads, dtype, on_cpu())
+    layer = MultiHeadSelfAttention(cfg, dtype, on_cpu())
     x = jax.random.normal(jax.random.key(0), (cfg.batch_size, cfg.seq_len, cfg.d_model))
     params = layer.init(jax.random.key(1), x[:1, :1])["params"]  # they depend on neither B nor L
 

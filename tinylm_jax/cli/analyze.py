@@ -18,8 +18,8 @@ from tinylm_jax.analysis.corpus import open_corpus
 from tinylm_jax.analysis.inference import REFERENCE_PROMPTS, predicted_vs_actual, top_k_table
 from tinylm_jax.analysis.sampling import generate
 from tinylm_jax.cli.console import OneLineParser, entry_point, print_paths
-from tinylm_jax.core.config import UserError, check_seed
-from tinylm_jax.reference.interop import save_torch_weights
+from tinylm_jax.core.config import UserError, check_seed, require_positive
+from tinylm_jax.reference.interop import check_representable, save_torch_weights
 from tinylm_jax.run.checkpoint import load_run
 
 # Analyses of several finished runs, written into --out (default: the first run's parent).
@@ -138,14 +138,17 @@ def _scale_exponents(text: str) -> tuple[int, ...]:
 def fp16_overflow(args: argparse.Namespace) -> int:
     """The reference's scaler probe at a run's weights: a table on stdout, nothing written."""
     exponents = _scale_exponents(args.scales)
-    if args.batches < 1:
-        raise UserError(f"--batches must be positive, got {args.batches}")
+    require_positive("--batches", args.batches)
     try:  # torch is optional: only this probe and the interop tests need it
         from tinylm_jax.analysis.fp16_overflow import overflow_markdown, scaled_backwards
     except ImportError:
         raise UserError("fp16-overflow needs torch: pip install -e \".[torch]\"") from None
     corpus = open_corpus(args.run_dir, args.data)
     run = load_run(args.run_dir, args.which)
+    try:  # the probe runs the reference's own model
+        check_representable(run.config)
+    except ValueError as err:
+        raise UserError(f"{args.run_dir}: {err}") from None
     print(f"{args.run_dir}: {args.which} checkpoint, after epoch {run.epoch}")
     print(overflow_markdown(scaled_backwards(run, corpus, exponents, args.batches, args.seed)),
           end="")
@@ -221,8 +224,7 @@ def generate_parser() -> argparse.ArgumentParser:
 
 def generate_text(args: argparse.Namespace) -> int:
     _check_sampling(args)
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    require_positive("--max-new-tokens", args.max_new_tokens)
     corpus = open_corpus(args.run_dir, args.data)
     vocab_size = corpus.tokenizer.get_vocab_size()
     if not 0 <= args.top_k <= vocab_size:

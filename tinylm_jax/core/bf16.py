@@ -2,21 +2,15 @@
 whose products take bfloat16 operands too (the reference's autocast ran every product in half
 precision, forward and backward); and a host allocator that keeps XLA's buffers on a CPU.
 
-On a CPU each product is also written in the layout the fast kernels take (`canonical`).
-XLA:CPU (jaxlib 0.10 and 0.12 alike) sends a bf16 x bf16 -> f32 dot to YNNPACK's
-AVX512-BF16/AMX kernels only when both operands sit in the canonical layout: the lhs contracts its
-last dim, the rhs its first (after the batch dims, which lead). Measured at the baseline's shapes
-((32768 x 128) @ (128 x 384), 2 cores, jaxlib 0.10): such a dot runs at 280-470 GFLOP/s, against
-70-140 for the same product in float32. A plain `x.T @ g` or `g @ w.T` is folded into the dot as
-a transposed operand, which the fast kernels refuse; XLA then converts the operands to float32
-and the dot runs at 50-70 GFLOP/s, slower than float32 itself. So on a CPU the transposes go
-through a reshape, which XLA cannot fold: the transpose becomes a real copy (3-6 ms for 8 MiB)
-and the dot a fast one. jax 0.12 did not change this: the same model with plain bf16 dots,
-differentiated by jax, took 1.7x (wider) and 1.8x (baseline) the step time of this one. The
-attention core's batched products, written as einsums over (B, H, L, K), ran in float32 on XLA's
-own kernels at 18-40 GFLOP/s (jax 0.12, wider); `causal_attention` writes them as canonical
-batched products over (B*H, L, K). A GPU's libraries take any layout, so there the transposes
-stay plain and XLA folds them into the products.
+On a CPU each product is also written in the layout the fast kernels take (`canonical`):
+XLA:CPU sends a bf16 x bf16 -> f32 dot to its fast bf16 kernels only when both operands sit in
+the canonical layout, the lhs contracting its last dim and the rhs its first (after the batch
+dims, which lead). A plain `x.T @ g` or `g @ w.T` is folded into the dot as a transposed operand,
+which those kernels refuse, and the dot then runs slower than float32. So on a CPU the transposes
+go through a reshape that XLA cannot fold: the transpose becomes a real copy and the dot a fast
+one; the attention core's batched products run as canonical batched products over (B*H, L, K).
+A GPU's libraries take any layout, so there the transposes stay plain and XLA folds them into the
+products. docs/performance.md gives the measurements behind each choice.
 """
 
 from __future__ import annotations
@@ -39,9 +33,9 @@ def keep_host_buffers() -> bool:
     if it did. It reads the backend, so call it after `jax.distributed.initialize`.
 
     XLA:CPU allocates each compiled call's temporary buffers anew, and glibc serves blocks over
-    32 MiB with fresh mmaps, so every step page-faults its hundreds of MiB of activations in again:
-    an elementwise add over a (32768 x 256) float32 array measured 14.8 ms that way, 5.6 ms with
-    the memory kept. Nothing numerical changes. Call it before the first compiled call.
+    32 MiB with fresh mmaps, so every step would page-fault its hundreds of MiB of activations in
+    again (docs/performance.md). Nothing numerical changes. Call it before the first compiled
+    call.
     """
     name = ctypes.util.find_library("c")
     if name is None or jax.default_backend() != "cpu":  # device buffers are not malloc's
@@ -57,15 +51,15 @@ def keep_host_buffers() -> bool:
 def transposed(x: jax.Array) -> jax.Array:
     """x (N, M) -> (M, N) as a real copy in row-major layout: see the module's docstring.
 
-    Splitting N in two before the transpose keeps XLA from folding it into the next dot; 64-row
-    blocks measured fastest for the copy at the baseline's shapes.
+    Splitting the rows into blocks before the transpose keeps XLA from folding it into the next
+    dot; 64 blocks copy fastest at the reference's shapes (docs/performance.md).
     """
     rows, cols = x.shape
     blocks = math.gcd(rows, 64)
     return x.reshape(blocks, rows // blocks, cols).transpose(2, 0, 1).reshape(cols, rows)
 
 
-def _transpose(x: jax.Array, canonical: bool) -> jax.Array:
+def swap_last_two(x: jax.Array, canonical: bool) -> jax.Array:
     """The last two dims of x swapped: a real copy where `canonical`, else a plain transpose."""
     if not canonical:
         return jnp.swapaxes(x, -1, -2)
@@ -99,8 +93,8 @@ def _matmul_fwd(x: jax.Array, kernel: jax.Array, canonical: bool):
 def _matmul_bwd(canonical: bool, residuals, grad: jax.Array):
     x_bf16, kernel_bf16, x_dtype = residuals
     grad_bf16 = grad.astype(jnp.bfloat16)
-    d_x = _dot_f32(grad_bf16, _transpose(kernel_bf16, canonical)).astype(x_dtype.dtype)  # (N, D)
-    d_kernel = _dot_f32(_transpose(x_bf16, canonical), grad_bf16)  # (D, F)
+    d_x = _dot_f32(grad_bf16, swap_last_two(kernel_bf16, canonical)).astype(x_dtype.dtype)  # (N, D)
+    d_kernel = _dot_f32(swap_last_two(x_bf16, canonical), grad_bf16)  # (D, F)
     return d_x, d_kernel
 
 
@@ -124,42 +118,48 @@ def causal_softmax(scores: jax.Array, head_dim: int) -> jax.Array:
     return jax.nn.softmax(jnp.where(causal, scores / math.sqrt(head_dim), -jnp.inf), axis=-1)
 
 
-def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, canonical: bool
-                       ) -> tuple[jax.Array, jax.Array]:
-    weights = causal_softmax(_dot_f32(q, _transpose(k, canonical)), q.shape[2])  # (N, L, L)
-    return _dot_f32(weights.astype(jnp.bfloat16), v), weights
+def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array | None,
+                       canonical: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(output, weights, the weights that mix v: after the dropout's `keep`, if any)."""
+    weights = causal_softmax(_dot_f32(q, swap_last_two(k, canonical)), q.shape[2])  # (N, L, L)
+    mixing = weights if keep is None else weights * keep
+    return _dot_f32(mixing.astype(jnp.bfloat16), v), weights, mixing
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, canonical: bool
-                     ) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array | None,
+                     canonical: bool) -> tuple[jax.Array, jax.Array]:
     """Causal softmax attention over N = B*H independent heads: q, k, v (N, L, K) bfloat16 ->
-    the output (N, L, K) and the attention weights (N, L, L), both float32.
+    the output (N, L, K) and the attention weights (N, L, L), both float32. `keep` (N, L, L)
+    float32, the dropout's mask scaled by 1/(1 - rate), multiplies the weights before they mix
+    v (None: no dropout); the weights returned are those before it.
 
     Every product takes bf16 operands (in canonical layouts where `canonical`) and accumulates in
     float32; the scores, the mask and the softmax (and its gradient) stay float32.
     """
-    return _attention_forward(q, k, v, canonical)
+    return _attention_forward(q, k, v, keep, canonical)[:2]
 
 
-def _attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, canonical: bool):
-    out, weights = _attention_forward(q, k, v, canonical)
-    return (out, weights), (q, k, v, weights)
+def _attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array | None,
+                   canonical: bool):
+    out, weights, mixing = _attention_forward(q, k, v, keep, canonical)
+    return (out, weights), (q, k, v, keep, weights, mixing)
 
 
 def _attention_bwd(canonical: bool, residuals, grads):
-    q, k, v, weights = residuals
+    q, k, v, keep, weights, mixing = residuals
     d_out, d_weights = grads  # d_weights: nonzero only where a loss reads the weights themselves
     d_out = d_out.astype(jnp.bfloat16)
-    weights_bf16 = weights.astype(jnp.bfloat16)
-    d_v = _dot_f32(_transpose(weights_bf16, canonical), d_out)  # (N, L, K)
-    d_weights = _dot_f32(d_out, _transpose(v, canonical)) + d_weights  # (N, L, L)
+    d_v = _dot_f32(swap_last_two(mixing.astype(jnp.bfloat16), canonical), d_out)  # (N, L, K)
+    d_mixing = _dot_f32(d_out, swap_last_two(v, canonical))  # (N, L, L)
+    d_weights = (d_mixing if keep is None else d_mixing * keep) + d_weights
     # The softmax's gradient, then the scores' 1/sqrt(K); masked entries have weight 0.
     d_scores = weights * (d_weights - jnp.sum(d_weights * weights, axis=-1, keepdims=True))
     d_scores = (d_scores / math.sqrt(q.shape[2])).astype(jnp.bfloat16)
     d_q = _dot_f32(d_scores, k)  # (N, L, K)
-    d_k = _dot_f32(_transpose(d_scores, canonical), q)  # (N, L, K)
-    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+    d_k = _dot_f32(swap_last_two(d_scores, canonical), q)  # (N, L, K)
+    d_keep = None if keep is None else jnp.zeros_like(keep)  # a mask is no parameter
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_keep
 
 
 causal_attention.defvjp(_attention_fwd, _attention_bwd)

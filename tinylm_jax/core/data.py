@@ -177,15 +177,22 @@ def train_order(seed: int, epoch: int, num_train: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_train).astype(np.int32)
 
 
+def padded_batches(arrays: tuple[np.ndarray, ...], batch_size: int
+                   ) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """The rows of `arrays` (each (N, ...)) in batches of `batch_size` rows, the last padded with
+    zeros so that one compiled shape serves them all, each with its count of real rows."""
+    for begin in range(0, len(arrays[0]), batch_size):
+        parts = [array[begin:begin + batch_size] for array in arrays]
+        keep = len(parts[0])
+        yield keep, [np.pad(part, ((0, batch_size - keep),) + ((0, 0),) * (part.ndim - 1))
+                     for part in parts]
+
+
 def batches(starts: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Fixed-shape batches of window starts; the last one is padded with weight-0 windows."""
-    for begin in range(0, len(starts), batch_size):
-        chunk = starts[begin:begin + batch_size]
-        pad = batch_size - len(chunk)
-        yield {
-            "starts": np.pad(chunk, (0, pad)).astype(np.int32),  # (B,)
-            "weights": np.pad(np.ones(len(chunk), np.float32), (0, pad)),  # (B,)
-        }
+    weights = np.ones(len(starts), np.float32)
+    for _, (chunk, chunk_weights) in padded_batches((starts, weights), batch_size):
+        yield {"starts": chunk.astype(np.int32), "weights": chunk_weights}  # (B,) each
 
 
 def num_batches(num_windows: int, batch_size: int) -> int:

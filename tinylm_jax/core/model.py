@@ -1,19 +1,25 @@
-"""The reference's TinyTransformerLM as pure-functional flax.linen modules.
+"""The Transformer language model as pure-functional flax.linen modules, every option of the
+experiment's config written once.
 
 Shape convention, used in every comment below:
   B batch, L sequence length, D d_model, H heads, K head_dim = D // H, F d_ff, V vocab size.
 Attention weights are (B, H, L, L): query positions on axis 2, key positions on axis 3.
 
-Parameters are float32 and initialised like PyTorch's defaults for the same layers (the reference's
-model), not flax's: Linear weights and biases U(+-1/sqrt(fan_in)), embeddings N(0, 1), norm
-scales 1.
+Every module takes the `ExperimentConfig` whole (`cfg`) and reads the options it needs; with the
+config's defaults the model is the reference's (RMSNorm, sinusoidal positions, GELU, an untied
+head, no dropout). Parameters are float32 and initialised like PyTorch's defaults for the same
+layers (the reference's model), not flax's: Linear weights and biases U(+-1/sqrt(fan_in)),
+embeddings N(0, 1), norm scales 1.
+
 `dtype` is the compute dtype of the matrix products. In bfloat16 (mixed precision) every product,
 forward and backward, takes bf16 operands and accumulates in float32 (`bf16`), as the reference's
 autocast runs its products in half precision; unlike autocast, which hands on half-precision
-outputs, the products' outputs, the residual stream, norms, GELU, attention scores, softmax and
-logits stay float32. `canonical_layouts` writes those products in the layouts a CPU's bf16
-kernels take (`bf16`: the CPU fast path); it is set from the platform the program is built for
-(`build_model`), so a GPU's program can be built and checked on a CPU machine.
+outputs, the products' outputs, the residual stream, norms, activations, attention scores,
+softmax and logits stay float32. `canonical_layouts` writes those products in the layouts a CPU's
+bf16 kernels take (`bf16`: the CPU fast path); it is set from the platform the program is built
+for (`build_model`), so a GPU's program can be built and checked on a CPU machine. Only the
+products differ between the paths (`Dense`, `attention_core`, `tied_head`): every option is
+written once, around them.
 Submodule names mirror the reference's PyTorch attribute names so that `interop` maps them one
 to one.
 """
@@ -21,14 +27,17 @@ to one.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinylm_jax.core.bf16 import bf16_dense, causal_attention, causal_softmax
+from tinylm_jax.core.bf16 import bf16_dense, causal_attention, causal_softmax, swap_last_two
 from tinylm_jax.core.config import ExperimentConfig
+
+LAYERNORM_EPS = 1e-5  # torch.nn.LayerNorm's
 
 
 def torch_linear_init(fan_in: int) -> nn.initializers.Initializer:
@@ -41,43 +50,37 @@ def torch_linear_init(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
-def is_mixed(dtype: jnp.dtype) -> bool:
+def is_mixed(dtype: Any) -> bool:
     """bfloat16 compute: the mixed-precision products of `bf16`."""
     return np.dtype(dtype) == np.dtype(jnp.bfloat16)
 
 
-class Bf16Dense(nn.Module):
-    """nn.Dense's parameters (`kernel` (D, F), `bias` (F,)) over `bf16.bf16_dense`: float32
-    out, whatever the caller casts it to next. With `splits` > 1, a tuple of that many outputs,
-    one per equal column block of the kernel (the products of a fused projection, unfused)."""
+class Dense(nn.Module):
+    """A Linear layer (`kernel` (D, F), `bias` (F,), as flax's Dense names them): float32 out,
+    from float32 products, or from `bf16.bf16_dense` in mixed precision. With `splits` > 1, a
+    tuple of that many outputs, one per equal column block of the kernel (a fused projection;
+    in mixed precision each block is a product of its own, with no (B, L, splits * F) split)."""
 
     features: int
-    fan_in: int
     use_bias: bool
-    canonical_layouts: bool
+    dtype: Any = jnp.float32
+    canonical_layouts: bool = False
     splits: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array | tuple[jax.Array, ...]:
-        init = torch_linear_init(self.fan_in)
+        init = torch_linear_init(x.shape[-1])
         kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", init, (self.features,), jnp.float32) if self.use_bias else None
-        if self.splits == 1:
-            return bf16_dense(x, kernel, bias, self.canonical_layouts)
-        kernels = jnp.split(kernel, self.splits, axis=-1)
-        biases = jnp.split(bias, self.splits) if bias is not None else [None] * self.splits
-        return tuple(bf16_dense(x, w, b, self.canonical_layouts)
-                     for w, b in zip(kernels, biases, strict=True))
-
-
-def dense(features: int, fan_in: int, use_bias: bool, dtype: jnp.dtype, canonical_layouts: bool,
-          name: str) -> nn.Module:
-    """A Linear layer: `Bf16Dense` in mixed precision, flax's float32 Dense otherwise."""
-    if is_mixed(dtype):
-        return Bf16Dense(features, fan_in, use_bias, canonical_layouts, name=name)
-    init = torch_linear_init(fan_in)
-    return nn.Dense(features, use_bias=use_bias, param_dtype=jnp.float32, kernel_init=init,
-                    bias_init=init, name=name)
+        if is_mixed(self.dtype):
+            kernels = jnp.split(kernel, self.splits, axis=-1)
+            biases = jnp.split(bias, self.splits) if bias is not None else [None] * self.splits
+            outs = [bf16_dense(x, w, b, self.canonical_layouts)
+                    for w, b in zip(kernels, biases, strict=True)]
+        else:  # flax's nn.Dense, op for op
+            y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+            outs = jnp.split(y if bias is None else y + bias, self.splits, axis=-1)
+        return outs[0] if self.splits == 1 else tuple(outs)
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> np.ndarray:
@@ -90,6 +93,17 @@ def sinusoidal_positions(max_len: int, d_model: int) -> np.ndarray:
     table[:, 0::2] = np.sin(position * div_term)
     table[:, 1::2] = np.cos(position * div_term)
     return table
+
+
+def rotary(x: jax.Array, base: float) -> jax.Array:
+    """RoPE (RoFormer): x (..., L, K) with each pair of dims (i, i + K/2) rotated by the angle
+    position * base^(-2i/K), the half-split layout of GPT-NeoX and LLaMA."""
+    length, width = x.shape[-2:]
+    inverse_wavelengths = base ** (-np.arange(0, width, 2, dtype=np.float64) / width)  # (K/2,)
+    angles = np.arange(length, dtype=np.float64)[:, None] * inverse_wavelengths  # (L, K/2)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    first, second = x[..., :width // 2], x[..., width // 2:]
+    return jnp.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1)
 
 
 class RMSNorm(nn.Module):
@@ -105,106 +119,150 @@ class RMSNorm(nn.Module):
         return normed * weight
 
 
+def norm(cfg: ExperimentConfig, name: str) -> nn.Module:
+    """The config's normalisation layer, in float32."""
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(epsilon=LAYERNORM_EPS, param_dtype=jnp.float32, name=name)
+    return RMSNorm(name=name)
+
+
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array | None,
+                   dtype: Any, canonical_layouts: bool) -> tuple[jax.Array, jax.Array]:
+    """Causal softmax attention: q, k, v (B, H, L, K) float32 -> the output (B, L, H, K) and the
+    weights (B, H, L, L), both float32. `keep` (B, H, L, L): the dropout's scaled mask on the
+    weights (None: no dropout); the weights returned are those before it."""
+    batch, heads, length, width = q.shape
+    if is_mixed(dtype):
+        def flat(x: jax.Array) -> jax.Array:  # (B*H, ...): the batched products' one batch dim
+            return x.reshape(batch * heads, *x.shape[2:])
+
+        out, weights = causal_attention(
+            *(flat(x.astype(jnp.bfloat16)) for x in (q, k, v)),
+            None if keep is None else flat(keep), canonical_layouts)  # (B*H, L, K) float32
+        out = out.reshape(batch, heads, length, width).transpose(0, 2, 1, 3)
+        return out, weights.reshape(batch, heads, length, length)
+    weights = causal_softmax(jnp.einsum("bhqk,bhsk->bhqs", q, k), width)  # (B, H, L, L)
+    mixing = weights if keep is None else weights * keep
+    return jnp.einsum("bhqs,bhsk->bqhk", mixing, v), weights  # (B, L, H, K)
+
+
 class MultiHeadSelfAttention(nn.Module):
-    d_model: int
-    n_heads: int
-    dtype: jnp.dtype = jnp.float32
+    cfg: ExperimentConfig
+    dtype: Any = jnp.float32
     canonical_layouts: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        cfg = self.cfg
         batch, length, _ = x.shape
-        head_dim = self.d_model // self.n_heads
         # The reference's fused layout: the 3D features split as (3, H, K).
-        if is_mixed(self.dtype):  # three products from the kernel's thirds: no (B, L, 3D) split
-            parts = Bf16Dense(3 * self.d_model, self.d_model, False, self.canonical_layouts,
-                              splits=3, name="qkv_proj")(x)  # 3 x (B, L, D) float32
-            q, k, v = (part.astype(jnp.bfloat16).reshape(batch, length, self.n_heads, head_dim)
-                       .transpose(0, 2, 1, 3).reshape(batch * self.n_heads, length, head_dim)
-                       for part in parts)  # each (B*H, L, K)
-            out, weights = causal_attention(q, k, v, self.canonical_layouts)  # float32
-            out = out.reshape(batch, self.n_heads, length, head_dim).transpose(0, 2, 1, 3)
-            weights = weights.reshape(batch, self.n_heads, length, length)  # (B, H, L, L)
-        else:
-            qkv = dense(3 * self.d_model, self.d_model, False, self.dtype, False, "qkv_proj")(x)
-            parts = jnp.split(qkv, 3, axis=-1)  # (B, L, 3D) -> 3 x (B, L, D)
-            q, k, v = (part.reshape(batch, length, self.n_heads, head_dim).transpose(0, 2, 1, 3)
-                       for part in parts)  # each (B, H, L, K)
-            weights = causal_softmax(jnp.einsum("bhqk,bhsk->bhqs", q, k),
-                                     head_dim)  # (B, H, L, L)
-            out = jnp.einsum("bhqs,bhsk->bqhk", weights, v)  # (B, L, H, K)
-        out = out.reshape(batch, length, self.d_model)
-        out_proj = dense(self.d_model, self.d_model, False, self.dtype, self.canonical_layouts,
-                         "out_proj")
+        parts = Dense(3 * cfg.d_model, False, self.dtype, self.canonical_layouts, splits=3,
+                      name="qkv_proj")(x)  # 3 x (B, L, D) float32
+        q, k, v = (part.reshape(batch, length, cfg.n_heads, cfg.head_dim).transpose(0, 2, 1, 3)
+                   for part in parts)  # each (B, H, L, K)
+        if cfg.qk_norm:
+            q, k = RMSNorm(name="q_norm")(q), RMSNorm(name="k_norm")(k)
+        if cfg.positions == "rope":
+            q, k = rotary(q, cfg.rope_base), rotary(k, cfg.rope_base)
+        keep = None
+        if train and cfg.attention_dropout > 0:
+            rate = cfg.attention_dropout
+            kept = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate,
+                                        (batch, cfg.n_heads, length, length))
+            keep = kept.astype(jnp.float32) / (1.0 - rate)  # (B, H, L, L)
+        out, weights = attention_core(q, k, v, keep, self.dtype, self.canonical_layouts)
+        out = out.reshape(batch, length, cfg.d_model)
+        out_proj = Dense(cfg.d_model, False, self.dtype, self.canonical_layouts, name="out_proj")
         return out_proj(out), weights
 
 
+def feed_forward(x: jax.Array, cfg: ExperimentConfig, dtype: Any, canonical_layouts: bool
+                 ) -> jax.Array:
+    """The block's MLP, (B, L, D) -> (B, L, D) float32: ff_in and ff_out with biases, as layers of
+    the block that calls it (their names are the reference's)."""
+    if cfg.mlp == "swiglu":
+        gate, up = Dense(2 * cfg.d_ff, True, dtype, canonical_layouts, splits=2,
+                         name="ff_in")(x)  # 2 x (B, L, F)
+        h = nn.silu(gate) * up
+    else:
+        h = Dense(cfg.d_ff, True, dtype, canonical_layouts, name="ff_in")(x)  # (B, L, F)
+        # float32 in mixed precision too: XLA:CPU's bf16 erf is slower (docs/performance.md).
+        h = jnp.square(nn.relu(h)) if cfg.mlp == "relu2" else nn.gelu(h, approximate=False)
+    return Dense(cfg.d_model, True, dtype, canonical_layouts, name="ff_out")(h)
+
+
 class TransformerBlock(nn.Module):
-    d_model: int
-    n_heads: int
-    d_ff: int
-    dtype: jnp.dtype = jnp.float32
+    cfg: ExperimentConfig
+    dtype: Any = jnp.float32
     canonical_layouts: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
         """x: the float32 residual stream (B, L, D); the sublayers' products compute in `dtype`
         and return float32."""
-        h = RMSNorm(name="norm1")(x)
-        attn_out, weights = MultiHeadSelfAttention(self.d_model, self.n_heads, self.dtype,
-                                                   self.canonical_layouts, name="attn")(h)
-        x = x + attn_out
-        h = RMSNorm(name="norm2")(x)
-        h = dense(self.d_ff, self.d_model, True, self.dtype, self.canonical_layouts,
-                  "ff_in")(h)  # (B, L, F) float32
-        # float32 in mixed precision too: XLA:CPU's bf16 erf measured slower than float32's.
-        h = nn.gelu(h, approximate=False)
-        h = dense(self.d_model, self.d_ff, True, self.dtype, self.canonical_layouts,
-                  "ff_out")(h)  # (B, L, D)
-        return x + h, weights
+        dropout = nn.Dropout(self.cfg.dropout, deterministic=not train)
+        attn_out, weights = MultiHeadSelfAttention(self.cfg, self.dtype, self.canonical_layouts,
+                                                   name="attn")(norm(self.cfg, "norm1")(x), train)
+        x = x + dropout(attn_out)
+        ff_out = feed_forward(norm(self.cfg, "norm2")(x), self.cfg, self.dtype,
+                              self.canonical_layouts)
+        return x + dropout(ff_out), weights
+
+
+def tied_head(h: jax.Array, embedding: jax.Array, dtype: Any, canonical_layouts: bool
+              ) -> jax.Array:
+    """Logits (B, L, V) float32 from the token embedding (V, D) as the output head: h @ E^T."""
+    if is_mixed(dtype):
+        return bf16_dense(h, swap_last_two(embedding, canonical_layouts), None, canonical_layouts)
+    return jax.lax.dot_general(h, embedding, (((h.ndim - 1,), (1,)), ((), ())))
 
 
 class TinyTransformerLM(nn.Module):
-    vocab_size: int
-    d_model: int
-    n_heads: int
-    d_ff: int
-    max_seq_len: int
-    n_layers: int
-    dtype: jnp.dtype = jnp.float32  # compute dtype; parameters are always float32
-    positional_encoding: str = "sinusoidal"  # or "none": embeddings without positions
+    cfg: ExperimentConfig
+    dtype: Any = jnp.float32  # compute dtype; parameters are always float32
     canonical_layouts: bool = False  # bf16 products in the CPU kernels' layouts (`bf16`)
 
+    @property
+    def max_seq_len(self) -> int:
+        return self.cfg.seq_len
+
     @nn.compact
-    def __call__(self, ids: jax.Array, return_attention: bool = False
+    def __call__(self, ids: jax.Array, return_attention: bool = False, train: bool = False
                  ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
         """Logits (B, L, V) float32 for token ids (B, L); with `return_attention`, also the
-        attention weights of every layer, a list of (B, H, L, L) float32 arrays."""
+        attention weights of every layer, a list of (B, H, L, L) float32 arrays. `train` turns
+        dropout on (it then draws from the "dropout" rng stream)."""
+        cfg = self.cfg
         length = ids.shape[-1]
-        embed = nn.Embed(self.vocab_size, self.d_model, param_dtype=jnp.float32,
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32,
                          embedding_init=nn.initializers.normal(1.0), name="token_embedding")
         h = embed(ids)  # (B, L, D) float32
-        if self.positional_encoding == "sinusoidal":
-            h = h + sinusoidal_positions(self.max_seq_len, self.d_model)[:length]  # (L, D)
+        if cfg.positions == "sinusoidal":
+            h = h + sinusoidal_positions(cfg.seq_len, cfg.d_model)[:length]  # (L, D)
+        elif cfg.positions == "learned":
+            h = h + nn.Embed(cfg.seq_len, cfg.d_model, param_dtype=jnp.float32,
+                             embedding_init=nn.initializers.normal(1.0),
+                             name="position_embedding")(jnp.arange(length))  # (L, D)
+        h = nn.Dropout(cfg.dropout, deterministic=not train)(h)
         attention = []
-        for i in range(self.n_layers):
-            h, weights = TransformerBlock(self.d_model, self.n_heads, self.d_ff, self.dtype,
-                                          self.canonical_layouts, name=f"layers_{i}")(h)
+        for i in range(cfg.n_layers):
+            h, weights = TransformerBlock(cfg, self.dtype, self.canonical_layouts,
+                                          name=f"layers_{i}")(h, train)
             attention.append(weights)
-        h = RMSNorm(name="norm")(h)
-        logits = dense(self.vocab_size, self.d_model, False, self.dtype, self.canonical_layouts,
-                       "head")(h)  # (B, L, V) float32
+        h = norm(cfg, "norm")(h)
+        if cfg.tie_embeddings:
+            logits = tied_head(h, embed.embedding, self.dtype, self.canonical_layouts)
+        else:
+            logits = Dense(cfg.vocab_size, False, self.dtype, self.canonical_layouts,
+                           name="head")(h)  # (B, L, V) float32
         return (logits, attention) if return_attention else logits
 
 
-def build_model(cfg: ExperimentConfig, dtype: jnp.dtype = jnp.float32,
+def build_model(cfg: ExperimentConfig, dtype: Any = jnp.float32,
                 platform: str | None = None) -> TinyTransformerLM:
     """The experiment's model computing in `dtype`, for `platform` ("cpu", "cuda", "tpu"...;
     default: jax's default backend)."""
-    return TinyTransformerLM(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads,
-                             d_ff=cfg.d_ff, max_seq_len=cfg.seq_len, n_layers=cfg.n_layers,
-                             dtype=dtype, positional_encoding=cfg.positional_encoding,
-                             canonical_layouts=on_cpu(platform))
+    return TinyTransformerLM(cfg, dtype, canonical_layouts=on_cpu(platform))
 
 
 def on_cpu(platform: str | None = None) -> bool:
@@ -224,8 +282,10 @@ def count_params(params) -> int:
 
 def model_flops_per_step(cfg: ExperimentConfig) -> float:
     """Training FLOPs of one batch: 6 per matmul parameter per token, plus attention's
-    12 * layers * L * D per token (the PaLM paper's accounting; embeddings are lookups)."""
+    12 * layers * L * D per token (the PaLM paper's accounting; embeddings are lookups, but a
+    tied head is a product)."""
     params = count_params(jax.eval_shape(lambda: init_params(build_model(cfg), 0)))
-    matmul_params = params - cfg.vocab_size * cfg.d_model
-    per_token = 6 * matmul_params + 12 * cfg.n_layers * cfg.seq_len * cfg.d_model
+    lookups = (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model) + (
+        cfg.seq_len * cfg.d_model if cfg.positions == "learned" else 0)
+    per_token = 6 * (params - lookups) + 12 * cfg.n_layers * cfg.seq_len * cfg.d_model
     return float(per_token * cfg.batch_size * cfg.seq_len)

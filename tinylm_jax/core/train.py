@@ -11,6 +11,7 @@ the same steps, scanned over C batches per compiled call; the loop that chains t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -29,29 +30,49 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 
 class TrainState(train_state.TrainState):
-    """flax's TrainState plus the plateau schedule, whose scale multiplies every update."""
+    """flax's TrainState plus the plateau schedule, whose scale multiplies every update.
+
+    What a resume must restore is exactly this class's array fields (`arrays`): the params, the
+    optimiser's state (its step count drives a per-step schedule), the plateau's state and the
+    step (which, with the seed, fixes the dropout stream). New loop state that must survive a
+    resume is declared here, as one more array field, and nowhere else.
+    """
 
     plateau_state: optax.contrib.ReduceLROnPlateauState
     plateau: optax.GradientTransformationExtraArgs = struct.field(pytree_node=False)
-    base_lr: float = struct.field(pytree_node=False)
+    lr_schedule: optax.Schedule = struct.field(pytree_node=False)  # the peak-lr-relative curve
+    seed: int = struct.field(pytree_node=False, default=0)  # of the dropout stream
 
     @property
     def learning_rate(self) -> float:
-        return self.base_lr * float(self.plateau_state.scale)
+        """The rate of the next step (AdamW's; with muon, that of the parameters AdamW keeps)."""
+        return float(self.lr_schedule(self.step)) * float(self.plateau_state.scale)
 
     def step_plateau(self, val_loss: float) -> TrainState:
         """Advance the plateau schedule by one epoch's validation loss."""
         _, plateau_state = self.plateau.update({}, self.plateau_state, value=jnp.float32(val_loss))
         return self.replace(plateau_state=plateau_state)
 
+    def dropout_key(self) -> jax.Array:
+        """The dropout stream's key for the next step: a pure function of (seed, step)."""
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), DROPOUT_STREAM),
+                                  self.step)
+
+    def arrays(self) -> dict[str, Any]:
+        """Every array field, by name: what a checkpoint saves and a restore puts back."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                if field.metadata.get("pytree_node", True)}
+
+
+DROPOUT_STREAM = 1  # folded into the seed's key, apart from the parameters' initialisation
+
 
 def compute_dtype(precision: str) -> jnp.dtype:
     """The compute dtype of `precision`.
 
     `auto` is the fastest precision whose full protocol has been shown to stay within 2% of the
-    reference at every epoch: bfloat16, on every platform. On a CPU that is the fast path: 1.6-1.7x
-    float32's step on jax 0.12 and 1.3-1.5x on jax 0.10.2 (docs/performance.md), and its baseline
-    protocol on jax 0.12 stayed within 1.8% of the reference at every epoch (results/README.md).
+    reference at every epoch: bfloat16, on every platform (on a CPU, the fast path; the speeds
+    are in docs/performance.md, the protocols in results/README.md).
     """
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
@@ -78,35 +99,90 @@ def clip_norm_schedule(cfg: ExperimentConfig) -> optax.Schedule:
     return max_norm
 
 
-def make_optimizer(cfg: ExperimentConfig) -> optax.GradientTransformation:
-    """Clip, then AdamW with torch's defaults (optax's default weight decay differs)."""
-    return optax.chain(
-        optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=clip_norm_schedule(cfg)),
-        optax.adamw(cfg.lr, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
-                    weight_decay=cfg.weight_decay),
-    )
+def check_schedule(cfg: ExperimentConfig, total_steps: int) -> None:
+    """Refuse a per-step schedule that does not fit in the run's `total_steps`."""
+    if cfg.schedule == "plateau":
+        return
+    decay = round(cfg.decay_fraction * total_steps) if cfg.schedule == "wsd" else 0
+    if cfg.warmup_steps + decay >= total_steps:
+        parts = f"warmup_steps ({cfg.warmup_steps})" + (f" and the decay ({decay} steps)"
+                                                         if decay else "")
+        raise UserError(f"{parts} must leave steps over in the run's {total_steps} steps "
+                        f"(schedule = {cfg.schedule!r})")
+
+
+def lr_schedule(cfg: ExperimentConfig, total_steps: int, peak: float) -> optax.ScalarOrSchedule:
+    """The learning rate at each optimiser step, peaking at `peak`, for a run of `total_steps`
+    (`check_schedule` has passed; a shorter length only shapes a template state).
+
+    The plateau's is the constant `peak` itself (the reference's), after any warmup; cosine and
+    wsd end at `peak * lr_floor` on the run's last step.
+    """
+    floor, warmup = peak * cfg.lr_floor, cfg.warmup_steps
+    if cfg.schedule == "plateau":
+        return optax.warmup_constant_schedule(0.0, peak, warmup) if warmup else peak
+    total_steps = max(total_steps, warmup + 1)
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total_steps, floor)
+    decay = min(round(cfg.decay_fraction * total_steps), total_steps - warmup)
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
+                                 optax.constant_schedule(peak),
+                                 optax.linear_schedule(peak, floor, max(decay, 1))],
+                                [warmup, total_steps - decay])
+
+
+def muon_matrices(params: Any) -> Any:
+    """Muon's share of the params: the blocks' weight matrices, orthogonalised as (in, out); the
+    embeddings, the head, biases and norms (None) stay with AdamW, as Muon's authors keep them."""
+    def spec(path: tuple[Any, ...], leaf: jax.Array) -> optax.contrib.MuonDimensionNumbers | None:
+        names = [getattr(key, "key", "") for key in path]
+        in_block = any(str(name).startswith("layers_") for name in names)
+        return (optax.contrib.MuonDimensionNumbers()
+                if in_block and names[-1] == "kernel" and leaf.ndim == 2 else None)
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def make_optimizer(cfg: ExperimentConfig, total_steps: int = 1) -> optax.GradientTransformation:
+    """Clip, then AdamW with torch's defaults (optax's default weight decay differs), or Muon
+    for the blocks' matrices beside AdamW for the rest; each at its schedule."""
+    clip = optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=clip_norm_schedule(cfg))
+    adam_lr = lr_schedule(cfg, total_steps, cfg.lr)
+    if cfg.optimizer == "muon":
+        return optax.chain(clip, optax.contrib.muon(
+            lr_schedule(cfg, total_steps, cfg.muon_lr), weight_decay=cfg.weight_decay,
+            adam_b1=cfg.adam_b1, adam_b2=cfg.adam_b2, adam_weight_decay=cfg.weight_decay,
+            adam_learning_rate=adam_lr, muon_weight_dimension_numbers=muon_matrices))
+    return optax.chain(clip, optax.adamw(adam_lr, b1=cfg.adam_b1, b2=cfg.adam_b2,
+                                         eps=cfg.adam_eps, weight_decay=cfg.weight_decay))
 
 
 def make_plateau(cfg: ExperimentConfig) -> optax.GradientTransformationExtraArgs:
-    """torch's ReduceLROnPlateau(mode="min", threshold_mode="rel") in optax.
+    """torch's ReduceLROnPlateau(mode="min", threshold_mode="rel") in optax; under a per-step
+    schedule (cosine, wsd) its scale is held at 1 (min_scale): it never cuts.
 
     torch cuts the rate once the count of bad epochs *exceeds* its patience; optax cuts when the
     count *reaches* its own, hence the +1.
     """
+    per_step = {} if cfg.schedule == "plateau" else {"min_scale": 1.0}
     return optax.contrib.reduce_on_plateau(factor=cfg.plateau_factor,
                                            patience=cfg.plateau_patience + 1,
-                                           rtol=cfg.plateau_threshold, atol=0.0)
+                                           rtol=cfg.plateau_threshold, atol=0.0, **per_step)
 
 
 def create_train_state(cfg: ExperimentConfig, precision: str = "auto",
-                       platform: str | None = None) -> TrainState:
+                       platform: str | None = None, total_steps: int = 1) -> TrainState:
     """A fresh state: the model for `platform` (default: jax's default backend) in `precision`,
-    its initial params, AdamW and the plateau schedule."""
+    its initial params, the optimiser and the plateau schedule. `total_steps`, the optimiser
+    steps of the whole run, sets the length of a per-step schedule (cosine, wsd)."""
     model = build_model(cfg, compute_dtype(precision), platform)
     params = init_params(model, cfg.seed)
     plateau = make_plateau(cfg)
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=make_optimizer(cfg),
-                              plateau=plateau, plateau_state=plateau.init(params), base_lr=cfg.lr)
+    schedule = lr_schedule(cfg, total_steps, cfg.lr)
+    state = TrainState.create(apply_fn=model.apply, params=params,
+                              tx=make_optimizer(cfg, total_steps), plateau=plateau,
+                              plateau_state=plateau.init(params), seed=cfg.seed,
+                              lr_schedule=schedule if callable(schedule) else lambda _: schedule)
     return state.replace(step=jnp.zeros((), jnp.int32))  # the dtype training gives it
 
 
@@ -121,7 +197,8 @@ def weighted_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
 def _train_step(state: TrainState, batch: dict[str, jax.Array]
                 ) -> tuple[TrainState, dict[str, jax.Array]]:
     def loss_fn(params):
-        logits = state.apply_fn({"params": params}, batch["inputs"])
+        logits = state.apply_fn({"params": params}, batch["inputs"], train=True,
+                                rngs={"dropout": state.dropout_key()})
         loss_sum, tokens = weighted_loss(logits, batch["targets"], batch["weights"])
         return loss_sum / tokens, (loss_sum, tokens)
 

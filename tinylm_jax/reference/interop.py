@@ -53,6 +53,12 @@ def _expected(cfg: ExperimentConfig) -> dict[str, tuple[tuple[str, ...], tuple[i
     return table
 
 
+def check_representable(cfg: ExperimentConfig) -> None:
+    """Refuse (ValueError) a config the reference's PyTorch model cannot be, naming its fields."""
+    if beyond := cfg.beyond_reference():
+        raise ValueError(f"the reference's PyTorch model cannot represent {', '.join(beyond)}")
+
+
 def _mismatches(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, Any], what: str
                 ) -> list[str]:
     """Every missing, unexpected or mis-shaped entry of `given`, named."""
@@ -66,8 +72,10 @@ def _mismatches(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, Any
 def params_from_torch_state_dict(state_dict: Mapping[str, Any], cfg: ExperimentConfig) -> dict:
     """This model's params for `cfg` from a reference-model `state_dict`.
 
-    Raises ValueError naming every missing, unexpected or mis-shaped key.
+    Raises ValueError naming every missing, unexpected or mis-shaped key, or the fields of a
+    config the reference's model cannot be (`beyond_reference`).
     """
+    check_representable(cfg)
     expected = _expected(cfg)
     given = {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[-1] not in IGNORED_BUFFERS}
     problems = _mismatches({k: shape for k, (_, shape, _) in expected.items()}, given, "key")
@@ -100,11 +108,9 @@ def torch_state_dict_from_params(params: Mapping[str, Any], cfg: ExperimentConfi
     reference's `load_state_dict` (strict) takes it as it is.
 
     Raises ValueError naming every missing, unexpected or mis-shaped param ("layers_0/ff_in/bias"),
-    and for a model without positions, which the reference's model (it always adds them) cannot be.
+    and for a model the reference's cannot be, naming the fields (`beyond_reference`).
     """
-    if cfg.positional_encoding != "sinusoidal":
-        raise ValueError(f"the reference's model always adds sinusoidal positions; this one uses "
-                         f"positional_encoding = {cfg.positional_encoding!r}")
+    check_representable(cfg)
     expected = _expected(cfg)
     given = {"/".join(path): value for path, value in traverse_util.flatten_dict(params).items()}
     shapes = {"/".join(path): shape[::-1] if transpose else shape

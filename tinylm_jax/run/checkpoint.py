@@ -1,7 +1,10 @@
-"""orbax checkpoints of a run: the latest and the best (lowest validation loss) are both kept.
+"""orbax checkpoints of a run: the latest and the best (the protocol's best epoch,
+`metrics.best_epoch`) are both kept.
 
 Checkpoints are numbered 1, 2, 3, ... in the order they are saved: one at the end of every epoch,
-with its validation loss, and one wherever a run is stopped (a signal, `--stop-at-step`), without.
+ranked, and one wherever a run is stopped (a signal, `--stop-at-step`), unranked. An epoch's
+checkpoint ranks by the epoch's number if it set a new best (`metrics.latest_is_best`) and 0 if
+not, so the highest rank is the best epoch's.
 Each holds the train state's arrays (params, optimiser and plateau state, step) and a JSON record
 of the run so far: its history and, for a stop mid-epoch, the epoch's progress.
 
@@ -18,7 +21,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as policy
 from tokenizers import Tokenizer
 
 from tinylm_jax.core.config import ExperimentConfig, UserError
+from tinylm_jax.core.metrics import latest_is_best
 from tinylm_jax.core.model import TinyTransformerLM, build_model
 from tinylm_jax.core.parallel import barrier, is_primary
 from tinylm_jax.core.train import TrainingDiverged, TrainState, compute_dtype, create_train_state
@@ -47,15 +50,9 @@ class DiskFull(UserError):
     """The disk filled up during a save; the checkpoints saved before are untouched."""
 
 
-def _ranked_loss(metrics: dict[str, float]) -> float:
-    """Validation loss for ranking; a non-finite loss ranks last, so it is never the best."""
-    loss = metrics["val_loss"]
-    return loss if math.isfinite(loss) else math.inf
-
-
-def _arrays(state: TrainState) -> dict[str, Any]:
-    return {"params": state.params, "opt_state": state.opt_state,
-            "plateau_state": state.plateau_state, "step": state.step}
+def _rank(metrics: dict[str, float]) -> float:
+    """An epoch checkpoint's rank: the epoch if it set a new best, else 0 (module docstring)."""
+    return metrics["new_best_epoch"]
 
 
 def _host_leaves(arrays: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
@@ -106,13 +103,13 @@ class RunCheckpoints:
                 shutil.rmtree(leftover)  # a save that never committed
         barrier("checkpoints-tidy")
         options = ocp.CheckpointManagerOptions(
-            best_fn=_ranked_loss,
-            best_mode="min",
+            best_fn=_rank,
+            best_mode="max",
             # max_to_keep with best_fn can evict the latest; this keeps both explicitly. A stop's
             # checkpoint has no metrics and lives only as long as it is the latest.
             preservation_policy=policy.AnyPreservationPolicy([
                 policy.LatestN(n=1),
-                policy.BestN(get_metric_fn=_ranked_loss, reverse=True, n=1,
+                policy.BestN(get_metric_fn=_rank, reverse=False, n=1,
                              keep_checkpoints_without_metrics=False),
             ]),
             enable_async_checkpointing=False,
@@ -121,11 +118,11 @@ class RunCheckpoints:
         )
         self.manager = ocp.CheckpointManager(self.folder, options=options)
 
-    def save(self, state: TrainState, record: dict[str, Any], val_loss: float | None = None
-             ) -> int:
-        """Save as the next checkpoint number; `val_loss` ranks it (None: a stop's checkpoint)."""
+    def save(self, state: TrainState, record: dict[str, Any], epoch_end: bool = False) -> int:
+        """Save as the next checkpoint number; an `epoch_end` checkpoint is ranked by the
+        record's history (a stop's is not)."""
         number = (self.manager.latest_step() or 0) + 1
-        leaves = _host_leaves(_arrays(state))
+        leaves = _host_leaves(state.arrays())
         bad = [path for path, value in leaves  # the plateau's best loss starts at inf
                if not path.startswith("['plateau_state']")
                and np.issubdtype(value.dtype, np.inexact) and not np.all(np.isfinite(value))]
@@ -134,10 +131,12 @@ class RunCheckpoints:
                                    "not checkpointed")
         record = {**record, "checksums": {"arrays": _arrays_sha256(leaves),
                                           "record": _record_sha256(record)}}
-        metrics = None if val_loss is None else {"val_loss": float(val_loss)}
+        history = record["history"]
+        metrics = ({"new_best_epoch": len(history) if latest_is_best(history) else 0}
+                   if epoch_end else None)
         try:
             saved = self.manager.save(number, metrics=metrics, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_arrays(state)), record=ocp.args.JsonSave(record)))
+                state=ocp.args.StandardSave(state.arrays()), record=ocp.args.JsonSave(record)))
             self.manager.wait_until_finished()
         except Exception as err:
             if _disk_full(err):
@@ -152,11 +151,12 @@ class RunCheckpoints:
         return self.manager.latest_step()
 
     def best(self) -> int | None:
+        """The best epoch's checkpoint (`metrics.best_epoch`)."""
         return self.manager.best_step()
 
     def restore(self, number: int, template: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """Checkpoint `number` (shaped like `template`) and its record, both verified."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _arrays(template))
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template.arrays())
         try:
             restored = self.manager.restore(number, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))

@@ -21,12 +21,18 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from tinylm_jax.core.config import ExperimentConfig, UserError
+from tinylm_jax.core.config import ExperimentConfig, UserError, require_positive
 from tinylm_jax.core.data import Dataset, build_dataset, file_sha256, read_corpus, resolve_corpus
 from tinylm_jax.core.metrics import best_epoch, should_stop
 from tinylm_jax.core.model import build_model, count_params, init_params
 from tinylm_jax.core.parallel import barrier, check_batch_fits, data_mesh, is_primary, replicate
-from tinylm_jax.core.train import compute_dtype, compute_dtype_name, create_train_state, epoch_steps
+from tinylm_jax.core.train import (
+    check_schedule,
+    compute_dtype,
+    compute_dtype_name,
+    create_train_state,
+    epoch_steps,
+)
 from tinylm_jax.core.versions import package_versions
 from tinylm_jax.run import loop
 from tinylm_jax.run.checkpoint import RunCheckpoints
@@ -83,8 +89,7 @@ def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> P
     for flag, value in (("--max-steps-per-epoch", opts.max_steps_per_epoch),
                         ("--steps-per-chunk", opts.steps_per_chunk),
                         ("--stop-at-step", opts.stop_at_step)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be positive, got {value}")
+        require_positive(flag, value)
     folder = RunFolder(opts.out_dir)
     if not dry_run:
         folder.check_usable(opts.resume, opts.overwrite)
@@ -99,8 +104,15 @@ def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> P
         data = build_dataset(text, cfg, tokenizer)
     except UserError as err:  # the corpus cannot serve this config: say which corpus
         raise UserError(f"{corpus}: {err}") from None
+    check_schedule(cfg, total_steps(cfg, data, opts))
     params = jax.eval_shape(lambda: init_params(build_model(cfg), cfg.seed))
     return PreparedRun(cfg, opts, corpus, corpus_sha256, data, count_params(params), mesh)
+
+
+def total_steps(cfg: ExperimentConfig, data: Dataset, opts: RunOptions) -> int:
+    """The optimiser steps of the whole protocol, if it runs all its epochs: the length of a
+    per-step schedule."""
+    return cfg.num_epochs * epoch_steps(cfg, data, opts.max_steps_per_epoch)
 
 
 def set_member(opts: RunOptions) -> RunOptions:
@@ -168,7 +180,9 @@ def train_prepared(run: PreparedRun, hooks: Sequence[EpochHook] = (),
                                  hooks=tuple(hooks), steps_per_chunk=opts.steps_per_chunk,
                                  stop_at_step=opts.stop_at_step, show_progress=opts.progress,
                                  signals=signals, log=log)
-            fresh = replicate(create_train_state(run.cfg, opts.precision), run.mesh)
+            fresh = replicate(create_train_state(run.cfg, opts.precision,
+                                                 total_steps=total_steps(run.cfg, run.data, opts)),
+                              run.mesh)
             position = loop.start(run_loop, checkpoints, fresh, opts.resume, _warn)
             kept = _summary_of_ended_run(run, position)
             if primary and kept is None:  # only now: a resume refused above has changed nothing
@@ -234,7 +248,3 @@ def _summary(run: PreparedRun, history: list[dict[str, Any]], wall: float) -> di
         "wall_time_s": wall,
     }
 
-
-def run_experiment(cfg: ExperimentConfig, opts: RunOptions, hooks: Sequence[EpochHook] = (),
-                   log: Callable[[str], None] = _print) -> RunResult:
-    return train_prepared(prepare(cfg, opts), hooks, log)

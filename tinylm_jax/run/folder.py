@@ -202,8 +202,11 @@ class RunFolder:
         """Refuse to resume with another config or other `settings` (config.json's keys)."""
         stored, record = self.read_record()
         old, new = stored.to_dict(), cfg.to_dict()
+        # A per-step schedule's length is the protocol's: its epochs may not change either.
+        free = RESUMABLE_CHANGES if cfg.schedule == "plateau" else ("name",
+                                                                   "early_stop_patience")
         changed = [f"{key} ({old[key]!r} -> {new[key]!r})" for key in old
-                   if key not in RESUMABLE_CHANGES and old[key] != new[key]]
+                   if key not in free and old[key] != new[key]]
         for key, value in settings.items():
             if key == "corpus_sha256" and record.get(key) != value:
                 changed.append("corpus (its sha256 differs)")

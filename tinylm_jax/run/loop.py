@@ -96,8 +96,7 @@ RECORD_KEYS = ("history", "wall_time_s", "epoch_in_progress")  # a hook may use 
 def _check_hooks(hooks: tuple[EpochHook, ...]) -> None:
     """Each hook's rows go under its own name, in the record and as `<name>.csv`."""
     names = [hook.name for hook in hooks]
-    clashes = sorted({name for name in names if names.count(name) > 1 or name in RECORD_KEYS
-                      or name == "history"})
+    clashes = sorted({name for name in names if names.count(name) > 1 or name in RECORD_KEYS})
     if clashes:
         raise ValueError(f"epoch hook names must be distinct and not {', '.join(RECORD_KEYS)}: "
                          f"{', '.join(clashes)}")
@@ -116,6 +115,7 @@ class EpochProgress:
     steps_done: int = 0  # steps taken so far
     loss_sums: list[float] = dataclasses.field(default_factory=list)  # summed CE, one per step
     token_counts: list[float] = dataclasses.field(default_factory=list)  # its tokens, per step
+    lr: float | None = None  # the learning rate at the epoch's first step (history's lr)
     seconds: float = 0.0  # training time spent on this epoch so far, over every session
     tokens_per_s: float = math.nan  # throughput of the latest session, compilation excluded
 
@@ -231,14 +231,17 @@ def run_epochs(loop: Loop, position: Position, folder: RunFolder, checkpoints: R
 
     earlier_seconds = position.wall_time_s  # the sessions before this one
 
-    def save(val_loss: float | None = None) -> int:
+    def save(epoch_end: bool = False) -> int:
         position.wall_time_s = earlier_seconds + time.perf_counter() - began
-        return checkpoints.save(position.state, position.record(), val_loss)
+        return checkpoints.save(position.state, position.record(), epoch_end)
 
     while not protocol_ended(cfg, position.history):
         epoch = len(position.history) + 1
-        progress = position.progress or EpochProgress(epoch, loop.steps_per_epoch)
-        lr = position.state.learning_rate
+        progress = position.progress or EpochProgress(epoch, loop.steps_per_epoch,
+                                                      lr=position.state.learning_rate)
+        # A record from before the field has no lr: the rate now is the epoch's under the
+        # plateau schedule, the only one those versions had.
+        lr = position.state.learning_rate if progress.lr is None else progress.lr
         done_before = progress.steps_done
         until = (None if loop.stop_at_step is None
                  else loop.stop_at_step - (epoch - 1) * loop.steps_per_epoch)
@@ -261,7 +264,7 @@ def run_epochs(loop: Loop, position: Position, folder: RunFolder, checkpoints: R
         for hook in loop.hooks:  # 4
             position.hook_rows[hook.name] += hook.epoch_end(epoch, position.state)
         position.progress = None
-        save(val_loss)  # 5
+        save(epoch_end=True)  # 5
         if is_primary():  # with several processes, process 0 writes the files
             write_epoch_files(folder, position, loop.hooks)
         _log_epoch(loop, position.history, val_seconds)
