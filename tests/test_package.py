@@ -65,7 +65,7 @@ def test_tinylm_lists_every_command_and_hands_each_its_own_parser(capsys):
 def test_tinylm_without_a_known_command_is_one_line(argv, message, capsys):
     assert tinylm.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {message}; choose one of train, analyze") and \
+    assert err.startswith(f"error: {message}; choose one of train, sweep, analyze") and \
         err.count("\n") == 1
 
 

@@ -2,9 +2,12 @@
 
 The API, typed, and imported on first use (so `import tinylm_jax` loads no jax):
 
-    load_config(name_or_path) -> ExperimentConfig       baseline, medium, wider, or a .toml
+    load_config(name_or_path, overrides) -> ExperimentConfig
+                                    baseline, medium, wider, any experiments/*.toml, or a path
     train(config_or_name, out_dir, **overrides) -> Run  the protocol, as `tinylm train` runs it
     train_seeds(config_or_name, out_dir, seeds, **overrides) -> list[Run]
+    sweep(config_or_name, out_dir, grid, seeds, **overrides) -> list[Run]
+                                    every combination of `grid` ({field: [values]}) x seeds
     load_run(path) -> Run                               config, history, summary, params
     create_train_state(cfg, precision, platform) -> TrainState
     train_step(state, batch) -> (state, metrics)        jitted; the state is donated
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tinylm_jax.api.runs import Run, load_run, train, train_seeds
+    from tinylm_jax.api.sweep import sweep
     from tinylm_jax.core.config import ExperimentConfig, UserError, load_config
     from tinylm_jax.core.train import TrainState, create_train_state, eval_step, train_step
 
@@ -26,11 +30,12 @@ _HOMES = {
     "UserError": "tinylm_jax.core.config",
     "train": "tinylm_jax.api.runs", "train_seeds": "tinylm_jax.api.runs",
     "load_run": "tinylm_jax.api.runs", "Run": "tinylm_jax.api.runs",
+    "sweep": "tinylm_jax.api.sweep",
     "create_train_state": "tinylm_jax.core.train", "train_step": "tinylm_jax.core.train",
     "eval_step": "tinylm_jax.core.train", "TrainState": "tinylm_jax.core.train",
 }
 __all__ = ["ExperimentConfig", "Run", "TrainState", "UserError", "create_train_state",
-           "eval_step", "load_config", "load_run", "train", "train_seeds", "train_step"]
+           "eval_step", "load_config", "load_run", "sweep", "train", "train_seeds", "train_step"]
 
 
 def __getattr__(name: str) -> Any:

@@ -46,7 +46,7 @@ from tinylm_jax.analysis.runs import (
     reference_partners,
 )
 from tinylm_jax.analysis.sampling import generate
-from tinylm_jax.analysis.spread import read_sets, spread_markdown
+from tinylm_jax.analysis.spread import read_sets, spread_markdown, sweep_markdown
 from tinylm_jax.analysis.tokenizer_study import tokenizer_report, tokenizer_study
 from tinylm_jax.core.config import UserError
 from tinylm_jax.core.files import write_csv_atomic, write_text_atomic
@@ -124,6 +124,17 @@ def write_spread(paths: list[Path], out_dir: Path, command: str) -> list[Path]:
     figure = plots.spread_bands(sets, out_dir / "spread.png")
     report = out_dir / "spread.md"
     write_text_atomic(report, spread_markdown(sets, figure.name, command))
+    return [report, figure]
+
+
+def write_sweep(sweep_dir: Path, command: str) -> list[Path]:
+    """A sweep's table and figure (sweep.md, sweep.png) in its folder: each setting's folder a
+    set of seeds, in name order; members not finished are left out."""
+    settings = sorted(path for path in Path(sweep_dir).iterdir() if path.is_dir())
+    sets = read_sets(settings)
+    figure = plots.spread_bands(sets, Path(sweep_dir) / "sweep.png")
+    report = Path(sweep_dir) / "sweep.md"
+    write_text_atomic(report, sweep_markdown(sets, figure.name, command))
     return [report, figure]
 
 

@@ -231,3 +231,26 @@ def spread_markdown(sets: list[ExperimentSpread], figure_name: str, command: str
                       f"; {best_epochs_sentence(group.best_epochs, group.still_improving)}."]
     lines += ["", f"![Per-epoch band]({figure_name})", ""]
     return "\n".join(lines)
+
+
+def sweep_markdown(sets: list[ExperimentSpread], figure_name: str, command: str) -> str:
+    """A sweep's table: one row per setting (its set of seeds), with the spread's figures; the
+    setting of the lowest mean best PPL is marked."""
+    best = min(range(len(sets)), key=lambda index: sets[index].best.mean)
+    lines = ["# Sweep", "",
+             f"One row per setting, over its seeds. Reproduce: `{command}`. Best PPL: each run's "
+             "best validation perplexity; last PPL: its last epoch's, which selects nothing; sd "
+             "with n - 1. The setting of the lowest mean best PPL is in bold.", "",
+             "| Setting | Runs (seeds) | Best PPL mean ± sd | Min-max | Best epochs | "
+             "Last PPL mean |", "|---|---|---:|---:|---|---:|"]
+    for index, group in enumerate(sets):
+        spread_ = group.best
+        seeds = ", ".join(str(run.seed) for run in group.runs)
+        last = spread([run.history[-1]["val_ppl"] for run in group.runs])
+        mark = "**" if index == best else ""
+        lines.append(f"| {mark}{group.label}{mark} | {spread_.n} ({seeds}) | "
+                     f"{mark}{spread_.mean_and_sd()}{mark} | {spread_.range_text()} | "
+                     f"{best_epochs_text(group.best_epochs, group.still_improving)} | "
+                     f"{last.mean:.2f} |")
+    lines += ["", f"![Validation perplexity per setting]({figure_name})", ""]
+    return "\n".join(lines)

@@ -84,7 +84,7 @@ def default_hooks(run: PreparedRun) -> list[EpochHook]:
 def train(config: str | Path | ExperimentConfig, out_dir: str | Path, **overrides: Any) -> Run:
     """Train `config` (an experiment's name, a TOML path or a config) in run folder `out_dir`
     until its protocol ends or a stop is asked for (`Run.stop` says which)."""
-    prepared = prepare(*_resolve(config, Path(out_dir), overrides))
+    prepared = prepare(*resolve(config, Path(out_dir), overrides))
     return load_run(out_dir, train_in_order([prepared])[0])
 
 
@@ -96,7 +96,7 @@ def train_seeds(config: str | Path | ExperimentConfig, out_dir: str | Path,
     the first member stopped on request."""
     spec = seeds if isinstance(seeds, str) else ",".join(str(seed) for seed in seeds)
     prepared = [prepare(cfg, set_member(opts)) for cfg, opts in (
-        _resolve(config, seed_member(Path(out_dir), seed), {**overrides, "seed": seed})
+        resolve(config, seed_member(Path(out_dir), seed), {**overrides, "seed": seed})
         for seed in parse_seeds(spec))]
     stops = train_in_order(prepared)  # shorter than `prepared` where a member was stopped
     return [load_run(one.opts.out_dir, stop)
@@ -114,8 +114,8 @@ def train_in_order(prepared: Sequence[PreparedRun]) -> list[Stop]:
     return stops
 
 
-def _resolve(config: str | Path | ExperimentConfig, out_dir: Path, overrides: dict[str, Any]
-             ) -> tuple[ExperimentConfig, RunOptions]:
+def resolve(config: str | Path | ExperimentConfig, out_dir: Path, overrides: dict[str, Any]
+            ) -> tuple[ExperimentConfig, RunOptions]:
     """The config with its overridden fields, and the run's options."""
     cfg = config if isinstance(config, ExperimentConfig) else load_config(str(config))
     fields = {key: value for key, value in overrides.items() if key not in RUN_OPTIONS}

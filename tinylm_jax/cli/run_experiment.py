@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from tinylm_jax.analysis import reports
 from tinylm_jax.api.runs import train_in_order
@@ -16,7 +17,9 @@ from tinylm_jax.core.config import (
     UserError,
     check_seed,
     load_config,
+    parse_override,
     parse_seeds,
+    require_positive,
 )
 from tinylm_jax.core.parallel import initialize_distributed, is_primary
 from tinylm_jax.core.train import PRECISIONS
@@ -25,33 +28,46 @@ from tinylm_jax.run.folder import seed_member
 from tinylm_jax.run.loop import Stop
 
 
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of every command that trains (train, sweep): the corpus, the fields, the
+    budget, the precision and how the steps are shown and launched."""
+    parser.add_argument("--data", help="corpus file (default: $TINYLM_DATA, else a verified "
+                        "download cached under ~/.cache/tinylm_jax)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override any field of the experiment, e.g. "
+                        "--set lr=1e-3 --set positions=rope (repeatable; values are read as "
+                        "TOML: 1e-3, 64, true, or a bare word)")
+    parser.add_argument("--max-epochs", type=int, help="override the experiment's num_epochs")
+    parser.add_argument("--max-steps-per-epoch", type=int,
+                        help="train at most this many steps per epoch (quick runs)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="compute precision; auto = bf16 (on a CPU, the fast path)")
+    parser.add_argument("--steps-per-chunk", type=int, help="training steps per compiled call "
+                        "(default: 100 on GPU/TPU, 10 on CPU); results do not depend on it")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="run_experiment.py",
-        description="Train the reference report's tiny Transformer on Tiny Shakespeare.")
-    parser.add_argument("experiment", help=f"{', '.join(EXPERIMENT_NAMES)}, all (the three in "
-                        "order, plus a comparison table), or a path to an experiment .toml")
-    parser.add_argument("--data", help="corpus file (default: $TINYLM_DATA, else a verified "
-                        "download cached under ~/.cache/tinylm_jax)")
+        description="Train a small Transformer language model: the reference report's three "
+        "experiments, replayed exactly, or your own experiment (a TOML file that extends one, "
+        "and --set for any field).")
+    parser.add_argument("experiment", help=f"{', '.join(EXPERIMENT_NAMES)} (the reference's), "
+                        "all (the three in order, plus a comparison table), the name of any "
+                        "experiments/*.toml, or a path to an experiment .toml")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/<experiment>; "
                         "with 'all', the parent of the three run folders, default runs/)")
     parser.add_argument("--seed", type=int, help="override the experiment's random seed")
     parser.add_argument("--seeds", help="train a set of runs that differ only in the random seed "
                         "(initialisation and data order), one after another, e.g. 0-4 or 0,2,7: "
                         "run folders seed-N inside --out; --resume continues the set")
-    parser.add_argument("--max-epochs", type=int, help="override the experiment's num_epochs")
-    parser.add_argument("--max-steps-per-epoch", type=int,
-                        help="train at most this many steps per epoch (quick runs)")
-    parser.add_argument("--steps-per-chunk", type=int, help="training steps per compiled call "
-                        "(default: 100 on GPU/TPU, 10 on CPU); results do not depend on it")
     parser.add_argument("--devices", type=int, help="split each batch over the first N devices "
                         "(default: all devices, of every process)")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0, to train as one of "
                         "several processes (with --num-processes and --process-id)")
     parser.add_argument("--num-processes", type=int, default=1, help="processes in the run")
     parser.add_argument("--process-id", type=int, default=0, help="this process's rank")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="compute precision; auto = bf16 (on a CPU, the fast path)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest "
                         "checkpoint in the run folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -60,17 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "--resume continues it")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config, "
                         "parameter count and window counts; train nothing")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_training_arguments(parser)
     parser.add_argument("--analyze", action="store_true", help="after each run, write every "
                         "analysis of `scripts/analyze.py all` into its run folder")
     return parser
 
 
+def overrides(args: argparse.Namespace, seed: int | None = None) -> dict[str, Any]:
+    """The fields the command line sets: --set's, then --seed's and --max-epochs'."""
+    fields = dict(parse_override(text) for text in args.overrides)
+    named = {"seed": seed, "num_epochs": args.max_epochs}
+    return {**fields, **{key: value for key, value in named.items() if value is not None}}
+
+
 def _config(name: str, args: argparse.Namespace, seed: int | None) -> ExperimentConfig:
-    cfg = load_config(name)
-    overrides = {"seed": seed, "num_epochs": args.max_epochs}
-    overrides = {key: value for key, value in overrides.items() if value is not None}
-    return cfg.replace(**overrides) if overrides else cfg
+    return load_config(name, overrides(args, seed), overrides_source="command line")
 
 
 def _runs(args: argparse.Namespace) -> list[tuple[str, int | None, Path]]:
@@ -97,8 +117,7 @@ def run(args: argparse.Namespace) -> int | Stop:
     keep_host_buffers()  # after jax.distributed starts (it reads the backend), before any step
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
-    if args.max_epochs is not None and args.max_epochs < 1:
-        raise UserError(f"--max-epochs must be positive, got {args.max_epochs}")
+    require_positive("--max-epochs", args.max_epochs)
     if args.seed is not None:
         if args.seeds is not None:
             raise UserError("--seed and --seeds exclude each other")

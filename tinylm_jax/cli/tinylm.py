@@ -13,7 +13,9 @@ import textwrap
 # name: (module in tinylm_jax.cli, its main, the script it mirrors, what it does)
 COMMANDS = {
     "train": ("run_experiment", "main", "run_experiment.py",
-              "train an experiment, all three, or a set of random seeds"),
+              "train an experiment (the reference's or your own), all three, or a set of seeds"),
+    "sweep": ("sweep", "main", "sweep.py",
+              "a grid of overrides times a set of seeds, with a table of the settings"),
     "analyze": ("analyze", "analyze_main", "analyze.py",
                 "the reference report's figures and tables from finished runs"),
     "generate": ("analyze", "generate_main", "generate.py", "sample text from a run"),
@@ -33,6 +35,8 @@ COMMANDS = {
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: tinylm COMMAND [ARGS...]   (tinylm COMMAND --help for its options)", "",
+             "A small-language-model study kit: the reference report's tiny Transformer "
+             "replayed", "exactly, and your own experiments (TOML files, --set, sweeps).", "",
              "commands:"]
     lines += [f"  {name:<{width}}  {what}" for name, (_, _, _, what) in COMMANDS.items()]
     scripts = ", ".join(f"{script} ({name})" for name, (_, _, script, _) in COMMANDS.items())

@@ -1,0 +1,100 @@
+"""A sweep: a grid of overrides times a set of random seeds, each member a normal run folder.
+
+    runs = sweep("baseline", "runs/sweep", {"lr": [1e-3, 3e-3], "dropout": [0, 0.1]}, "0-2",
+                 num_epochs=3)
+
+The members live in `out_dir/<setting>/seed-N`, a setting's folder named by its overrides as
+Hydra names a multirun's (`lr=0.001,dropout=0.1`), so that each setting is a set of seeds that
+the spread report reads as it is (`analysis.reports.write_sweep`). Every member is checked before
+any trains; `resume=True` continues the members begun and starts the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tinylm_jax.api.runs import Run, load_run, resolve, train_in_order
+from tinylm_jax.core.config import ExperimentConfig, UserError, parse_override, parse_value
+from tinylm_jax.core.config import parse_seeds as parse_seed_spec
+from tinylm_jax.run.experiment import PreparedRun, prepare, set_member
+from tinylm_jax.run.folder import seed_member
+
+# A setting's folder name keeps the values as typed, so it must be a plain file name.
+_FOLDER_SAFE = re.compile(r"[\w.+=,-]+", re.ASCII)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One point of the grid: its overrides, and the folder (and label) they name."""
+
+    overrides: dict[str, Any]
+    name: str  # "lr=0.001,dropout=0.1"; "base" for an empty grid
+
+
+def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
+    """`--grid key=v1,v2,...` flags as {field: [values]}, values typed as `--set` types them."""
+    grid: dict[str, list[Any]] = {}
+    for spec in specs:
+        key, _ = parse_override(spec, "--grid")
+        texts = spec.partition("=")[2].split(",")
+        if key in grid:
+            raise UserError(f"--grid: '{key}' is given twice")
+        if any(not text.strip() for text in texts):
+            raise UserError(f"--grid: '{spec}' has an empty value")
+        grid[key] = [parse_value(text.strip()) for text in texts]
+        if len({repr(value) for value in grid[key]}) < len(grid[key]):
+            raise UserError(f"--grid: '{spec}' gives a value twice")
+    return grid
+
+
+def settings(grid: dict[str, list[Any]]) -> list[Setting]:
+    """Every combination of the grid's values, the first key varying slowest."""
+    keys = list(grid)
+    combos = itertools.product(*(grid[key] for key in keys))
+    points = [Setting(dict(zip(keys, values, strict=True)),
+                      ",".join(f"{key}={_text(value)}" for key, value in zip(keys, values,
+                                                                           strict=True))
+                      or "base") for values in combos]
+    for point in points:
+        if not _FOLDER_SAFE.fullmatch(point.name):
+            raise UserError(f"--grid: the setting '{point.name}' cannot name a folder; use "
+                            "values of letters, digits and . + - _")
+    return points
+
+
+def _text(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def prepare_sweep(config: str | Path | ExperimentConfig, out_dir: str | Path,
+                  grid: dict[str, list[Any]], seeds: str | Sequence[int],
+                  **overrides: Any) -> list[PreparedRun]:
+    """Every member of the sweep, checked and ready to train, settings in grid order and seeds
+    within each. `overrides` are fields or run options shared by all members."""
+    spec = seeds if isinstance(seeds, str) else ",".join(str(seed) for seed in seeds)
+    clash = sorted(set(grid) & ({"seed"} | set(overrides)))
+    if clash:
+        raise UserError(f"--grid: {', '.join(clash)} is set for the whole sweep already")
+    prepared = []
+    for point in settings(grid):
+        for seed in parse_seed_spec(spec):
+            out = seed_member(Path(out_dir) / point.name, seed)
+            cfg, opts = resolve(config, out, {**overrides, **point.overrides, "seed": seed})
+            cfg = cfg.replace(name=f"{cfg.name} [{point.name}]")
+            prepared.append(prepare(cfg, set_member(opts)))
+    return prepared
+
+
+def sweep(config: str | Path | ExperimentConfig, out_dir: str | Path,
+          grid: dict[str, list[Any]], seeds: str | Sequence[int] = "0",
+          **overrides: Any) -> list[Run]:
+    """Train every member of the sweep (`prepare_sweep`) one after another; the list stops at
+    the first member stopped on request (a resume continues from it)."""
+    prepared = prepare_sweep(config, out_dir, grid, seeds, **overrides)
+    stops = train_in_order(prepared)
+    return [load_run(one.opts.out_dir, stop) for one, stop in zip(prepared, stops, strict=False)]
