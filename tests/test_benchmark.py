@@ -5,6 +5,7 @@ import re
 import pytest
 
 from tinylm_jax.bench.benchmark import model_flops_per_step, run_benchmark
+from tinylm_jax.bench.gemm_rates import dense_shapes, gemm_rates_markdown
 from tinylm_jax.cli.bench import benchmark_main as main
 from tinylm_jax.core.config import load_config
 from tinylm_jax.core.data import build_dataset, num_batches
@@ -41,3 +42,16 @@ def test_bad_flags_are_one_line(capsys):
     assert capsys.readouterr().err == "error: --steps and --repeats must be positive\n"
     assert main(["nosuch"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown experiment 'nosuch'")
+
+
+def test_the_gemm_rates_table_has_every_shape_in_every_form(tiny_cfg):
+    """Each distinct dense shape of the model, forward and both gradients, with a rate for XLA
+    (and for MKL where the cpu extra is installed), measured on tiny products."""
+    cfg = tiny_cfg.replace(mlp="swiglu")  # ff_in twice as wide: a shape of its own
+    table = gemm_rates_markdown([cfg], rows=64, repeats=1)
+    rows = [line for line in table.splitlines() if line.startswith("| 64 x")]
+    assert len(rows) == 3 * len(dense_shapes(cfg)) == 12
+    assert "| 64 x 32 -> 128 | ff_in |" in table  # 2 x d_ff
+    for row in rows:
+        rates = [cell.strip() for cell in row.split("|")[4:-1]]
+        assert all(float(rate.rstrip("x").replace(",", "")) > 0 for rate in rates), row

@@ -8,12 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tinylm_jax.core import bf16
+from tinylm_jax.core import bf16, cpu_gemm
 from tinylm_jax.core.bf16 import bf16_dense, bf16_matmul, causal_attention, transposed
 from tinylm_jax.core.model import build_model, init_params
 from tinylm_jax.core.train import create_train_state, eval_step, train_step, weighted_loss
 
-LAYOUTS = pytest.mark.parametrize("canonical", [True, False], ids=["canonical", "plain"])
+# Where the products run: XLA:CPU's canonical kernels, a GPU's plain layouts (run here on the
+# CPU), and the vendor GEMM where the `cpu` extra is installed.
+KERNELS = pytest.mark.parametrize("kernels", [
+    "canonical", "plain",
+    pytest.param("mkl", marks=pytest.mark.skipif(cpu_gemm.load() is not None,
+                                                 reason=f"no vendor GEMM: {cpu_gemm.load()}"))],
+    )
 
 
 @pytest.mark.parametrize("shape", [(4096, 32), (96, 7), (13, 5)])  # 64-row blocks, 32, prime
@@ -28,8 +34,8 @@ def _bf16_exact(key, shape):
     return jax.random.randint(key, shape, -8, 9).astype(jnp.float32) / 8
 
 
-@LAYOUTS
-def test_the_custom_gradient_equals_jax_grad_of_the_plain_product(canonical):
+@KERNELS
+def test_the_custom_gradient_equals_jax_grad_of_the_plain_product(kernels):
     keys = jax.random.split(jax.random.key(0), 4)
     x, kernel, bias = (_bf16_exact(k, s) for k, s in zip(keys, [(64, 48), (48, 24), (24,)],
                                                            strict=False))
@@ -39,7 +45,7 @@ def test_the_custom_gradient_equals_jax_grad_of_the_plain_product(canonical):
         return jnp.sum(cotangent * (jnp.dot(x, kernel, precision="highest") + bias))
 
     def fast(x, kernel, bias):
-        return jnp.sum(cotangent * bf16_dense(x, kernel, bias, canonical))
+        return jnp.sum(cotangent * bf16_dense(x, kernel, bias, kernels))
 
     expected = jax.grad(plain, argnums=(0, 1, 2))(x, kernel, bias)
     got = jax.grad(fast, argnums=(0, 1, 2))(x, kernel, bias)
@@ -57,7 +63,7 @@ def test_the_input_gradient_keeps_the_input_dtype():
 def test_the_fast_path_has_the_same_parameters_as_float32(tiny_cfg):
     """Same names, shapes and initial values: checkpoints move between the two paths."""
     fast = build_model(tiny_cfg, jnp.bfloat16)
-    assert fast.canonical_layouts  # these tests run on a CPU backend
+    assert fast.kernels == "canonical"  # these tests run on a CPU backend
     plain = init_params(build_model(tiny_cfg), tiny_cfg.seed)
     assert jax.tree.structure(init_params(fast, tiny_cfg.seed)) == jax.tree.structure(plain)
     for a, b in zip(jax.tree.leaves(init_params(fast, tiny_cfg.seed)), jax.tree.leaves(plain),
@@ -73,9 +79,9 @@ def _plain_attention(q, k, v, keep):
     return jnp.einsum("nqs,nsk->nqk", mixing, v, precision="highest"), weights
 
 
-@LAYOUTS
+@KERNELS
 @pytest.mark.parametrize("dropout", [0.0, 0.25], ids=["no-dropout", "dropout"])
-def test_the_attention_gradient_equals_jax_grad_within_bf16_rounding(canonical, dropout):
+def test_the_attention_gradient_equals_jax_grad_within_bf16_rounding(kernels, dropout):
     """q, k and v are exact in bfloat16, but the weights and the gradients flowing back are
     rounded to it before each product (8 significant bits: 2^-9 relative per rounding, a few
     roundings on each path, so about 0.5%); 2% of each gradient's norm is allowed (measured
@@ -96,7 +102,7 @@ def test_the_attention_gradient_equals_jax_grad_within_bf16_rounding(canonical, 
     expected = jax.grad(loss, argnums=(1, 2, 3))(
         _plain_attention, *(x.astype(jnp.float32) for x in (q, k, v)))
     got = jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)(
-        lambda q, k, v, keep: causal_attention(q, k, v, keep, canonical), q, k, v)
+        lambda q, k, v, keep: causal_attention(q, k, v, keep, kernels), q, k, v)
     for a, b in zip(got, expected, strict=True):
         assert a.dtype == jnp.bfloat16
         error = float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
@@ -113,7 +119,12 @@ def _loss_and_grads(state, ids):
     return jax.jit(jax.value_and_grad(loss))(state.params)
 
 
-def test_one_fast_path_step_tracks_float32_within_bf16_rounding(tiny_cfg):
+MKL = pytest.mark.skipif(cpu_gemm.load() is not None, reason=f"no vendor GEMM: {cpu_gemm.load()}")
+PRODUCTS = pytest.mark.parametrize("products", ["xla", pytest.param("mkl", marks=MKL)])
+
+
+@PRODUCTS
+def test_one_fast_path_step_tracks_float32_within_bf16_rounding(tiny_cfg, products):
     """bfloat16 keeps 8 significant bits: each rounded operand is off by at most 2^-9 relative.
     A gradient here passes through a dozen or so rounded products on its way back (8 per block,
     2 blocks, the head, their backward twins); independent roundings add in quadrature, so about
@@ -123,7 +134,8 @@ def test_one_fast_path_step_tracks_float32_within_bf16_rounding(tiny_cfg):
     ids = jax.random.randint(jax.random.key(5), (16, tiny_cfg.seq_len + 1), 0,
                              tiny_cfg.vocab_size)
     loss32, grads32 = _loss_and_grads(create_train_state(tiny_cfg, "fp32"), ids)
-    loss16, grads16 = _loss_and_grads(create_train_state(tiny_cfg, "bf16"), ids)
+    loss16, grads16 = _loss_and_grads(create_train_state(tiny_cfg, "bf16", products=products),
+                                      ids)
     assert float(loss16) == pytest.approx(float(loss32), rel=1e-3)
     for path, g32 in jax.tree_util.tree_leaves_with_path(grads32):
         g16 = dict(jax.tree_util.tree_leaves_with_path(grads16))[path]
@@ -170,3 +182,34 @@ def test_the_gpu_program_is_built_for_the_gpu_on_this_cpu(tiny_cfg):
         softmaxes = [t for t in exponentials if re.search(
             rf"x({tiny_cfg.seq_len}|{tiny_cfg.vocab_size})x[a-z]+\d+$", t)]
         assert softmaxes and all(t.endswith("xf32") for t in softmaxes), exponentials
+
+
+@pytest.mark.parametrize("shape", [(2048, 128, 384), (2048, 256, 512), (2048, 512, 256),
+                                   (2048, 128, 500)], ids=str)
+@MKL
+def test_the_vendor_gemm_equals_xlas_product_on_the_models_shapes(shape):
+    """Both accumulate bf16 products in float32: equal to float32 rounding of the sums, each
+    way the backward pass calls it (a transposed operand read in place)."""
+    rows, inner, cols = shape
+    keys = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(keys[0], (rows, inner)).astype(jnp.bfloat16)
+    w = jax.random.normal(keys[1], (inner, cols)).astype(jnp.bfloat16)
+    g = jax.random.normal(keys[2], (rows, cols)).astype(jnp.bfloat16)
+    xla = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    cases = [(cpu_gemm.gemm(x, w), xla(x, w)),
+             (cpu_gemm.gemm(g, w, trans_b=True), xla(g, w.T)),
+             (cpu_gemm.gemm(x, g, trans_a=True), xla(x.T, g))]
+    for got, want in cases:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_auto_products_fall_back_to_xla_with_the_reason(monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "load", lambda: "MKL is not installed")
+    assert cpu_gemm.resolve_products("auto", True, True) == ("xla", "MKL is not installed")
+    assert cpu_gemm.resolve_products("mkl", True, True) == ("", "MKL is not installed")
+    monkeypatch.setattr(cpu_gemm, "load", lambda: None)
+    assert cpu_gemm.resolve_products("auto", True, True)[0] == "mkl"
+    assert cpu_gemm.resolve_products("auto", False, True)[0] == "xla"  # fp32
+    assert cpu_gemm.resolve_products("auto", True, False)[0] == "xla"  # a GPU's program
+    assert cpu_gemm.resolve_products("mkl", True, False)[0] == ""
+    assert cpu_gemm.resolve_products("xla", True, True) == ("xla", "as asked")

@@ -112,6 +112,7 @@ def test_set_overrides_every_field_and_is_recorded(tmp_path, tiny_toml, tiny_cor
                        "lr=0.01", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "mlp = 'swiglu'" in out and "tie_embeddings = True" in out and "lr = 0.01" in out
+    assert "\nproducts: " in out  # where the bf16 products run, and why
 
 
 # --- the sweep -------------------------------------------------------------------------------

@@ -90,13 +90,13 @@ def test_sinusoidal_table_alternates_sin_and_cos():
 
 
 # On a CPU, bf16 takes the canonical layouts (the fast path); GPUs and TPUs the plain ones.
-BF16_FORMULATIONS = pytest.mark.parametrize("canonical_layouts", [True, False],
+BF16_FORMULATIONS = pytest.mark.parametrize("kernels", ["canonical", "plain"],
                                             ids=["cpu-fast-path", "plain-layouts"])
 
 
 @BF16_FORMULATIONS
-def test_bf16_compute_keeps_float32_params_and_outputs(tiny_cfg, canonical_layouts):
-    model = build_model(tiny_cfg, jnp.bfloat16).clone(canonical_layouts=canonical_layouts)
+def test_bf16_compute_keeps_float32_params_and_outputs(tiny_cfg, kernels):
+    model = build_model(tiny_cfg, jnp.bfloat16).clone(kernels=kernels)
     params = init_params(model, 0)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
     logits, attention = model.apply({"params": params}, jnp.zeros((1, 8), jnp.int32),
@@ -105,11 +105,11 @@ def test_bf16_compute_keeps_float32_params_and_outputs(tiny_cfg, canonical_layou
 
 
 @BF16_FORMULATIONS
-def test_bf16_compute_tracks_fp32(tiny_cfg, canonical_layouts):
+def test_bf16_compute_tracks_fp32(tiny_cfg, kernels):
     params = init_params(build_model(tiny_cfg), 0)
     ids = jax.random.randint(jax.random.key(3), (2, tiny_cfg.seq_len), 0, tiny_cfg.vocab_size)
     full = build_model(tiny_cfg).apply({"params": params}, ids)
-    mixed = build_model(tiny_cfg, jnp.bfloat16).clone(canonical_layouts=canonical_layouts).apply(
+    mixed = build_model(tiny_cfg, jnp.bfloat16).clone(kernels=kernels).apply(
         {"params": params}, ids)
     assert float(jnp.max(jnp.abs(full - mixed))) < 0.1
     assert float(jnp.max(jnp.abs(jax.nn.softmax(full) - jax.nn.softmax(mixed)))) < 0.01

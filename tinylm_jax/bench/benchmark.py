@@ -40,6 +40,7 @@ from tinylm_jax.core.train import (
     compute_dtype_name,
     create_train_state,
     eval_chunk,
+    products_for,
     train_chunk,
 )
 from tinylm_jax.core.versions import package_versions
@@ -83,9 +84,12 @@ def _timed(run: Callable[[], object], steps: int, repeats: int) -> list[float]:
     return times
 
 
+OURS = "tinylm-jax"
+
+
 def measure_ours(cfg: ExperimentConfig, data: Dataset, steps: int, repeats: int,
-                 precision: str, mesh: jax.sharding.Mesh) -> PathResult:
-    state = replicate(create_train_state(cfg, precision), mesh)
+                 precision: str, mesh: jax.sharding.Mesh, products: str = "xla") -> PathResult:
+    state = replicate(create_train_state(cfg, precision, products=products), mesh)
     tokens = replicate(data.tokens, mesh)
     train_rows = batch_rows(train_order(cfg.seed, 1, data.splits.num_train), cfg.batch_size)
     val_rows = batch_rows(data.splits.validation_starts(), cfg.batch_size)
@@ -110,7 +114,8 @@ def measure_ours(cfg: ExperimentConfig, data: Dataset, steps: int, repeats: int,
     eval_s = _timed(lambda: jax.block_until_ready(evaluate(state, tokens, val_in["starts"],
                                                            val_in["weights"])), steps, repeats)
     stats = jax.devices()[0].memory_stats() or {}
-    return PathResult("tinylm-jax", step_s, eval_s, compile_s, stats.get("peak_bytes_in_use"))
+    path = OURS if products == "xla" else f"{OURS} ({products})"
+    return PathResult(path, step_s, eval_s, compile_s, stats.get("peak_bytes_in_use"))
 
 
 def _endless(loader: Iterable) -> Iterator:
@@ -270,15 +275,16 @@ def _spread(values: list[float], scale: float = 1.0, fmt: str = "{:.3f}") -> str
 
 def results_table(rows: list[tuple[ExperimentConfig, Dataset, PathResult]], precision: str,
                   devices: int) -> list[str]:
-    """Markdown rows, each experiment's paths followed by ours/theirs ratios against each of
-    its PyTorch paths (ours is measured first)."""
+    """Markdown rows, each experiment's paths followed by the ratios of each of our paths (ours
+    measured first) against each of its PyTorch paths."""
     lines = ["| Experiment | Path | Compile s | s/step, median (range) | Train tok/s | "
              "Eval tok/s | Epoch s (est.) | Peak device MiB | MFU |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     by_experiment: dict[str, list[PathResult]] = {}
     for cfg, data, result in rows:
         by_experiment.setdefault(cfg.name, []).append(result)
-        utilisation = mfu(cfg, result, precision, devices if result.path == "tinylm-jax" else 1)
+        ours = result.path.startswith(OURS)
+        utilisation = mfu(cfg, result, precision, devices if ours else 1)
         memory = (f"{result.peak_device_bytes / 2**20:,.0f}"
                   if result.peak_device_bytes is not None else "-")
         compile_s = f"{result.compile_s:.1f}" if result.compile_s is not None else "-"
@@ -286,20 +292,24 @@ def results_table(rows: list[tuple[ExperimentConfig, Dataset, PathResult]], prec
                      f"{result.train_tokens_per_s(cfg):,.0f} | {result.eval_tokens_per_s(cfg):,.0f}"
                      f" | {result.epoch_s(cfg, data):,.0f} | {memory} | {utilisation} |")
     for cfg, data, result in rows:
-        ours = by_experiment[cfg.name][0]
-        if result is ours:
+        if result.path.startswith(OURS):
             continue
-        lines.append(f"| {cfg.name} | **ours / {result.path}** | | | "
-                     f"**{ours.train_tokens_per_s(cfg) / result.train_tokens_per_s(cfg):.2f}x**"
-                     f" | {ours.eval_tokens_per_s(cfg) / result.eval_tokens_per_s(cfg):.2f}x | "
-                     f"{result.epoch_s(cfg, data) / ours.epoch_s(cfg, data):.2f}x | | |")
+        for ours in (path for path in by_experiment[cfg.name] if path.path.startswith(OURS)):
+            name = "ours" if ours.path == OURS else ours.path
+            lines.append(
+                f"| {cfg.name} | **{name} / {result.path}** | | | "
+                f"**{ours.train_tokens_per_s(cfg) / result.train_tokens_per_s(cfg):.2f}x** | "
+                f"{ours.eval_tokens_per_s(cfg) / result.eval_tokens_per_s(cfg):.2f}x | "
+                f"{result.epoch_s(cfg, data) / ours.epoch_s(cfg, data):.2f}x | | |")
     return lines
 
 
 def run_benchmark(names: list[str], corpus: Path, steps: int, repeats: int, precision: str,
                   devices: int | None, with_torch: bool, log: Callable[[str], None] = print
                   ) -> str:
-    """Measure every experiment both ways; the whole Markdown report."""
+    """Measure every experiment both ways (ours on XLA's products, and on the vendor GEMM where
+    it loads); the whole Markdown report."""
+    our_products = ["xla"] + (["mkl"] if products_for(precision)[0] == "mkl" else [])
     text = read_corpus(corpus)
     mesh = data_mesh(devices)
     tokenizers: dict[int, Tokenizer] = {}  # trained once per vocabulary size
@@ -309,8 +319,10 @@ def run_benchmark(names: list[str], corpus: Path, steps: int, repeats: int, prec
         data = build_dataset(text, cfg, tokenizers.get(cfg.vocab_size))
         tokenizers[cfg.vocab_size] = data.tokenizer
         check_batch_fits(cfg.batch_size, mesh)
-        log(f"{cfg.name}: tinylm-jax, {steps} steps x {repeats}")
-        rows.append((cfg, data, measure_ours(cfg, data, steps, repeats, precision, mesh)))
+        for products in our_products:
+            log(f"{cfg.name}: tinylm-jax ({products} products), {steps} steps x {repeats}")
+            rows.append((cfg, data, measure_ours(cfg, data, steps, repeats, precision, mesh,
+                                                 products)))
         if with_torch:
             log(f"{cfg.name}: PyTorch reference loop, {steps} steps x {repeats}")
             rows.append((cfg, data, measure_reference_torch(cfg, data, steps, repeats)))

@@ -204,15 +204,17 @@ class StepProfile:
 
     cfg: ExperimentConfig
     precision: str
+    products: str  # where the bf16 products ran: xla or mkl
     steps: int
     wall_s: float  # seconds per step, timed around the profiled steps (profiler running)
     timed: list[Timed]  # every instruction that ran, slowest first
 
 
-def profile_step(cfg: ExperimentConfig, precision: str, steps: int) -> StepProfile:
+def profile_step(cfg: ExperimentConfig, precision: str, steps: int, products: str = "xla"
+                 ) -> StepProfile:
     """Run `steps` training steps of `cfg` on random tokens under the profiler, after a
     warm-up, and attribute their time to the compiled step's instructions."""
-    state = create_train_state(cfg, precision)
+    state = create_train_state(cfg, precision, products=products)
     batch = random_batch(cfg)
     compiled = train_step.lower(state, batch).compile()
     instructions = parse_module(compiled.as_text())
@@ -229,7 +231,8 @@ def profile_step(cfg: ExperimentConfig, precision: str, steps: int) -> StepProfi
         events = _profile_events(Path(trace))
     timed = [Timed(instructions[name], seconds / steps) for name, seconds in events.items()
              if name in instructions and instructions[name].opcode not in _ENCLOSING]
-    return StepProfile(cfg, precision, steps, wall, sorted(timed, key=lambda t: -t.seconds))
+    return StepProfile(cfg, precision, products, steps, wall,
+                       sorted(timed, key=lambda t: -t.seconds))
 
 
 def _ms(seconds: float) -> str:
@@ -260,7 +263,8 @@ def profile_markdown(profiles: list[StepProfile], top: int = 12) -> str:
     for profile in profiles:
         total = sum(t.seconds for t in profile.timed)
         unaccounted = max(profile.wall_s - total, 0.0)
-        lines += [f"## {profile.cfg.name}, {compute_dtype_name(profile.precision)}", "",
+        lines += [f"## {profile.cfg.name}, {compute_dtype_name(profile.precision)}, "
+                  f"{profile.products} products", "",
                   f"Step wall time {_ms(profile.wall_s)} ms under the profiler; instructions "
                   f"{_ms(total)} ms in all; wall time they do not account for "
                   f"{_ms(unaccounted)} ms; over {profile.steps} steps.", "",

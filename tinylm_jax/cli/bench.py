@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import platform
 from pathlib import Path
 
 from tinylm_jax.analysis.reports import output_folder
-from tinylm_jax.bench.benchmark import run_benchmark
+from tinylm_jax.bench.benchmark import machine_description, run_benchmark
+from tinylm_jax.bench.gemm_rates import gemm_rates_markdown
 from tinylm_jax.bench.scaling import (
     DEFAULT_LENGTHS,
     Plan,
@@ -24,10 +26,18 @@ from tinylm_jax.cli.console import (
     print_paths,
 )
 from tinylm_jax.core.bf16 import keep_host_buffers
-from tinylm_jax.core.config import EXPERIMENT_NAMES, ExperimentConfig, UserError, load_config
+from tinylm_jax.core.config import (
+    EXPERIMENT_NAMES,
+    ExperimentConfig,
+    UserError,
+    load_config,
+    require_positive,
+)
+from tinylm_jax.core.cpu_gemm import PRODUCTS
 from tinylm_jax.core.data import resolve_corpus
 from tinylm_jax.core.files import write_text_atomic
-from tinylm_jax.core.train import PRECISIONS, default_steps_per_chunk
+from tinylm_jax.core.train import PRECISIONS, default_steps_per_chunk, products_for
+from tinylm_jax.core.versions import package_versions
 
 
 def _print_report(report: str, out: Path | None) -> int:
@@ -83,6 +93,8 @@ def profile_parser() -> argparse.ArgumentParser:
                         help="experiment names or TOML paths (default: all three)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="compute precision (bf16 on a CPU: the fast path)")
+    parser.add_argument("--products", default="auto", choices=PRODUCTS,
+                        help="where the bf16 products run (as for training)")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps, after a warm-up "
                         "(default 3)")
     parser.add_argument("--out", type=Path, help="also write the report to this .md file")
@@ -94,7 +106,9 @@ def profile(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise UserError("--steps must be positive")
     configs = [load_config(name) for name in args.experiments]
-    report = profile_markdown([profile_step(cfg, args.precision, args.steps) for cfg in configs])
+    products = products_for(args.precision, args.products)[0]
+    report = profile_markdown([profile_step(cfg, args.precision, args.steps, products)
+                               for cfg in configs])
     return _print_report(report, args.out)
 
 
@@ -145,3 +159,35 @@ def scaling(args: argparse.Namespace) -> int:
 
 
 scaling_main = entry_point(scaling_parser, scaling)
+
+
+def gemm_rates_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="gemm_rates.py", description="GFLOP/s of the CPU fast path's "
+                           "dense bf16 products at the experiments' shapes, forward and both "
+                           "gradients, on XLA and on the vendor GEMM (the cpu extra), as "
+                           "Markdown. Random operands; no corpus.")
+    parser.add_argument("experiments", nargs="*", default=list(EXPERIMENT_NAMES),
+                        help="experiment names or TOML paths (default: all three)")
+    parser.add_argument("--rows", type=int, default=32768, help="rows of each product: tokens "
+                        "per batch (default 32768, the reference's 512 x 64)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per figure "
+                        "(median; default 10)")
+    parser.add_argument("--out", type=Path, help="also write the table to this .md file")
+    return parser
+
+
+def gemm_rates(args: argparse.Namespace) -> int:
+    keep_host_buffers()  # as training does
+    require_positive("--rows", args.rows)
+    require_positive("--repeats", args.repeats)
+    configs = [load_config(name) for name in args.experiments]
+    versions = ", ".join(f"{pkg} {version}" for pkg, version in package_versions().items()
+                         if pkg in ("jax", "jaxlib"))
+    report = (f"# Dense bf16 products: XLA and the vendor GEMM\n\n- Machine: "
+              f"{machine_description()}.\n- Versions: {versions}; Python "
+              f"{platform.python_version()}.\n- Reproduce: `{args.command_line}`.\n\n"
+              + gemm_rates_markdown(configs, args.rows, args.repeats))
+    return _print_report(report, args.out)
+
+
+gemm_rates_main = entry_point(gemm_rates_parser, gemm_rates)

@@ -21,6 +21,7 @@ from tinylm_jax.core.config import (
     parse_seeds,
     require_positive,
 )
+from tinylm_jax.core.cpu_gemm import PRODUCTS
 from tinylm_jax.core.parallel import initialize_distributed, is_primary
 from tinylm_jax.core.train import PRECISIONS
 from tinylm_jax.run.experiment import RunOptions, describe, prepare, set_member
@@ -42,6 +43,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train at most this many steps per epoch (quick runs)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="compute precision; auto = bf16 (on a CPU, the fast path)")
+    parser.add_argument("--products", default="auto", choices=PRODUCTS,
+                        help="where a CPU's bf16 matrix products run: mkl (Intel MKL's GEMM, "
+                        "from the cpu extra), xla, or auto (mkl where it loads, else xla)")
     parser.add_argument("--steps-per-chunk", type=int, help="training steps per compiled call "
                         "(default: 100 on GPU/TPU, 10 on CPU); results do not depend on it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -126,6 +130,7 @@ def run(args: argparse.Namespace) -> int | Stop:
     prepared = []
     for name, seed, out in _runs(args):  # validate every run before training any
         opts = RunOptions(out_dir=out, data=args.data, precision=args.precision,
+                          products=args.products,
                           max_steps_per_epoch=args.max_steps_per_epoch, resume=args.resume,
                           overwrite=args.overwrite, progress=not args.no_progress,
                           steps_per_chunk=args.steps_per_chunk, devices=args.devices,

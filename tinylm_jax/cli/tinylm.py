@@ -27,6 +27,8 @@ COMMANDS = {
               "training speed beside the reference's PyTorch loop"),
     "profile-step": ("bench", "profile_main", "profile_step.py",
                      "where one training step's time goes"),
+    "gemm-rates": ("bench", "gemm_rates_main", "gemm_rates.py",
+                   "the dense products' GFLOP/s, XLA against the vendor GEMM"),
     "attention-scaling": ("bench", "scaling_main", "attention_scaling.py",
                           "cost against context length (reference 5.5)"),
 }

@@ -10,7 +10,10 @@ which those kernels refuse, and the dot then runs slower than float32. So on a C
 go through a reshape that XLA cannot fold: the transpose becomes a real copy and the dot a fast
 one; the attention core's batched products run as canonical batched products over (B*H, L, K).
 A GPU's libraries take any layout, so there the transposes stay plain and XLA folds them into the
-products. docs/performance.md gives the measurements behind each choice.
+products. Where a vendor GEMM is loaded (`cpu_gemm`), the dense products and their gradients run
+on it instead, reading the transposes in place. `kernels` names which: "plain" (a GPU's or TPU's
+program), "canonical" (XLA:CPU) or "mkl". docs/performance.md gives the measurements behind
+each choice.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from tinylm_jax.core import cpu_gemm
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -59,9 +64,10 @@ def transposed(x: jax.Array) -> jax.Array:
     return x.reshape(blocks, rows // blocks, cols).transpose(2, 0, 1).reshape(cols, rows)
 
 
-def swap_last_two(x: jax.Array, canonical: bool) -> jax.Array:
-    """The last two dims of x swapped: a real copy where `canonical`, else a plain transpose."""
-    if not canonical:
+def swap_last_two(x: jax.Array, kernels: str) -> jax.Array:
+    """The last two dims of x swapped: a real copy for XLA:CPU's canonical kernels, else a plain
+    transpose (folded into the product by a GPU's libraries; materialised for the FFI GEMM)."""
+    if kernels != "canonical":
         return jnp.swapaxes(x, -1, -2)
     return transposed(x) if x.ndim == 2 else jax.vmap(transposed)(x)
 
@@ -73,28 +79,39 @@ def _dot_f32(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
                                preferred_element_type=jnp.float32)
 
 
+def product(lhs: jax.Array, rhs: jax.Array, kernels: str, trans_lhs: bool = False,
+            trans_rhs: bool = False) -> jax.Array:
+    """op(lhs) @ op(rhs) -> float32 from bfloat16 operands, op transposing the last two dims where
+    asked: on the vendor GEMM (`cpu_gemm`), which reads a transpose in place, or on XLA's dot
+    with the transposes `swap_last_two` writes for `kernels`."""
+    if kernels == "mkl":
+        return cpu_gemm.gemm(lhs, rhs, trans_lhs, trans_rhs)
+    lhs = swap_last_two(lhs, kernels) if trans_lhs else lhs
+    rhs = swap_last_two(rhs, kernels) if trans_rhs else rhs
+    return _dot_f32(lhs, rhs)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def bf16_matmul(x: jax.Array, kernel: jax.Array, canonical: bool) -> jax.Array:
-    """x (N, D) @ kernel (D, F) -> (N, F) float32, from bfloat16 operands.
+def bf16_matmul(x: jax.Array, kernel: jax.Array, kernels: str) -> jax.Array:
+    """x (N, D) @ kernel (D, F) -> (N, F) float32, from bfloat16 operands, on `kernels`.
 
-    The gradients are bf16 products accumulated in float32 (in canonical layouts where
-    `canonical`); the kernel's gradient comes back float32 (the parameter's dtype), x's in x's
-    dtype.
+    The gradients are bf16 products accumulated in float32 on the same kernels; the kernel's
+    gradient comes back float32 (the parameter's dtype), x's in x's dtype.
     """
-    return _dot_f32(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+    return product(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), kernels)
 
 
-def _matmul_fwd(x: jax.Array, kernel: jax.Array, canonical: bool):
+def _matmul_fwd(x: jax.Array, kernel: jax.Array, kernels: str):
     x_bf16, kernel_bf16 = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
     # A zero-size array carries x's dtype to the backward pass (residuals must be arrays).
-    return _dot_f32(x_bf16, kernel_bf16), (x_bf16, kernel_bf16, jnp.zeros((0,), x.dtype))
+    return product(x_bf16, kernel_bf16, kernels), (x_bf16, kernel_bf16, jnp.zeros((0,), x.dtype))
 
 
-def _matmul_bwd(canonical: bool, residuals, grad: jax.Array):
+def _matmul_bwd(kernels: str, residuals, grad: jax.Array):
     x_bf16, kernel_bf16, x_dtype = residuals
     grad_bf16 = grad.astype(jnp.bfloat16)
-    d_x = _dot_f32(grad_bf16, swap_last_two(kernel_bf16, canonical)).astype(x_dtype.dtype)  # (N, D)
-    d_kernel = _dot_f32(swap_last_two(x_bf16, canonical), grad_bf16)  # (D, F)
+    d_x = product(grad_bf16, kernel_bf16, kernels, trans_rhs=True).astype(x_dtype.dtype)  # (N, D)
+    d_kernel = product(x_bf16, grad_bf16, kernels, trans_lhs=True)  # (D, F)
     return d_x, d_kernel
 
 
@@ -102,9 +119,9 @@ bf16_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def bf16_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
-               canonical: bool = True) -> jax.Array:
+               kernels: str = "canonical") -> jax.Array:
     """x (..., D) @ kernel (D, F) (+ bias) -> (..., F) float32, through `bf16_matmul`."""
-    flat = bf16_matmul(x.reshape(-1, x.shape[-1]), kernel, canonical)
+    flat = bf16_matmul(x.reshape(-1, x.shape[-1]), kernel, kernels)
     if bias is not None:
         flat = flat + bias
     return flat.reshape(*x.shape[:-1], kernel.shape[-1])
@@ -118,46 +135,54 @@ def causal_softmax(scores: jax.Array, head_dim: int) -> jax.Array:
     return jax.nn.softmax(jnp.where(causal, scores / math.sqrt(head_dim), -jnp.inf), axis=-1)
 
 
+def attention_kernels(kernels: str) -> str:
+    """The attention core's: XLA's batched products, in canonical layouts on a CPU, whatever the
+    dense products run on (a vendor GEMM per head measured several times slower)."""
+    return "canonical" if kernels == "mkl" else kernels
+
+
 def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array | None,
-                       canonical: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+                       kernels: str) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(output, weights, the weights that mix v: after the dropout's `keep`, if any)."""
-    weights = causal_softmax(_dot_f32(q, swap_last_two(k, canonical)), q.shape[2])  # (N, L, L)
+    kernels = attention_kernels(kernels)
+    weights = causal_softmax(product(q, k, kernels, trans_rhs=True), q.shape[2])  # (N, L, L)
     mixing = weights if keep is None else weights * keep
-    return _dot_f32(mixing.astype(jnp.bfloat16), v), weights, mixing
+    return product(mixing.astype(jnp.bfloat16), v, kernels), weights, mixing
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array | None,
-                     canonical: bool) -> tuple[jax.Array, jax.Array]:
+                     kernels: str) -> tuple[jax.Array, jax.Array]:
     """Causal softmax attention over N = B*H independent heads: q, k, v (N, L, K) bfloat16 ->
     the output (N, L, K) and the attention weights (N, L, L), both float32. `keep` (N, L, L)
     float32, the dropout's mask scaled by 1/(1 - rate), multiplies the weights before they mix
     v (None: no dropout); the weights returned are those before it.
 
-    Every product takes bf16 operands (in canonical layouts where `canonical`) and accumulates in
+    Every product takes bf16 operands (on `attention_kernels(kernels)`) and accumulates in
     float32; the scores, the mask and the softmax (and its gradient) stay float32.
     """
-    return _attention_forward(q, k, v, keep, canonical)[:2]
+    return _attention_forward(q, k, v, keep, kernels)[:2]
 
 
 def _attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array | None,
-                   canonical: bool):
-    out, weights, mixing = _attention_forward(q, k, v, keep, canonical)
+                   kernels: str):
+    out, weights, mixing = _attention_forward(q, k, v, keep, kernels)
     return (out, weights), (q, k, v, keep, weights, mixing)
 
 
-def _attention_bwd(canonical: bool, residuals, grads):
+def _attention_bwd(kernels: str, residuals, grads):
+    kernels = attention_kernels(kernels)
     q, k, v, keep, weights, mixing = residuals
     d_out, d_weights = grads  # d_weights: nonzero only where a loss reads the weights themselves
     d_out = d_out.astype(jnp.bfloat16)
-    d_v = _dot_f32(swap_last_two(mixing.astype(jnp.bfloat16), canonical), d_out)  # (N, L, K)
-    d_mixing = _dot_f32(d_out, swap_last_two(v, canonical))  # (N, L, L)
+    d_v = product(mixing.astype(jnp.bfloat16), d_out, kernels, trans_lhs=True)  # (N, L, K)
+    d_mixing = product(d_out, v, kernels, trans_rhs=True)  # (N, L, L)
     d_weights = (d_mixing if keep is None else d_mixing * keep) + d_weights
     # The softmax's gradient, then the scores' 1/sqrt(K); masked entries have weight 0.
     d_scores = weights * (d_weights - jnp.sum(d_weights * weights, axis=-1, keepdims=True))
     d_scores = (d_scores / math.sqrt(q.shape[2])).astype(jnp.bfloat16)
-    d_q = _dot_f32(d_scores, k)  # (N, L, K)
-    d_k = _dot_f32(swap_last_two(d_scores, canonical), q)  # (N, L, K)
+    d_q = product(d_scores, k, kernels)  # (N, L, K)
+    d_k = product(d_scores, q, kernels, trans_lhs=True)  # (N, L, K)
     d_keep = None if keep is None else jnp.zeros_like(keep)  # a mask is no parameter
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_keep
 

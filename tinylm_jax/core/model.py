@@ -15,9 +15,11 @@ embeddings N(0, 1), norm scales 1.
 forward and backward, takes bf16 operands and accumulates in float32 (`bf16`), as the reference's
 autocast runs its products in half precision; unlike autocast, which hands on half-precision
 outputs, the products' outputs, the residual stream, norms, activations, attention scores,
-softmax and logits stay float32. `canonical_layouts` writes those products in the layouts a CPU's
-bf16 kernels take (`bf16`: the CPU fast path); it is set from the platform the program is built
-for (`build_model`), so a GPU's program can be built and checked on a CPU machine. Only the
+softmax and logits stay float32. `kernels` says where those products run (`bf16`): a GPU's
+libraries ("plain"), XLA:CPU's fast kernels in their canonical layouts ("canonical": the CPU fast
+path), or a vendor GEMM on a CPU ("mkl"); it is set from the platform the program is built for
+and the products asked for (`build_model`), so a GPU's program can be built and checked on a CPU
+machine. Only the
 products differ between the paths (`Dense`, `attention_core`, `tied_head`): every option is
 written once, around them.
 Submodule names mirror the reference's PyTorch attribute names so that `interop` maps them one
@@ -64,7 +66,7 @@ class Dense(nn.Module):
     features: int
     use_bias: bool
     dtype: Any = jnp.float32
-    canonical_layouts: bool = False
+    kernels: str = "plain"
     splits: int = 1
 
     @nn.compact
@@ -73,10 +75,10 @@ class Dense(nn.Module):
         kernel = self.param("kernel", init, (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", init, (self.features,), jnp.float32) if self.use_bias else None
         if is_mixed(self.dtype):
-            kernels = jnp.split(kernel, self.splits, axis=-1)
+            blocks = jnp.split(kernel, self.splits, axis=-1)
             biases = jnp.split(bias, self.splits) if bias is not None else [None] * self.splits
-            outs = [bf16_dense(x, w, b, self.canonical_layouts)
-                    for w, b in zip(kernels, biases, strict=True)]
+            outs = [bf16_dense(x, w, b, self.kernels)
+                    for w, b in zip(blocks, biases, strict=True)]
         else:  # flax's nn.Dense, op for op
             y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
             outs = jnp.split(y if bias is None else y + bias, self.splits, axis=-1)
@@ -127,7 +129,7 @@ def norm(cfg: ExperimentConfig, name: str) -> nn.Module:
 
 
 def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array | None,
-                   dtype: Any, canonical_layouts: bool) -> tuple[jax.Array, jax.Array]:
+                   dtype: Any, kernels: str) -> tuple[jax.Array, jax.Array]:
     """Causal softmax attention: q, k, v (B, H, L, K) float32 -> the output (B, L, H, K) and the
     weights (B, H, L, L), both float32. `keep` (B, H, L, L): the dropout's scaled mask on the
     weights (None: no dropout); the weights returned are those before it."""
@@ -138,7 +140,7 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array | N
 
         out, weights = causal_attention(
             *(flat(x.astype(jnp.bfloat16)) for x in (q, k, v)),
-            None if keep is None else flat(keep), canonical_layouts)  # (B*H, L, K) float32
+            None if keep is None else flat(keep), kernels)  # (B*H, L, K) float32
         out = out.reshape(batch, heads, length, width).transpose(0, 2, 1, 3)
         return out, weights.reshape(batch, heads, length, length)
     weights = causal_softmax(jnp.einsum("bhqk,bhsk->bhqs", q, k), width)  # (B, H, L, L)
@@ -149,14 +151,14 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array | N
 class MultiHeadSelfAttention(nn.Module):
     cfg: ExperimentConfig
     dtype: Any = jnp.float32
-    canonical_layouts: bool = False
+    kernels: str = "plain"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
         batch, length, _ = x.shape
         # The reference's fused layout: the 3D features split as (3, H, K).
-        parts = Dense(3 * cfg.d_model, False, self.dtype, self.canonical_layouts, splits=3,
+        parts = Dense(3 * cfg.d_model, False, self.dtype, self.kernels, splits=3,
                       name="qkv_proj")(x)  # 3 x (B, L, D) float32
         q, k, v = (part.reshape(batch, length, cfg.n_heads, cfg.head_dim).transpose(0, 2, 1, 3)
                    for part in parts)  # each (B, H, L, K)
@@ -170,57 +172,57 @@ class MultiHeadSelfAttention(nn.Module):
             kept = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate,
                                         (batch, cfg.n_heads, length, length))
             keep = kept.astype(jnp.float32) / (1.0 - rate)  # (B, H, L, L)
-        out, weights = attention_core(q, k, v, keep, self.dtype, self.canonical_layouts)
+        out, weights = attention_core(q, k, v, keep, self.dtype, self.kernels)
         out = out.reshape(batch, length, cfg.d_model)
-        out_proj = Dense(cfg.d_model, False, self.dtype, self.canonical_layouts, name="out_proj")
+        out_proj = Dense(cfg.d_model, False, self.dtype, self.kernels, name="out_proj")
         return out_proj(out), weights
 
 
-def feed_forward(x: jax.Array, cfg: ExperimentConfig, dtype: Any, canonical_layouts: bool
+def feed_forward(x: jax.Array, cfg: ExperimentConfig, dtype: Any, kernels: str
                  ) -> jax.Array:
     """The block's MLP, (B, L, D) -> (B, L, D) float32: ff_in and ff_out with biases, as layers of
     the block that calls it (their names are the reference's)."""
     if cfg.mlp == "swiglu":
-        gate, up = Dense(2 * cfg.d_ff, True, dtype, canonical_layouts, splits=2,
+        gate, up = Dense(2 * cfg.d_ff, True, dtype, kernels, splits=2,
                          name="ff_in")(x)  # 2 x (B, L, F)
         h = nn.silu(gate) * up
     else:
-        h = Dense(cfg.d_ff, True, dtype, canonical_layouts, name="ff_in")(x)  # (B, L, F)
+        h = Dense(cfg.d_ff, True, dtype, kernels, name="ff_in")(x)  # (B, L, F)
         # float32 in mixed precision too: XLA:CPU's bf16 erf is slower (docs/performance.md).
         h = jnp.square(nn.relu(h)) if cfg.mlp == "relu2" else nn.gelu(h, approximate=False)
-    return Dense(cfg.d_model, True, dtype, canonical_layouts, name="ff_out")(h)
+    return Dense(cfg.d_model, True, dtype, kernels, name="ff_out")(h)
 
 
 class TransformerBlock(nn.Module):
     cfg: ExperimentConfig
     dtype: Any = jnp.float32
-    canonical_layouts: bool = False
+    kernels: str = "plain"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
         """x: the float32 residual stream (B, L, D); the sublayers' products compute in `dtype`
         and return float32."""
         dropout = nn.Dropout(self.cfg.dropout, deterministic=not train)
-        attn_out, weights = MultiHeadSelfAttention(self.cfg, self.dtype, self.canonical_layouts,
+        attn_out, weights = MultiHeadSelfAttention(self.cfg, self.dtype, self.kernels,
                                                    name="attn")(norm(self.cfg, "norm1")(x), train)
         x = x + dropout(attn_out)
         ff_out = feed_forward(norm(self.cfg, "norm2")(x), self.cfg, self.dtype,
-                              self.canonical_layouts)
+                              self.kernels)
         return x + dropout(ff_out), weights
 
 
-def tied_head(h: jax.Array, embedding: jax.Array, dtype: Any, canonical_layouts: bool
+def tied_head(h: jax.Array, embedding: jax.Array, dtype: Any, kernels: str
               ) -> jax.Array:
     """Logits (B, L, V) float32 from the token embedding (V, D) as the output head: h @ E^T."""
     if is_mixed(dtype):
-        return bf16_dense(h, swap_last_two(embedding, canonical_layouts), None, canonical_layouts)
+        return bf16_dense(h, swap_last_two(embedding, kernels), None, kernels)
     return jax.lax.dot_general(h, embedding, (((h.ndim - 1,), (1,)), ((), ())))
 
 
 class TinyTransformerLM(nn.Module):
     cfg: ExperimentConfig
     dtype: Any = jnp.float32  # compute dtype; parameters are always float32
-    canonical_layouts: bool = False  # bf16 products in the CPU kernels' layouts (`bf16`)
+    kernels: str = "plain"  # where the bf16 products run (`bf16`): plain, canonical, mkl
 
     @property
     def max_seq_len(self) -> int:
@@ -246,23 +248,32 @@ class TinyTransformerLM(nn.Module):
         h = nn.Dropout(cfg.dropout, deterministic=not train)(h)
         attention = []
         for i in range(cfg.n_layers):
-            h, weights = TransformerBlock(cfg, self.dtype, self.canonical_layouts,
+            h, weights = TransformerBlock(cfg, self.dtype, self.kernels,
                                           name=f"layers_{i}")(h, train)
             attention.append(weights)
         h = norm(cfg, "norm")(h)
         if cfg.tie_embeddings:
-            logits = tied_head(h, embed.embedding, self.dtype, self.canonical_layouts)
+            logits = tied_head(h, embed.embedding, self.dtype, self.kernels)
         else:
-            logits = Dense(cfg.vocab_size, False, self.dtype, self.canonical_layouts,
+            logits = Dense(cfg.vocab_size, False, self.dtype, self.kernels,
                            name="head")(h)  # (B, L, V) float32
         return (logits, attention) if return_attention else logits
 
 
 def build_model(cfg: ExperimentConfig, dtype: Any = jnp.float32,
-                platform: str | None = None) -> TinyTransformerLM:
+                platform: str | None = None, products: str = "xla") -> TinyTransformerLM:
     """The experiment's model computing in `dtype`, for `platform` ("cpu", "cuda", "tpu"...;
-    default: jax's default backend)."""
-    return TinyTransformerLM(cfg, dtype, canonical_layouts=on_cpu(platform))
+    default: jax's default backend), its bf16 products on `products` ("xla" or "mkl")."""
+    return TinyTransformerLM(cfg, dtype, kernels=model_kernels(platform, products))
+
+
+def model_kernels(platform: str | None = None, products: str = "xla") -> str:
+    """Where a model's bf16 products run: a GPU's or TPU's libraries ("plain"), XLA:CPU's
+    canonical kernels, or the vendor GEMM on a CPU (`products` "mkl", as resolved by
+    `cpu_gemm.resolve_products`)."""
+    if not on_cpu(platform):
+        return "plain"
+    return "mkl" if products == "mkl" else "canonical"
 
 
 def on_cpu(platform: str | None = None) -> bool:

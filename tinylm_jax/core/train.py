@@ -22,9 +22,10 @@ import optax
 from flax import struct
 from flax.training import train_state
 
+from tinylm_jax.core import cpu_gemm
 from tinylm_jax.core.config import ExperimentConfig, UserError
 from tinylm_jax.core.data import Dataset, gather_windows, num_batches
-from tinylm_jax.core.model import build_model, init_params
+from tinylm_jax.core.model import build_model, init_params, on_cpu
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -170,12 +171,25 @@ def make_plateau(cfg: ExperimentConfig) -> optax.GradientTransformationExtraArgs
                                            rtol=cfg.plateau_threshold, atol=0.0, **per_step)
 
 
+def products_for(precision: str, choice: str = "auto", platform: str | None = None
+                 ) -> tuple[str, str]:
+    """The bf16 products a run takes (`cpu_gemm.resolve_products`) and why: one line. A choice
+    that cannot be had is refused."""
+    products, why = cpu_gemm.resolve_products(choice, compute_dtype(precision) == jnp.bfloat16,
+                                              on_cpu(platform))
+    if not products:
+        raise UserError(f"--products {choice}: {why}")
+    return products, why
+
+
 def create_train_state(cfg: ExperimentConfig, precision: str = "auto",
-                       platform: str | None = None, total_steps: int = 1) -> TrainState:
+                       platform: str | None = None, total_steps: int = 1,
+                       products: str = "xla") -> TrainState:
     """A fresh state: the model for `platform` (default: jax's default backend) in `precision`,
-    its initial params, the optimiser and the plateau schedule. `total_steps`, the optimiser
-    steps of the whole run, sets the length of a per-step schedule (cosine, wsd)."""
-    model = build_model(cfg, compute_dtype(precision), platform)
+    its bf16 products on `products` ("xla", or "mkl" as `products_for` resolves it), its initial
+    params, the optimiser and the plateau schedule. `total_steps`, the optimiser steps of the
+    whole run, sets the length of a per-step schedule (cosine, wsd)."""
+    model = build_model(cfg, compute_dtype(precision), platform, products)
     params = init_params(model, cfg.seed)
     plateau = make_plateau(cfg)
     schedule = lr_schedule(cfg, total_steps, cfg.lr)

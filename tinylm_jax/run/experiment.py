@@ -28,10 +28,10 @@ from tinylm_jax.core.model import build_model, count_params, init_params
 from tinylm_jax.core.parallel import barrier, check_batch_fits, data_mesh, is_primary, replicate
 from tinylm_jax.core.train import (
     check_schedule,
-    compute_dtype,
     compute_dtype_name,
     create_train_state,
     epoch_steps,
+    products_for,
 )
 from tinylm_jax.core.versions import package_versions
 from tinylm_jax.run import loop
@@ -46,6 +46,7 @@ class RunOptions:
     out_dir: Path  # the run folder
     data: str | None = None  # corpus path; None means $TINYLM_DATA, then the download cache
     precision: str = "auto"  # auto | bf16 | fp32 compute
+    products: str = "auto"  # auto | xla | mkl: where a CPU's bf16 matrix products run
     max_steps_per_epoch: int | None = None  # cut epochs short, for quick runs
     resume: bool = False  # continue the run folder's latest checkpoint
     overwrite: bool = False  # replace an existing run folder
@@ -64,6 +65,8 @@ class PreparedRun:
     data: Dataset
     param_count: int
     mesh: Mesh  # the devices training splits each batch over
+    products: str = "xla"  # where the bf16 products run, resolved ("xla" or "mkl")
+    products_why: str = ""  # why: one line
 
     @property
     def folder(self) -> RunFolder:
@@ -72,18 +75,18 @@ class PreparedRun:
     @property
     def settings(self) -> dict[str, Any]:
         """What config.json records beside the config; a resume must match all of it."""
-        return _run_settings(self.opts, self.corpus_sha256)
+        return _run_settings(self.opts, self.corpus_sha256, self.products)
 
 
-def _run_settings(opts: RunOptions, corpus_sha256: str) -> dict[str, Any]:
+def _run_settings(opts: RunOptions, corpus_sha256: str, products: str) -> dict[str, Any]:
     return {"precision": opts.precision,
-            "compute_dtype": compute_dtype_name(opts.precision),
+            "compute_dtype": compute_dtype_name(opts.precision), "products": products,
             "max_steps_per_epoch": opts.max_steps_per_epoch, "corpus_sha256": corpus_sha256}
 
 
 def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> PreparedRun:
     """Validate everything and load the data; writes nothing. A dry run ignores the run folder."""
-    compute_dtype(opts.precision)
+    products, products_why = products_for(opts.precision, opts.products)
     mesh = data_mesh(opts.devices)
     check_batch_fits(cfg.batch_size, mesh)
     for flag, value in (("--max-steps-per-epoch", opts.max_steps_per_epoch),
@@ -98,7 +101,9 @@ def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> P
     corpus_sha256 = file_sha256(corpus)
     tokenizer = None
     if opts.resume and not dry_run:
-        folder.check_resumable(cfg, _run_settings(opts, corpus_sha256))
+        if opts.products == "auto":  # auto continues on the products the run began with
+            products, products_why = products_for(opts.precision, folder.recorded("products"))
+        folder.check_resumable(cfg, _run_settings(opts, corpus_sha256, products))
         tokenizer = folder.read_tokenizer()
     try:
         data = build_dataset(text, cfg, tokenizer)
@@ -106,7 +111,8 @@ def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> P
         raise UserError(f"{corpus}: {err}") from None
     check_schedule(cfg, total_steps(cfg, data, opts))
     params = jax.eval_shape(lambda: init_params(build_model(cfg), cfg.seed))
-    return PreparedRun(cfg, opts, corpus, corpus_sha256, data, count_params(params), mesh)
+    return PreparedRun(cfg, opts, corpus, corpus_sha256, data, count_params(params), mesh,
+                       products, products_why)
 
 
 def total_steps(cfg: ExperimentConfig, data: Dataset, opts: RunOptions) -> int:
@@ -133,6 +139,7 @@ def describe(run: PreparedRun) -> str:
               f"(seq_len {splits.seq_len})",
               f"precision: {run.opts.precision} ({compute_dtype_name(run.opts.precision)} "
               f"compute on {jax.default_backend()})",
+              f"products: {run.products} ({run.products_why})",
               f"devices: {run.mesh.devices.size} x {jax.devices()[0].device_kind} (each batch "
               "split over them)",
               f"run folder: {run.opts.out_dir}"]
@@ -180,9 +187,10 @@ def train_prepared(run: PreparedRun, hooks: Sequence[EpochHook] = (),
                                  hooks=tuple(hooks), steps_per_chunk=opts.steps_per_chunk,
                                  stop_at_step=opts.stop_at_step, show_progress=opts.progress,
                                  signals=signals, log=log)
+            log(f"matrix products: {run.products} ({run.products_why})")
             fresh = replicate(create_train_state(run.cfg, opts.precision,
-                                                 total_steps=total_steps(run.cfg, run.data, opts)),
-                              run.mesh)
+                                                 total_steps=total_steps(run.cfg, run.data, opts),
+                                                 products=run.products), run.mesh)
             position = loop.start(run_loop, checkpoints, fresh, opts.resume, _warn)
             kept = _summary_of_ended_run(run, position)
             if primary and kept is None:  # only now: a resume refused above has changed nothing

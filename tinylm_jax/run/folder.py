@@ -50,7 +50,9 @@ SUMMARY_FIELDS = ("experiment", "best_val_ppl", "best_val_loss", "best_epoch", "
 RESUMABLE_CHANGES = ("name", "num_epochs", "early_stop_patience")
 # How config.json's run settings are named to the user.
 SETTING_FLAGS = {"precision": "--precision", "max_steps_per_epoch": "--max-steps-per-epoch",
-                 "compute_dtype": "compute dtype"}
+                 "compute_dtype": "compute dtype", "products": "--products"}
+# What a setting was before config.json recorded it.
+SETTING_DEFAULTS = {"products": "xla"}
 
 
 def seed_member(root: Path, seed: int) -> Path:
@@ -106,6 +108,10 @@ class RunFolder:
         except (ValueError, KeyError, TypeError) as err:
             raise UserError(f"{path}: unreadable run config ({err!r})") from None
         return config_from_dict(values, source=str(path)), record
+
+    def recorded(self, setting: str) -> Any:
+        """A run setting of config.json, or what it was before config.json recorded it."""
+        return _setting(self.read_record()[1], setting)
 
     def read_config(self) -> ExperimentConfig:
         return self.read_record()[0]
@@ -208,11 +214,12 @@ class RunFolder:
         changed = [f"{key} ({old[key]!r} -> {new[key]!r})" for key in old
                    if key not in free and old[key] != new[key]]
         for key, value in settings.items():
-            if key == "corpus_sha256" and record.get(key) != value:
+            before = _setting(record, key)
+            if key == "corpus_sha256" and before != value:
                 changed.append("corpus (its sha256 differs)")
-            elif record.get(key) != value:
+            elif before != value:
                 name = SETTING_FLAGS.get(key, key)
-                changed.append(f"{name} ({record.get(key)!r} -> {value!r})")
+                changed.append(f"{name} ({before!r} -> {value!r})")
         if changed:
             raise UserError(f"{self.path}: cannot resume with a different config: "
                             f"{', '.join(changed)}")
@@ -233,6 +240,10 @@ class RunFolder:
 
     def _used(self) -> bool:
         return self.path.is_dir() and any(p.name != self.LOCK for p in self.path.iterdir())
+
+
+def _setting(record: dict[str, Any], key: str) -> Any:
+    return record.get(key, SETTING_DEFAULTS.get(key))
 
 
 def _writable(folder: Path) -> bool:
