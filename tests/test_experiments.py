@@ -173,9 +173,9 @@ def test_a_sweep_stopped_in_a_member_resumes_to_the_end(tmp_path, tiny_toml, tin
 
 @pytest.mark.parametrize("recipe", [
     dict(schedule="cosine", warmup_steps=3, optimizer="muon", dropout=0.1,
-         attention_dropout=0.1, tie_embeddings=True, positions="rope"),
+         attention_dropout=0.1, tie_embeddings=True, positions="rope", ema_decay=0.9),
     dict(schedule="wsd", warmup_steps=2, decay_fraction=0.5, lr_floor=0.1, mlp="swiglu"),
-], ids=["cosine-muon-dropout", "wsd"])
+], ids=["cosine-muon-dropout-ema", "wsd"])
 def test_a_run_stopped_mid_epoch_resumes_exactly_under_every_recipe(tmp_path, tiny_corpus,
                                                                     recipe):
     """Stopped at step 5 of epoch 2 and resumed from its checkpoint: the same history and the

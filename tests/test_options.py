@@ -286,3 +286,26 @@ def test_a_muon_step_orthogonalises_a_block_matrix_update():
 
     assert spread_of_update("muon") < 2.0 < spread_of_update("adamw")
 
+
+
+def test_the_weights_moving_average_follows_its_recurrence_and_is_what_evaluation_reads():
+    """avg_t = d_t avg_{t-1} + (1 - d_t) params_t with d_t = min(decay, (1 + t) / (10 + t)),
+    from the initial weights; eval_step scores the average, not the latest weights."""
+    cfg = tiny_config(ema_decay=0.9)
+    ids = jnp.asarray(np.arange(4 * 17).reshape(4, 17) % cfg.vocab_size, jnp.int32)
+    batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "weights": jnp.ones((4,))}
+    state = create_train_state(cfg, "fp32")
+    average = jax.tree.map(np.asarray, state.params)
+    for step in (1, 2, 3):
+        state, _ = train_step(state, batch)
+        decay = min(0.9, (1 + step) / (10 + step))
+        average = jax.tree.map(lambda a, p, d=decay: d * a + (1 - d) * np.asarray(p), average,
+                               state.params)
+    for got, want in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(average),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    scored = eval_step(state, batch)["loss_sum"]
+    on_average = eval_step(state.replace(params=state.ema_params, ema_decay=0.0), batch)
+    on_latest = eval_step(state.replace(ema_decay=0.0), batch)
+    assert float(scored) == pytest.approx(float(on_average["loss_sum"]), rel=1e-6)
+    assert float(scored) != pytest.approx(float(on_latest["loss_sum"]), rel=1e-6)

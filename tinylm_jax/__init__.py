@@ -9,6 +9,7 @@ The API, typed, and imported on first use (so `import tinylm_jax` loads no jax):
     sweep(config_or_name, out_dir, grid, seeds, **overrides) -> list[Run]
                                     every combination of `grid` ({field: [values]}) x seeds
     load_run(path) -> Run                               config, history, summary, params
+    evaluate_run(run_dir, data, which) -> Evaluation    perplexity, nats per token and per char
     create_train_state(cfg, precision, platform) -> TrainState
     train_step(state, batch) -> (state, metrics)        jitted; the state is donated
     eval_step(state, batch) -> metrics
@@ -20,6 +21,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from tinylm_jax.analysis.evaluation import evaluate_run
     from tinylm_jax.api.runs import Run, load_run, train, train_seeds
     from tinylm_jax.api.sweep import sweep
     from tinylm_jax.core.config import ExperimentConfig, UserError, load_config
@@ -30,12 +32,13 @@ _HOMES = {
     "UserError": "tinylm_jax.core.config",
     "train": "tinylm_jax.api.runs", "train_seeds": "tinylm_jax.api.runs",
     "load_run": "tinylm_jax.api.runs", "Run": "tinylm_jax.api.runs",
-    "sweep": "tinylm_jax.api.sweep",
+    "sweep": "tinylm_jax.api.sweep", "evaluate_run": "tinylm_jax.analysis.evaluation",
     "create_train_state": "tinylm_jax.core.train", "train_step": "tinylm_jax.core.train",
     "eval_step": "tinylm_jax.core.train", "TrainState": "tinylm_jax.core.train",
 }
 __all__ = ["ExperimentConfig", "Run", "TrainState", "UserError", "create_train_state",
-           "eval_step", "load_config", "load_run", "sweep", "train", "train_seeds", "train_step"]
+           "eval_step", "evaluate_run", "load_config", "load_run", "sweep", "train",
+           "train_seeds", "train_step"]
 
 
 def __getattr__(name: str) -> Any:

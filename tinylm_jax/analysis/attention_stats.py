@@ -159,7 +159,7 @@ class AttentionRecord:
 
     def epoch_end(self, epoch: int, state: TrainState) -> list[dict[str, Any]]:
         # On one replica: the same rows in every process, and no collective.
-        heads, uniform = head_statistics(self.model, local_replica(state.params),
+        heads, uniform = head_statistics(self.model, local_replica(state.eval_params()),
                                          self.windows.ids, self.windows.punct_keys)
         return [{"epoch": epoch, **row} for row in stats_rows(heads, uniform)]
 

@@ -15,10 +15,12 @@ from pathlib import Path
 from tinylm_jax.analysis import reports
 from tinylm_jax.analysis.attention_stats import STAT_WINDOWS
 from tinylm_jax.analysis.corpus import open_corpus
+from tinylm_jax.analysis.evaluation import evaluate_run, evaluation_markdown
 from tinylm_jax.analysis.inference import REFERENCE_PROMPTS, predicted_vs_actual, top_k_table
 from tinylm_jax.analysis.sampling import generate
 from tinylm_jax.cli.console import OneLineParser, entry_point, print_paths
 from tinylm_jax.core.config import UserError, check_seed, require_positive
+from tinylm_jax.core.train import PRECISIONS
 from tinylm_jax.reference.interop import check_representable, save_torch_weights
 from tinylm_jax.run.checkpoint import load_run
 
@@ -286,3 +288,25 @@ def export_torch(args: argparse.Namespace) -> int:
 
 
 export_torch_main = entry_point(export_torch_parser, export_torch)
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="evaluate.py", description="A run's validation perplexity, nats "
+                           "per token and nats per character, recomputed from its weights over "
+                           "every validation window of its corpus.")
+    parser.add_argument("run_dir", type=Path, help="a run folder")
+    parser.add_argument("--data", help="the run's corpus (default: $TINYLM_DATA, else the cache)")
+    parser.add_argument("--which", choices=("best", "latest"), default="best",
+                        help="which checkpoint (default: best)")
+    parser.add_argument("--precision", choices=PRECISIONS, help="compute precision (default: "
+                        "the run's own, which reproduces its history's figure)")
+    return parser
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    result = evaluate_run(args.run_dir, args.data, args.which, args.precision)
+    print(evaluation_markdown(args.run_dir, args.which, result), end="")
+    return 0
+
+
+evaluate_main = entry_point(evaluate_parser, evaluate)

@@ -18,6 +18,8 @@ COMMANDS = {
               "a grid of overrides times a set of seeds, with a table of the settings"),
     "analyze": ("analyze", "analyze_main", "analyze.py",
                 "the reference report's figures and tables from finished runs"),
+    "evaluate": ("analyze", "evaluate_main", "evaluate.py",
+                 "a run's validation perplexity, nats per token and per character"),
     "generate": ("analyze", "generate_main", "generate.py", "sample text from a run"),
     "plot-attention": ("analyze", "plot_attention_main", "plot_attention.py",
                        "heatmaps from an attention export"),

@@ -75,6 +75,10 @@ class ExperimentConfig:
     # (seed, step), so a resumed run draws the same masks.
     dropout: float = 0.0  # on the embeddings and on each sublayer's output before its residual add
     attention_dropout: float = 0.0  # on the attention weights
+    # Weight averaging: validation, checkpoints' best and every analysis use an exponential moving
+    # average of the weights (Polyak & Juditsky 1992), updated every step with this decay, which
+    # warms up as min(decay, (1 + step) / (10 + step)); 0 turns it off.
+    ema_decay: float = 0.0
     # --- optimiser (AdamW with torch's defaults, as the reference) ---
     optimizer: str = "adamw"  # "adamw", or "muon" (Jordan 2024; optax.contrib) for block matrices
     lr: float = 3e-4  # peak learning rate (AdamW's; with muon, of the parameters AdamW keeps)
@@ -132,7 +136,8 @@ POSITIVE_FIELDS = ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d
 # (field, smallest allowed value; None: above 0) for fields that must also stay below 1.
 FRACTION_FIELDS = (("train_fraction", None), ("plateau_factor", None),
                    ("plateau_threshold", None), ("adam_b1", 0.0), ("adam_b2", None),
-                   ("weight_decay", 0.0), ("dropout", 0.0), ("attention_dropout", 0.0))
+                   ("weight_decay", 0.0), ("dropout", 0.0), ("attention_dropout", 0.0),
+                   ("ema_decay", 0.0))
 SHARE_FIELDS = ("lr_floor", "decay_fraction")  # in [0, 1]
 NON_NEGATIVE_FIELDS = ("plateau_patience", "grad_scale_growth_interval", "warmup_steps")
 MAX_SEED = 2**31 - 1

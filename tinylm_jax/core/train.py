@@ -34,15 +34,18 @@ class TrainState(train_state.TrainState):
     """flax's TrainState plus the plateau schedule, whose scale multiplies every update.
 
     What a resume must restore is exactly this class's array fields (`arrays`): the params, the
-    optimiser's state (its step count drives a per-step schedule), the plateau's state and the
-    step (which, with the seed, fixes the dropout stream). New loop state that must survive a
-    resume is declared here, as one more array field, and nowhere else.
+    optimiser's state (its step count drives a per-step schedule), the plateau's state, the
+    weights' moving average and the step (which, with the seed, fixes the dropout stream). New
+    loop state that must survive a resume is declared here, as one more array field, and nowhere
+    else.
     """
 
     plateau_state: optax.contrib.ReduceLROnPlateauState
     plateau: optax.GradientTransformationExtraArgs = struct.field(pytree_node=False)
+    ema_params: Any  # the weights' moving average (`ema_decay`); {} when it is off
     lr_schedule: optax.Schedule = struct.field(pytree_node=False)  # the peak-lr-relative curve
     seed: int = struct.field(pytree_node=False, default=0)  # of the dropout stream
+    ema_decay: float = struct.field(pytree_node=False, default=0.0)
 
     @property
     def learning_rate(self) -> float:
@@ -58,6 +61,24 @@ class TrainState(train_state.TrainState):
         """The dropout stream's key for the next step: a pure function of (seed, step)."""
         return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), DROPOUT_STREAM),
                                   self.step)
+
+    def eval_params(self) -> Any:
+        """The weights that validation and the analyses use: the average where there is one."""
+        return self.ema_params if self.ema_decay else self.params
+
+    def with_eval_params(self, params: Any) -> TrainState:
+        """This state evaluating `params` (a checkpoint's `eval_params`)."""
+        return self.replace(params=params, ema_params=params if self.ema_decay else {})
+
+    def averaged(self) -> TrainState:
+        """The moving average advanced by this step's params (a no-op when it is off)."""
+        if not self.ema_decay:
+            return self
+        step = self.step.astype(jnp.float32)
+        decay = jnp.minimum(self.ema_decay, (1.0 + step) / (10.0 + step))
+        ema = jax.tree.map(lambda avg, new: decay * avg + (1.0 - decay) * new, self.ema_params,
+                           self.params)
+        return self.replace(ema_params=ema)
 
     def arrays(self) -> dict[str, Any]:
         """Every array field, by name: what a checkpoint saves and a restore puts back."""
@@ -196,6 +217,8 @@ def create_train_state(cfg: ExperimentConfig, precision: str = "auto",
     state = TrainState.create(apply_fn=model.apply, params=params,
                               tx=make_optimizer(cfg, total_steps), plateau=plateau,
                               plateau_state=plateau.init(params), seed=cfg.seed,
+                              ema_params=jax.tree.map(jnp.copy, params) if cfg.ema_decay else {},
+                              ema_decay=cfg.ema_decay,
                               lr_schedule=schedule if callable(schedule) else lambda _: schedule)
     return state.replace(step=jnp.zeros((), jnp.int32))  # the dtype training gives it
 
@@ -220,12 +243,12 @@ def _train_step(state: TrainState, batch: dict[str, jax.Array]
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     updates = optax.tree.scale(state.plateau_state.scale, updates)
     params = optax.apply_updates(state.params, updates)
-    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state).averaged()
     return state, {"loss_sum": loss_sum, "tokens": tokens}
 
 
 def _eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    logits = state.apply_fn({"params": state.params}, batch["inputs"])
+    logits = state.apply_fn({"params": state.eval_params()}, batch["inputs"])
     loss_sum, tokens = weighted_loss(logits, batch["targets"], batch["weights"])
     return {"loss_sum": loss_sum, "tokens": tokens}
 

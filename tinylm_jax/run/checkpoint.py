@@ -256,5 +256,5 @@ def load_run(run_dir: str | Path, which: str = "best", precision: str = "fp32") 
         state, record = checkpoints.restore(number, create_train_state(cfg, precision))
     finally:
         checkpoints.close()
-    return LoadedRun(cfg, build_model(cfg, compute_dtype(precision)), state.params,
+    return LoadedRun(cfg, build_model(cfg, compute_dtype(precision)), state.eval_params(),
                      run.read_tokenizer(), number, record)
