@@ -3,6 +3,7 @@ name without touching Python; `extends`, `--set` and `--grid` with their refusal
 resume under every schedule and optimiser, dropout on."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -159,6 +160,7 @@ def test_a_sweep_stopped_in_a_member_resumes_to_the_end(tmp_path, tiny_toml, tin
                        "--max-steps-per-epoch", "4", "--no-progress", "--stop-at-step",
                        "2"]) == 0
     before = snapshot(out)
+    assert sweep_main([*argv, "--dry-run"]) == 0  # a dry run looks at no member's folder
     assert sweep_main(argv) == 2  # the folder exists: --resume, or refuse and change nothing
     assert "--resume" in capsys.readouterr().err and snapshot(out) == before
     assert sweep_main([*argv, "--resume"]) == 0
@@ -197,3 +199,15 @@ def test_a_run_stopped_mid_epoch_resumes_exactly_under_every_recipe(tmp_path, ti
     one, two = load_run(tmp_path / "straight", "latest"), load_run(split, "latest")
     for x, y in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_a_run_begun_before_products_were_recorded_resumes_on_xla(tiny_run, tmp_path, capsys):
+    """config.json without `products` is a run of XLA's products: `auto` resumes it on them."""
+    run, corpus = tiny_run
+    copy = shutil.copytree(run, tmp_path / "run")
+    record = json.loads((copy / "config.json").read_text())
+    del record["products"]
+    (copy / "config.json").write_text(json.dumps(record))
+    assert train_main([str(run.parent / "tiny.toml"), "--data", str(corpus), "--out", str(copy),
+                       "--max-epochs", "3", "--resume", "--no-progress"]) == 0
+    assert "matrix products: xla" in capsys.readouterr().out

@@ -35,7 +35,7 @@ from tinylm_jax.core.config import ExperimentConfig
 from tinylm_jax.core.data import train_order
 from tinylm_jax.core.train import TrainingDiverged, create_train_state
 from tinylm_jax.run import loop
-from tinylm_jax.run.checkpoint import RunCheckpoints
+from tinylm_jax.run.checkpoint import RunCheckpoints, _rank
 from tinylm_jax.run.folder import RunFolder
 from tinylm_jax.run.signals import StopSignals
 
@@ -552,3 +552,21 @@ def test_a_second_run_on_a_folder_in_use_is_refused(setup, capsys, stopped_copy)
     # Free again: a resume takes the lock and trains (two steps are enough to show it).
     assert _run(setup, out, "--resume", "--stop-at-step", "10") == 0
     assert int(_latest(out)[0].step) == 10
+
+
+def test_checkpoints_of_earlier_versions_rank_below_any_new_best():
+    """Before the best-epoch rank, an epoch's checkpoint carried its validation loss: it still
+    ranks, by that loss, and below every new best saved since (ranks 1, 2, ...)."""
+    old = [_rank({"val_loss": loss}) for loss in (4.5, 4.2, math.nan)]
+    assert old[1] > old[0] > old[2] == 0.0 and max(old) < 1
+    assert _rank({"new_best_epoch": 1}) > max(old) and _rank({"new_best_epoch": 0}) == 0
+
+
+def test_a_state_saves_only_the_fields_that_hold_arrays():
+    """Without averaging, `ema_params` holds nothing and is not saved, so checkpoints written
+    before the field still restore; with it, the average is saved."""
+    plain = _small_state()
+    assert "ema_params" not in plain.arrays() and {"params", "opt_state", "plateau_state",
+                                                   "step"} <= set(plain.arrays())
+    averaged = create_train_state(ExperimentConfig(**{**SMALL_CONFIG, "ema_decay": 0.9}), "fp32")
+    assert "ema_params" in averaged.arrays()

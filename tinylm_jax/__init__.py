@@ -10,7 +10,7 @@ The API, typed, and imported on first use (so `import tinylm_jax` loads no jax):
                                     every combination of `grid` ({field: [values]}) x seeds
     load_run(path) -> Run                               config, history, summary, params
     evaluate_run(run_dir, data, which) -> Evaluation    perplexity, nats per token and per char
-    create_train_state(cfg, precision, platform) -> TrainState
+    create_train_state(cfg, precision, platform, total_steps, products) -> TrainState
     train_step(state, batch) -> (state, metrics)        jitted; the state is donated
     eval_step(state, batch) -> metrics
 """

@@ -19,22 +19,18 @@ import jax
 import numpy as np
 
 from tinylm_jax.analysis.corpus import RunCorpus, open_corpus
-from tinylm_jax.core.data import batch_rows
-from tinylm_jax.core.parallel import data_mesh, replicate, shard_batch_rows
-from tinylm_jax.core.train import (
-    create_train_state,
-    default_steps_per_chunk,
-    eval_chunk,
-    products_for,
-)
+from tinylm_jax.core.data import Dataset
+from tinylm_jax.core.parallel import check_batch_fits, data_mesh, replicate
+from tinylm_jax.core.train import create_train_state, products_for
 from tinylm_jax.run.checkpoint import load_run
 from tinylm_jax.run.folder import RunFolder
+from tinylm_jax.run.loop import Loop, evaluate
 
 
 @dataclass(frozen=True)
 class Evaluation:
     loss_sum: float  # nats over every validation target token
-    tokens: int  # validation target tokens, windows overlapping
+    tokens: int  # validation target tokens, windows overlapping (every window's every target)
     chars: int  # their characters
 
     @property
@@ -60,28 +56,25 @@ def target_chars(corpus: RunCorpus, starts: np.ndarray) -> int:
 def evaluate_run(run_dir: Path, data: str | None = None, which: str = "best",
                  precision: str | None = None) -> Evaluation:
     """Score every validation window of the run's corpus with its `which` checkpoint, in
-    `precision` (default: the run's own) on the products the run trained with."""
+    `precision` (default: the run's own) on the products the run trained with where they can be
+    had (else XLA's), through training's own validation pass."""
     folder = RunFolder(run_dir)
     precision = precision or folder.recorded("precision")
-    products = products_for(precision, folder.recorded("products"))[0]
+    products = products_for(precision, "auto" if folder.recorded("products") == "mkl"
+                            else "xla")[0]
     corpus = open_corpus(run_dir, data)
     run = load_run(run_dir, which, precision)
     cfg = run.config
     mesh = data_mesh()
+    check_batch_fits(cfg.batch_size, mesh)
     state = create_train_state(cfg, precision, products=products).with_eval_params(run.params)
-    state, tokens = replicate(state, mesh), replicate(jax.numpy.asarray(corpus.ids), mesh)
-    starts = corpus.splits.validation_starts()
-    rows = batch_rows(starts, cfg.batch_size)
-    size = default_steps_per_chunk()
-    loss_sum = 0.0
-    token_count = 0.0
-    for first in range(0, len(rows["starts"]), size):
-        chunk = shard_batch_rows({k: v[first:first + size] for k, v in rows.items()}, mesh)
-        metrics = jax.device_get(eval_chunk(state, tokens, chunk["starts"], chunk["weights"],
-                                            seq_len=cfg.seq_len))
-        loss_sum += float(np.sum(np.asarray(metrics["loss_sum"], np.float64)))
-        token_count += float(np.sum(np.asarray(metrics["tokens"], np.float64)))
-    return Evaluation(loss_sum, int(token_count), target_chars(corpus, starts))
+    dataset = Dataset(replicate(jax.numpy.asarray(corpus.ids), mesh), corpus.splits,
+                      corpus.tokenizer)
+    validation = Loop(cfg=cfg, data=dataset, mesh=mesh, steps_per_epoch=1, show_progress=False)
+    tokens = corpus.splits.num_val * cfg.seq_len
+    mean = evaluate(validation, replicate(state, mesh))
+    chars = target_chars(corpus, corpus.splits.validation_starts())
+    return Evaluation(mean * tokens, tokens, chars)
 
 
 def evaluation_markdown(run_dir: Path, which: str, evaluation: Evaluation) -> str:

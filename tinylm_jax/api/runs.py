@@ -48,7 +48,7 @@ class Run:
 
     @functools.cached_property
     def best(self) -> checkpoint.LoadedRun:
-        """The best epoch's checkpoint (lowest validation loss), ready for the analyses: its
+        """The best epoch's checkpoint (the protocol's best epoch), ready for the analyses: its
         model, params, tokenizer and record."""
         return checkpoint.load_run(self.folder, "best")
 

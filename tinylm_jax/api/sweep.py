@@ -72,10 +72,11 @@ def _text(value: Any) -> str:
 
 
 def prepare_sweep(config: str | Path | ExperimentConfig, out_dir: str | Path,
-                  grid: dict[str, list[Any]], seeds: str | Sequence[int],
+                  grid: dict[str, list[Any]], seeds: str | Sequence[int], dry_run: bool = False,
                   **overrides: Any) -> list[PreparedRun]:
     """Every member of the sweep, checked and ready to train, settings in grid order and seeds
-    within each. `overrides` are fields or run options shared by all members."""
+    within each. `overrides` are fields or run options shared by all members; a dry run leaves
+    the members' folders unchecked, as a run's dry run does."""
     spec = seeds if isinstance(seeds, str) else ",".join(str(seed) for seed in seeds)
     clash = sorted(set(grid) & ({"seed"} | set(overrides)))
     if clash:
@@ -86,7 +87,7 @@ def prepare_sweep(config: str | Path | ExperimentConfig, out_dir: str | Path,
             out = seed_member(Path(out_dir) / point.name, seed)
             cfg, opts = resolve(config, out, {**overrides, **point.overrides, "seed": seed})
             cfg = cfg.replace(name=f"{cfg.name} [{point.name}]")
-            prepared.append(prepare(cfg, set_member(opts)))
+            prepared.append(prepare(cfg, set_member(opts), dry_run=dry_run))
     return prepared
 
 

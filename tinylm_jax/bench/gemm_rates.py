@@ -23,11 +23,10 @@ FORMS = {
 
 
 def dense_shapes(cfg: ExperimentConfig) -> list[tuple[str, int, int]]:
-    """(layer, D in, F out) of every distinct dense product of the model's fast path."""
+    """(layer, D in, F out) of every dense product of the model's fast path."""
     d, f = cfg.d_model, cfg.d_ff * (2 if cfg.mlp == "swiglu" else 1)
-    shapes = [("q, k, v, out_proj", d, d), ("ff_in", d, f), ("ff_out", cfg.d_ff, d),
-              ("head", d, cfg.vocab_size)]
-    return list(dict.fromkeys(shapes))
+    return [("q, k, v, out_proj", d, d), ("ff_in", d, f), ("ff_out", cfg.d_ff, d),
+            ("head", d, cfg.vocab_size)]
 
 
 def _rate(lhs: jax.Array, rhs: jax.Array, kernels: str, trans: tuple[bool, bool],

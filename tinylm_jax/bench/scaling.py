@@ -33,7 +33,7 @@ from tinylm_jax.analysis import plots
 from tinylm_jax.bench.benchmark import machine_description, random_batch
 from tinylm_jax.core.config import ExperimentConfig, UserError
 from tinylm_jax.core.files import write_csv_atomic
-from tinylm_jax.core.model import MultiHeadSelfAttention, on_cpu
+from tinylm_jax.core.model import MultiHeadSelfAttention, model_kernels
 from tinylm_jax.core.train import (
     compute_dtype,
     compute_dtype_name,
@@ -118,7 +118,7 @@ def step_cost(cfg: ExperimentConfig, precision: str, repeats: int) -> Cost:
 def attention_cost(cfg: ExperimentConfig, precision: str, repeats: int) -> Cost:
     """The model's attention sub-layer alone, forward and backward, on a random input."""
     dtype = compute_dtype(precision)
-    layer = MultiHeadSelfAttention(cfg, dtype, on_cpu())
+    layer = MultiHeadSelfAttention(cfg, dtype, model_kernels())
     x = jax.random.normal(jax.random.key(0), (cfg.batch_size, cfg.seq_len, cfg.d_model))
     params = layer.init(jax.random.key(1), x[:1, :1])["params"]  # they depend on neither B nor L
 

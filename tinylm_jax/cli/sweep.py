@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int | Stop:
     require_positive("--max-epochs", args.max_epochs)
     out = args.out or Path("runs") / f"sweep-{Path(args.experiment).stem}"
     prepared = prepare_sweep(args.experiment, out, parse_grid(args.grid), args.seeds,
-                             **overrides(args), data=args.data, precision=args.precision,
-                             products=args.products,
+                             args.dry_run, **overrides(args), data=args.data,
+                             precision=args.precision, products=args.products,
                              max_steps_per_epoch=args.max_steps_per_epoch, resume=args.resume,
                              progress=not args.no_progress, steps_per_chunk=args.steps_per_chunk)
     if args.dry_run:

@@ -19,9 +19,8 @@ softmax and logits stay float32. `kernels` says where those products run (`bf16`
 libraries ("plain"), XLA:CPU's fast kernels in their canonical layouts ("canonical": the CPU fast
 path), or a vendor GEMM on a CPU ("mkl"); it is set from the platform the program is built for
 and the products asked for (`build_model`), so a GPU's program can be built and checked on a CPU
-machine. Only the
-products differ between the paths (`Dense`, `attention_core`, `tied_head`): every option is
-written once, around them.
+machine. Only the products differ between the paths (`Dense`, `attention_core`, `tied_head`):
+every option is written once, around them.
 Submodule names mirror the reference's PyTorch attribute names so that `interop` maps them one
 to one.
 """

@@ -81,9 +81,13 @@ class TrainState(train_state.TrainState):
         return self.replace(ema_params=ema)
 
     def arrays(self) -> dict[str, Any]:
-        """Every array field, by name: what a checkpoint saves and a restore puts back."""
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
-                if field.metadata.get("pytree_node", True)}
+        """Every array field that holds arrays, by name: what a checkpoint saves and a restore
+        puts back (one that holds none, as `ema_params` without averaging, is not saved, so
+        checkpoints from before a field still restore)."""
+        fields = (field.name for field in dataclasses.fields(self)
+                  if field.metadata.get("pytree_node", True))
+        return {name: getattr(self, name) for name in fields
+                if jax.tree.leaves(getattr(self, name))}
 
 
 DROPOUT_STREAM = 1  # folded into the seed's key, apart from the parameters' initialisation
@@ -138,7 +142,7 @@ def lr_schedule(cfg: ExperimentConfig, total_steps: int, peak: float) -> optax.S
     (`check_schedule` has passed; a shorter length only shapes a template state).
 
     The plateau's is the constant `peak` itself (the reference's), after any warmup; cosine and
-    wsd end at `peak * lr_floor` on the run's last step.
+    wsd reach `peak * lr_floor` at step `total_steps`, one after the run's last.
     """
     floor, warmup = peak * cfg.lr_floor, cfg.warmup_steps
     if cfg.schedule == "plateau":
@@ -172,7 +176,8 @@ def make_optimizer(cfg: ExperimentConfig, total_steps: int = 1) -> optax.Gradien
     adam_lr = lr_schedule(cfg, total_steps, cfg.lr)
     if cfg.optimizer == "muon":
         return optax.chain(clip, optax.contrib.muon(
-            lr_schedule(cfg, total_steps, cfg.muon_lr), weight_decay=cfg.weight_decay,
+            lr_schedule(cfg, total_steps, cfg.muon_lr), eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
             adam_b1=cfg.adam_b1, adam_b2=cfg.adam_b2, adam_weight_decay=cfg.weight_decay,
             adam_learning_rate=adam_lr, muon_weight_dimension_numbers=muon_matrices))
     return optax.chain(clip, optax.adamw(adam_lr, b1=cfg.adam_b1, b2=cfg.adam_b2,

@@ -5,7 +5,8 @@ Checkpoints are numbered 1, 2, 3, ... in the order they are saved: one at the en
 ranked, and one wherever a run is stopped (a signal, `--stop-at-step`), unranked. An epoch's
 checkpoint ranks by the epoch's number if it set a new best (`metrics.latest_is_best`) and 0 if
 not, so the highest rank is the best epoch's.
-Each holds the train state's arrays (params, optimiser and plateau state, step) and a JSON record
+Each holds the train state's arrays (`TrainState.arrays`: params, optimiser and plateau state,
+the weights' average if any, step) and a JSON record
 of the run so far: its history and, for a stop mid-epoch, the epoch's progress.
 
 Safety, on top of orbax's own write-to-temporary-then-rename:
@@ -21,6 +22,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -51,8 +53,13 @@ class DiskFull(UserError):
 
 
 def _rank(metrics: dict[str, float]) -> float:
-    """An epoch checkpoint's rank: the epoch if it set a new best, else 0 (module docstring)."""
-    return metrics["new_best_epoch"]
+    """An epoch checkpoint's rank: the epoch if it set a new best, else 0 (module docstring).
+    A checkpoint saved before this rank existed carries its validation loss: it ranks by that,
+    between 0 and 1, so below any new best saved since."""
+    if "new_best_epoch" in metrics:
+        return metrics["new_best_epoch"]
+    loss = metrics["val_loss"]
+    return 1.0 / (1.0 + loss) if math.isfinite(loss) else 0.0
 
 
 def _host_leaves(arrays: dict[str, Any]) -> list[tuple[str, np.ndarray]]:

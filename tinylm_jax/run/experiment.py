@@ -101,9 +101,11 @@ def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> P
     corpus_sha256 = file_sha256(corpus)
     tokenizer = None
     if opts.resume and not dry_run:
-        if opts.products == "auto":  # auto continues on the products the run began with
-            products, products_why = products_for(opts.precision, folder.recorded("products"))
-        folder.check_resumable(cfg, _run_settings(opts, corpus_sha256, products))
+        began_on = folder.recorded("products")
+        choice = began_on if opts.products == "auto" else products  # auto: the run's own
+        folder.check_resumable(cfg, _run_settings(opts, corpus_sha256, choice))
+        if choice != products:
+            products, products_why = _products_to_resume(opts, folder, began_on)
         tokenizer = folder.read_tokenizer()
     try:
         data = build_dataset(text, cfg, tokenizer)
@@ -119,6 +121,16 @@ def total_steps(cfg: ExperimentConfig, data: Dataset, opts: RunOptions) -> int:
     """The optimiser steps of the whole protocol, if it runs all its epochs: the length of a
     per-step schedule."""
     return cfg.num_epochs * epoch_steps(cfg, data, opts.max_steps_per_epoch)
+
+
+def _products_to_resume(opts: RunOptions, folder: RunFolder, began_on: str) -> tuple[str, str]:
+    """The products a run began with, for `--resume` under `auto`, if they can be had here."""
+    try:
+        return products_for(opts.precision, began_on)
+    except UserError as err:
+        raise UserError(f"{folder}: the run trained on {began_on} products, which cannot be "
+                        f"had here ({str(err).split(': ', 1)[-1]}); resume it with them, or "
+                        "start it anew") from None
 
 
 def set_member(opts: RunOptions) -> RunOptions:
