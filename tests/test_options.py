@@ -16,7 +16,7 @@ from conftest import tiny_config
 from test_bf16 import FAST_PATH_PIECES, _batch, _lowered, _names
 
 from tinylm_jax.core.config import CHOICES
-from tinylm_jax.core.model import build_model, count_params, init_params, rotary
+from tinylm_jax.core.model import build_model, count_params, init_params, keep_mask, rotary
 from tinylm_jax.core.train import (
     check_schedule,
     create_train_state,
@@ -155,6 +155,23 @@ def test_dropout_is_off_at_evaluation_and_a_pure_function_of_seed_and_step():
     assert not np.allclose(first, train_logits(state.replace(step=state.step + 1)))
     other_seed = create_train_state(cfg.replace(seed=1), "fp32")
     assert not np.allclose(first, train_logits(other_seed))
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_the_dropout_mask_drops_at_its_rate_and_keeps_the_mean(rate):
+    mask = np.asarray(keep_mask(jax.random.key(0, impl="rbg"), rate, (1001, 999)))
+    kept = mask[mask > 0]
+    assert set(np.unique(mask)) == {0.0, kept[0]}
+    assert kept[0] == pytest.approx(1 / (1 - rate), rel=1e-4)  # the rate on a 1/65536 grid
+    assert (mask == 0).mean() == pytest.approx(rate, abs=0.002)  # 1e6 draws: sd 0.0005
+    assert mask.mean() == pytest.approx(1.0, abs=0.003)
+
+
+def test_the_embeddings_start_at_their_init_std():
+    cfg = tiny_config(positions="learned", embed_init_std=0.02)
+    params = init_params(build_model(cfg), 0)
+    for table in ("token_embedding", "position_embedding"):
+        assert np.std(params[table]["embedding"]) == pytest.approx(0.02, rel=0.1)
 
 
 def _expected_count(cfg):

@@ -71,6 +71,10 @@ class ExperimentConfig:
     mlp: str = reference_only("gelu")
     # The output head reuses the token embedding, transposed (Press & Wolf 2017).
     tie_embeddings: bool = reference_only(False)
+    # The token (and learned position) embeddings start as N(0, embed_init_std²): the reference's
+    # 1.0 is PyTorch's nn.Embedding default; a tied head wants a small one (GPT-2's 0.02), or its
+    # first logits are the dot products of unit-variance vectors, about sqrt(d_model) apart.
+    embed_init_std: float = 1.0
     # Dropout rates while training (off at evaluation); the stream is a pure function of
     # (seed, step), so a resumed run draws the same masks.
     dropout: float = 0.0  # on the embeddings and on each sublayer's output before its residual add
@@ -132,7 +136,7 @@ class ExperimentConfig:
 _FIELD_TYPES = typing.get_type_hints(ExperimentConfig)
 POSITIVE_FIELDS = ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff",
                    "batch_size", "num_epochs", "early_stop_patience", "lr", "muon_lr", "adam_eps",
-                   "grad_clip_norm", "grad_scale", "rope_base")
+                   "grad_clip_norm", "grad_scale", "rope_base", "embed_init_std")
 # (field, smallest allowed value; None: above 0) for fields that must also stay below 1.
 FRACTION_FIELDS = (("train_fraction", None), ("plateau_factor", None),
                    ("plateau_threshold", None), ("adam_b1", 0.0), ("adam_b2", None),

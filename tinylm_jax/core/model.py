@@ -9,7 +9,7 @@ Every module takes the `ExperimentConfig` whole (`cfg`) and reads the options it
 config's defaults the model is the reference's (RMSNorm, sinusoidal positions, GELU, an untied
 head, no dropout). Parameters are float32 and initialised like PyTorch's defaults for the same
 layers (the reference's model), not flax's: Linear weights and biases U(+-1/sqrt(fan_in)),
-embeddings N(0, 1), norm scales 1.
+embeddings N(0, 1) (`embed_init_std`), norm scales 1.
 
 `dtype` is the compute dtype of the matrix products. In bfloat16 (mixed precision) every product,
 forward and backward, takes bf16 operands and accumulates in float32 (`bf16`), as the reference's
@@ -167,10 +167,8 @@ class MultiHeadSelfAttention(nn.Module):
             q, k = rotary(q, cfg.rope_base), rotary(k, cfg.rope_base)
         keep = None
         if train and cfg.attention_dropout > 0:
-            rate = cfg.attention_dropout
-            kept = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate,
-                                        (batch, cfg.n_heads, length, length))
-            keep = kept.astype(jnp.float32) / (1.0 - rate)  # (B, H, L, L)
+            keep = keep_mask(self.make_rng("dropout"), cfg.attention_dropout,
+                             (batch, cfg.n_heads, length, length))  # (B, H, L, L)
         out, weights = attention_core(q, k, v, keep, self.dtype, self.kernels)
         out = out.reshape(batch, length, cfg.d_model)
         out_proj = Dense(cfg.d_model, False, self.dtype, self.kernels, name="out_proj")
@@ -201,13 +199,32 @@ class TransformerBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
         """x: the float32 residual stream (B, L, D); the sublayers' products compute in `dtype`
         and return float32."""
-        dropout = nn.Dropout(self.cfg.dropout, deterministic=not train)
         attn_out, weights = MultiHeadSelfAttention(self.cfg, self.dtype, self.kernels,
                                                    name="attn")(norm(self.cfg, "norm1")(x), train)
-        x = x + dropout(attn_out)
+        x = x + dropout(self, attn_out, self.cfg.dropout, train)
         ff_out = feed_forward(norm(self.cfg, "norm2")(x), self.cfg, self.dtype,
                               self.kernels)
-        return x + dropout(ff_out), weights
+        return x + dropout(self, ff_out, self.cfg.dropout, train), weights
+
+
+def keep_mask(key: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
+    """The dropout's scaled mask, float32 of `shape`: each element kept with probability 1 - rate
+    and then scaled by the inverse of that probability, so the mean is unchanged. Drawn from 16
+    random bits an element (the rate rounded to a multiple of 1/65536) where `bernoulli` draws 32:
+    on a CPU the random bits, not the arithmetic, are what dropout costs (docs/performance.md)."""
+    cut = round(rate * 65536)
+    size = math.prod(shape)
+    words = jax.random.bits(key, ((size + 1) // 2,), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size].reshape(shape)
+    return jnp.where(halves >= cut, jnp.float32(65536 / (65536 - cut)), jnp.float32(0))
+
+
+def dropout(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.Array:
+    """`x` with dropout at `rate` in training (a mask from the module's "dropout" stream); as it
+    is otherwise."""
+    if not train or rate == 0:
+        return x
+    return x * keep_mask(module.make_rng("dropout"), rate, x.shape)
 
 
 def tied_head(h: jax.Array, embedding: jax.Array, dtype: Any, kernels: str
@@ -236,15 +253,16 @@ class TinyTransformerLM(nn.Module):
         cfg = self.cfg
         length = ids.shape[-1]
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32,
-                         embedding_init=nn.initializers.normal(1.0), name="token_embedding")
+                         embedding_init=nn.initializers.normal(cfg.embed_init_std),
+                         name="token_embedding")
         h = embed(ids)  # (B, L, D) float32
         if cfg.positions == "sinusoidal":
             h = h + sinusoidal_positions(cfg.seq_len, cfg.d_model)[:length]  # (L, D)
         elif cfg.positions == "learned":
             h = h + nn.Embed(cfg.seq_len, cfg.d_model, param_dtype=jnp.float32,
-                             embedding_init=nn.initializers.normal(1.0),
+                             embedding_init=nn.initializers.normal(cfg.embed_init_std),
                              name="position_embedding")(jnp.arange(length))  # (L, D)
-        h = nn.Dropout(cfg.dropout, deterministic=not train)(h)
+        h = dropout(self, h, cfg.dropout, train)
         attention = []
         for i in range(cfg.n_layers):
             h, weights = TransformerBlock(cfg, self.dtype, self.kernels,

@@ -58,9 +58,11 @@ class TrainState(train_state.TrainState):
         return self.replace(plateau_state=plateau_state)
 
     def dropout_key(self) -> jax.Array:
-        """The dropout stream's key for the next step: a pure function of (seed, step)."""
-        return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), DROPOUT_STREAM),
-                                  self.step)
+        """The dropout stream's key for the next step: a pure function of (seed, step). Its bits
+        come from XLA's RngBitGenerator ("rbg"), which draws them several times faster than
+        threefry on a CPU."""
+        stream = jax.random.fold_in(jax.random.key(self.seed, impl="rbg"), DROPOUT_STREAM)
+        return jax.random.fold_in(stream, self.step)
 
     def eval_params(self) -> Any:
         """The weights that validation and the analyses use: the average where there is one."""
