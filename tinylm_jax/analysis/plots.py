@@ -21,6 +21,7 @@ from tinylm_jax.analysis.attention import STAT_LABELS  # noqa: E402
 from tinylm_jax.analysis.attention_stats import STAT_NAMES  # noqa: E402
 from tinylm_jax.analysis.budget import BUDGET_LABELS, BUDGETS, BudgetCurve  # noqa: E402
 from tinylm_jax.analysis.spread import ExperimentSpread  # noqa: E402
+from tinylm_jax.analysis.time_to_quality import QualitySet  # noqa: E402
 from tinylm_jax.core.metrics import best_epoch  # noqa: E402
 from tinylm_jax.reference.table1 import REFERENCE_VAL_PPL  # noqa: E402
 
@@ -151,6 +152,40 @@ def spread_bands(sets: list[ExperimentSpread], path: Path) -> Path:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()
     axes[0][0].set_ylabel("Validation perplexity (log scale)")
+    return _save(fig, path)
+
+
+def time_to_quality_curves(sets: list[QualitySet], thresholds: Sequence[float], path: Path,
+                           command: str = "") -> Path:
+    """Issue 40's time to quality: validation perplexity against optimiser steps, per set its
+    mean bold and min-max band over the evaluations every run reached, each run thin (so a run
+    that went on past the others still shows where it crossed), the thresholds dashed; the
+    `command` that made it at the foot, so that the image alone says how to redo it."""
+    fig, ax = plt.subplots(figsize=(10, 6), layout="constrained")
+    for group in sets:
+        band = group.band()
+        steps = [row[0] for row in band]
+        mean, = ax.plot(steps, [row[1] for row in band], linewidth=2.2,
+                        label=f"{group.name}: mean of {len(group.runs)} runs"
+                        if len(group.runs) > 1 else f"{group.name}: the one run")
+        if len(group.runs) > 1:
+            ax.fill_between(steps, [row[2] for row in band], [row[3] for row in band],
+                            color=mean.get_color(), alpha=0.2)
+        for run in group.runs:
+            ax.plot(run.steps, run.ppl, linewidth=0.7, alpha=0.6, color=mean.get_color())
+    for threshold in thresholds:
+        ax.axhline(threshold, linestyle="--", color="black", linewidth=0.9, alpha=0.7)
+        ax.annotate(f"{threshold:.2f}", (1.0, threshold), xycoords=("axes fraction", "data"),
+                    xytext=(-4, 2), textcoords="offset points", ha="right", fontsize=8)
+    _perplexity_axis(ax)
+    ax.set_xlabel("Optimiser steps")
+    ax.set_ylabel("Validation perplexity (log scale)")
+    ax.set_title("Time to quality: validation perplexity against optimiser steps\n"
+                 "(band: min-max over the seeds; thin: each run; dashed: thresholds)")
+    ax.xaxis.set_major_formatter(ticker.StrMethodFormatter("{x:,.0f}"))
+    ax.legend()
+    if command:
+        fig.supxlabel(command, fontsize=7, color="grey")
     return _save(fig, path)
 
 

@@ -33,6 +33,8 @@ COMMANDS = {
                    "the dense products' GFLOP/s, XLA against the vendor GEMM"),
     "attention-scaling": ("bench", "scaling_main", "attention_scaling.py",
                           "cost against context length (reference 5.5)"),
+    "time-to-quality": ("time_to_quality", "main", "time_to_quality.py",
+                        "steps and seconds until validation first reaches a perplexity"),
 }
 
 
