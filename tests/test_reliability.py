@@ -16,12 +16,14 @@ import csv
 import errno
 import io
 import json
+import logging
 import math
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -35,12 +37,12 @@ from tinylm_jax.core.config import ExperimentConfig
 from tinylm_jax.core.data import train_order
 from tinylm_jax.core.train import TrainingDiverged, create_train_state
 from tinylm_jax.run import loop
-from tinylm_jax.run.checkpoint import RunCheckpoints, _rank
+from tinylm_jax.run.checkpoint import RunCheckpoints, _QuietWhenDiskFull, _rank
 from tinylm_jax.run.folder import RunFolder
 from tinylm_jax.run.signals import StopSignals
 
 STEPS = 6  # per epoch, via --max-steps-per-epoch
-TIMINGS = ("epoch_seconds", "train_tokens_per_s")
+TIMINGS = ("epoch_seconds", "train_tokens_per_s", "val_seconds")
 ATTENTION_CSV = f"{AttentionRecord.name}.csv"
 
 
@@ -464,6 +466,84 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
     monkeypatch.undo()
     state, record = _latest(out)
     assert len(record["history"]) == 1 and int(state.step) == STEPS
+
+
+def _blocks(folder):
+    """Bytes that the files under `folder` take on disk."""
+    return sum(path.stat().st_blocks * 512 for path in folder.rglob("*") if path.is_file())
+
+
+@pytest.fixture
+def small_disk(setup, straight, tmp_path):
+    """A real filesystem (tmpfs) that holds a run's first checkpoint and half of its second."""
+    folder = setup[0] / "straight"
+    one = max(_blocks(checkpoint) for checkpoint in (folder / "checkpoints").iterdir())
+    size = _blocks(folder) - _blocks(folder / "checkpoints") + one * 3 // 2
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command to make a small disk with")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size // 1024}k", "tmpfs",
+                              str(mount)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs (root in a container that allows it is needed): "
+                    f"{mounted.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=False)
+
+
+def test_a_really_full_disk_prints_the_one_line_and_the_run_resumes_once_space_is_freed(
+        setup, straight, small_disk):
+    """Orbax's writer threads, asyncio and tensorstore print their own tracebacks about a full
+    disk (`checkpoint._QuietWhenDiskFull`); the user sees the one line, from a process of its
+    own as a user runs it."""
+    out = (small_disk / "run").resolve()
+    full = subprocess.run(_script(setup, out), capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+    assert full.returncode == 2, full.stderr
+    assert full.stderr.splitlines() == [
+        f"error: {out}: the disk is full, so checkpoint 2 was not saved; the earlier checkpoints "
+        "are intact: free some space, then --resume"], full.stderr
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    resumed = subprocess.run(_script(setup, out, "--resume"), capture_output=True, text=True,
+                             cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    state, record = _latest(out)
+    assert _same_state(state, straight[0]) and _numbers(record) == _numbers(straight[1])
+
+
+@pytest.mark.parametrize("ends_disk_full", [True, False], ids=["disk-full", "other-end"])
+def test_the_noise_about_a_full_disk_is_dropped_only_when_the_save_ends_disk_full(
+        monkeypatch, caplog, ends_disk_full):
+    """What orbax prints about a full disk is held back during a save, and shown after all unless
+    the save ends in DiskFull; anything else is shown at once."""
+    shown = []
+    monkeypatch.setattr(sys, "unraisablehook", shown.append)
+    full = ValueError("RESOURCE_EXHAUSTED: ... [OS error: No space left on device]")
+
+    def unraisable(message):
+        return SimpleNamespace(object=None, exc_type=RuntimeError,
+                               exc_value=RuntimeError(message), exc_traceback=None)
+
+    with caplog.at_level(logging.ERROR), _QuietWhenDiskFull() as quiet:
+        for name, err in [("absl", full), ("asyncio", full), ("absl", KeyError("other"))]:
+            try:
+                raise err
+            except Exception:
+                logging.getLogger(name).exception("%s failed", name)
+        sys.unraisablehook(unraisable("Event loop is closed"))
+        sys.unraisablehook(unraisable("something else"))
+        assert [type(r.exc_info[1]) for r in caplog.records] == [KeyError]
+        assert [str(u.exc_value) for u in shown] == ["something else"]
+        quiet.disk_full = ends_disk_full
+    assert sys.unraisablehook == shown.append  # put back
+    if ends_disk_full:
+        assert len(caplog.records) == 1 and len(shown) == 1
+    else:
+        assert [r.name for r in caplog.records[1:]] == ["absl", "asyncio"]
+        assert [str(u.exc_value) for u in shown[1:]] == ["Event loop is closed"]
 
 
 def test_an_unwritable_output_folder_is_refused_before_training(setup, capsys):

@@ -13,17 +13,21 @@ Safety, on top of orbax's own write-to-temporary-then-rename:
 - the record carries sha256 checksums of the arrays and of itself, checked on every restore,
   because orbax restores flipped bytes silently;
 - a state with a non-finite value is never saved;
-- a full disk is reported in one line, and the previous checkpoint stays as it was;
+- a full disk is reported in one line, and the previous checkpoint stays as it was (the
+  tracebacks that orbax's writer threads, asyncio and tensorstore print about it are held back:
+  `_QuietWhenDiskFull`);
 - temporary folders left by a save that never finished are removed when a run opens the folder.
 """
 
 from __future__ import annotations
 
-import errno
+import gc
 import hashlib
 import json
+import logging
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +41,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as policy
 from tokenizers import Tokenizer
 
 from tinylm_jax.core.config import ExperimentConfig, UserError
+from tinylm_jax.core.files import disk_full
 from tinylm_jax.core.metrics import latest_is_best
 from tinylm_jax.core.model import TinyTransformerLM, build_model
 from tinylm_jax.core.parallel import barrier, is_primary
@@ -82,16 +87,72 @@ def _record_sha256(record: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
-def _disk_full(err: BaseException | None) -> bool:
-    """ENOSPC anywhere in the chain: as an OSError, or in the text of tensorstore's
-    `RESOURCE_EXHAUSTED: ... [OS error: No space left on device]` (not XLA's out-of-memory)."""
-    while err is not None:
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(err):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+class _QuietWhenDiskFull(logging.Filter):
+    """Around one save: what orbax's machinery prints about a full disk is held back, and dropped
+    if the save ends in `DiskFull` (whose one line says it all); else it is shown as it would have
+    been. Held back, as seen with orbax 0.12 on a full tmpfs:
+    - the logger `absl`: each of orbax's writer threads (`_SignalingThread.run`) logs the
+      RESOURCE_EXHAUSTED error with its traceback (30-40 lines each);
+    - the logger `asyncio`: "Task exception was never retrieved" for the writes abandoned with the
+      thread's event loop, when they are collected;
+    - `sys.unraisablehook`: tensorstore's writes still in flight complete onto that closed loop,
+      each a "RuntimeError: Event loop is closed" traceback (none to 80 of them).
+    Anything else passes at once. Set `disk_full` before leaving when the save hit a full disk."""
+
+    LOGGERS = ("absl", "asyncio")
+    LOOP_CLOSED = "Event loop is closed"
+    SETTLE_S, SETTLE_MAX_S = 0.2, 2.0  # the loop-closed ones come in one burst of a few ms
+
+    def __init__(self):
+        super().__init__()
+        self.disk_full = False
+        self.previous_hook = sys.unraisablehook
+        self.records: list[logging.LogRecord] = []
+        self.unraisables: list[Any] = []
+        self.last_held = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and disk_full(record.exc_info[1]):
+            self.records.append(record)
+            self.last_held = time.monotonic()
+            return False
+        return True
+
+    def _unraisable(self, unraisable: Any) -> None:
+        if (unraisable.object is None and unraisable.exc_type is RuntimeError
+                and str(unraisable.exc_value) == self.LOOP_CLOSED):
+            self.unraisables.append(unraisable)
+            self.last_held = time.monotonic()
+        else:
+            self.previous_hook(unraisable)
+
+    def __enter__(self) -> _QuietWhenDiskFull:
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        sys.unraisablehook = self._unraisable
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.disk_full:  # let the abandoned writes finish and be collected while held back
+            start = time.monotonic()
+            give_up = start + self.SETTLE_MAX_S
+            while True:
+                self.records.clear()  # their tracebacks would keep the abandoned writes alive
+                self.unraisables.clear()
+                gc.collect()
+                now = time.monotonic()
+                if now - max(start, self.last_held) >= self.SETTLE_S or now >= give_up:
+                    break
+                time.sleep(0.05)
+        if sys.unraisablehook == self._unraisable:
+            sys.unraisablehook = self.previous_hook
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+        if not self.disk_full:
+            for record in self.records:
+                logging.getLogger(record.name).handle(record)
+            for unraisable in self.unraisables:
+                self.previous_hook(unraisable)
 
 
 def _first_line(err: BaseException) -> str:
@@ -141,16 +202,21 @@ class RunCheckpoints:
         history = record["history"]
         metrics = ({"new_best_epoch": len(history) if latest_is_best(history) else 0}
                    if epoch_end else None)
-        try:
-            saved = self.manager.save(number, metrics=metrics, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state.arrays()), record=ocp.args.JsonSave(record)))
-            self.manager.wait_until_finished()
-        except Exception as err:
-            if _disk_full(err):
-                raise DiskFull(f"{self.run_dir}: the disk is full, so checkpoint {number} was "
-                               "not saved; the earlier checkpoints are intact: free some space, "
-                               "then --resume") from None
-            raise
+        with _QuietWhenDiskFull() as quiet:
+            try:
+                saved = self.manager.save(number, metrics=metrics, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state.arrays()),
+                    record=ocp.args.JsonSave(record)))
+                self.manager.wait_until_finished()
+            except Exception as err:
+                if not disk_full(err):
+                    raise
+                # Raised below, once orbax's traceback (and its abandoned writes) can be collected
+                quiet.disk_full = True
+        if quiet.disk_full:
+            raise DiskFull(f"{self.run_dir}: the disk is full, so checkpoint {number} was not "
+                           "saved; the earlier checkpoints are intact: free some space, then "
+                           "--resume")
         assert saved, "orbax skips a step number it has seen; ours only grow"
         return number
 
