@@ -169,7 +169,7 @@ def test_window_index_is_checked(real_corpus):
     assert real_corpus.window_start(0) == 358_122
     with pytest.raises(UserError, match=r"--window must lie in \[0, 89530\]"):
         real_corpus.window_start(89_531)
-    assert len(real_corpus.offsets) == 447_717
+    assert len(real_corpus.ids) == 447_717
 
 
 def _one_hot_against_uniform(keys: int) -> float:

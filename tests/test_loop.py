@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from tinylm_jax.core.data import batches, build_dataset, gather_windows, train_order
 from tinylm_jax.core.parallel import data_mesh
+from tinylm_jax.core.protocol import Clock
 from tinylm_jax.core.train import (
     TrainingDiverged,
     create_train_state,
-    epoch_steps,
     eval_step,
     make_batch,
     train_step,
@@ -46,7 +46,7 @@ class AskedAfter:
 
 def _loop(cfg, data, steps_per_chunk=None, asked_after=None, show_progress=False):
     signals = AskedAfter(asked_after) if asked_after else AskedAfter(10**9)
-    return Loop(cfg=cfg, data=data, mesh=data_mesh(), steps_per_epoch=epoch_steps(cfg, data),
+    return Loop(cfg=cfg, data=data, mesh=data_mesh(), clock=Clock.of(cfg, data.splits),
                 steps_per_chunk=steps_per_chunk, show_progress=show_progress, signals=signals)
 
 
@@ -109,7 +109,7 @@ def test_an_epoch_stopped_and_continued_equals_one_run_straight_through(tiny_dat
     trip of the progress: params, optimiser state and the epoch's loss are bit-identical. In bf16,
     the fast path's precision; test_cli's resume proves the same for fp32 through the CLI."""
     precision = "bf16"
-    steps = epoch_steps(tiny_cfg, tiny_data)
+    steps = Clock.of(tiny_cfg, tiny_data.splits).steps_per_pass
     whole = EpochProgress(2, steps)
     straight = train_epoch(_loop(tiny_cfg, tiny_data, 3), create_train_state(tiny_cfg, precision),
                            whole)
@@ -133,7 +133,7 @@ def test_a_non_finite_loss_stops_the_epoch(tiny_data, tiny_cfg):
     state = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
     with pytest.raises(TrainingDiverged, match="epoch 1, steps 1-2: non-finite training loss"):
         train_epoch(_loop(tiny_cfg, tiny_data, 2), state,
-                    EpochProgress(1, epoch_steps(tiny_cfg, tiny_data)))
+                    EpochProgress(1, Clock.of(tiny_cfg, tiny_data.splits).steps_per_pass))
 
 
 def test_evaluation_stops_between_chunks_when_asked(tiny_data, tiny_cfg):

@@ -42,7 +42,7 @@ def test_the_notebook_runs_top_to_bottom_on_a_tiny_run(tiny_toml, tiny_corpus, t
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
     text = "".join(out.get("text", "") for out in outputs)
     assert "a short run" in text and "epoch 1/1:" in text
-    assert "Prompt: 'MENENIUS:'" in text and "validation window 0" in text
+    assert "Prompt: 'The one side'" in text and "validation window 0" in text
     images = [out for out in outputs if "image/png" in out.get("data", {})]
     assert len(images) == 4  # the loss and perplexity curves, the chosen head, every head
     assert (tmp_path / "run" / "attention.npz").is_file()

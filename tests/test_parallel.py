@@ -21,6 +21,7 @@ EIGHT_DEVICES = textwrap.dedent("""
     from tinylm_jax.core.data import build_dataset
     from tinylm_jax.core.parallel import check_batch_fits, data_mesh, replicate
     from tinylm_jax.core.train import create_train_state
+    from tinylm_jax.core.protocol import Clock
     from tinylm_jax.run.loop import EpochProgress, Loop, evaluate, train_epoch
 
     assert len(jax.devices()) == 8
@@ -32,8 +33,8 @@ EIGHT_DEVICES = textwrap.dedent("""
         state = replicate(create_train_state(cfg, "fp32"), mesh)
         placed = dataclasses.replace(data, tokens=replicate(data.tokens, mesh))
         # 18 steps and 27 validation batches in chunks of 9: one compile of each per mesh
-        run = Loop(cfg=cfg, data=placed, mesh=mesh, steps_per_epoch=18, steps_per_chunk=9,
-                   show_progress=False)
+        run = Loop(cfg=cfg, data=placed, mesh=mesh, clock=Clock.of(cfg, data.splits, 18),
+                   steps_per_chunk=9, show_progress=False)
         progress = EpochProgress(1, 18)
         state = train_epoch(run, state, progress)
         params = [np.asarray(x) for x in jax.tree.leaves(state.params)]
@@ -80,20 +81,25 @@ def _attention_stats(run_dir):
                  [float(row[name]) for name in STAT_NAMES]) for row in csv.DictReader(f)]
 
 
-def test_two_processes_train_like_one(tmp_path, tiny_corpus):
-    """Two epochs of 20 steps (two compiled chunks each), in one process and in two. In fp32:
-    in bf16 the all-reduce's other order (float32 rounding) can flip a weight's rounding to
-    bf16 (a step of 2**-8), and the two runs' losses drifted 0.25% apart in 20 steps."""
-    toml = tiny_toml_file(tmp_path / "tiny.toml", num_epochs=2)
-    flags = [str(toml), "--data", str(tiny_corpus), "--no-progress", "--max-steps-per-epoch",
-             "20", "--steps-per-chunk", "10", "--precision", "fp32"]
+def test_two_processes_train_like_one(tmp_path, tiny_corpus, monkeypatch):
+    """Two epochs of 20 steps (two compiled chunks each) under the step-based protocol (strided
+    windows, evaluations on a fixed sample), in one process and in two, which both fill the
+    same empty token cache. In fp32: in bf16 the all-reduce's other order (float32 rounding)
+    can flip a weight's rounding to bf16 (a step of 2**-8), and the two runs' losses drifted
+    0.25% apart in 20 steps."""
+    toml = tiny_toml_file(tmp_path / "tiny.toml", max_steps=40, eval_every=20, train_stride=2,
+                          eval_windows=60)
+    flags = [str(toml), "--data", str(tiny_corpus), "--no-progress", "--steps-per-chunk", "10",
+             "--precision", "fp32"]
+    monkeypatch.setenv("TINYLM_CACHE", str(tmp_path / "cache-single"))
     single = tmp_path / "single"
     assert main([*flags, "--out", str(single)]) == 0
     shared = tmp_path / "shared"
     common = [sys.executable, "scripts/run_experiment.py", *flags, "--out", str(shared),
               "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
               "--process-id"]
-    env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device per process
+    env = {**os.environ, "XLA_FLAGS": "",  # one CPU device per process
+           "TINYLM_CACHE": str(tmp_path / "cache-shared")}
     workers = [subprocess.Popen(common + [str(rank)], cwd=REPO, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                for rank in (0, 1)]
@@ -101,6 +107,7 @@ def test_two_processes_train_like_one(tmp_path, tiny_corpus):
     for worker, (_, err) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, err[-2000:]
     assert (shared / "checkpoints" / "2").is_dir() and (shared / "summary.json").is_file()
+    assert list((tmp_path / "cache-shared" / "tokens").glob("*.npy"))
     for one, two in zip(_losses(single), _losses(shared), strict=True):
         assert two == pytest.approx(one, rel=1e-4)  # an all-reduce sums in another order
     attention = _attention_stats(single)

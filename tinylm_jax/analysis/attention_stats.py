@@ -155,9 +155,10 @@ class AttentionRecord:
         return cls(build_model(cfg, compute_dtype(precision)), windows)
 
     def start(self, state: TrainState) -> list[dict[str, Any]]:
-        return self.epoch_end(0, state)
+        return self.epoch_end(0, state, {})
 
-    def epoch_end(self, epoch: int, state: TrainState) -> list[dict[str, Any]]:
+    def epoch_end(self, epoch: int, state: TrainState, metrics: dict[str, Any]
+                  ) -> list[dict[str, Any]]:
         # On one replica: the same rows in every process, and no collective.
         heads, uniform = head_statistics(self.model, local_replica(state.eval_params()),
                                          self.windows.ids, self.windows.punct_keys)

@@ -21,6 +21,7 @@ import numpy as np
 from tinylm_jax.analysis.corpus import RunCorpus, open_corpus
 from tinylm_jax.core.data import Dataset
 from tinylm_jax.core.parallel import check_batch_fits, data_mesh, replicate
+from tinylm_jax.core.protocol import Clock
 from tinylm_jax.core.train import create_train_state, products_for
 from tinylm_jax.run.checkpoint import load_run
 from tinylm_jax.run.folder import RunFolder
@@ -49,8 +50,9 @@ class Evaluation:
 def target_chars(corpus: RunCorpus, starts: np.ndarray) -> int:
     """The characters of the targets of the windows at `starts`: positions start+1 ... start+L,
     each from the end of the token before it to its own end."""
-    ends = corpus.offsets[:, 1]
-    return int(np.sum(ends[starts + corpus.config.seq_len] - ends[starts]))
+    first, stop = int(starts.min()), int(starts.max()) + corpus.config.seq_len + 1
+    ends = corpus.offsets(first, stop)[:, 1]  # only the windows' own tokens
+    return int(np.sum(ends[starts - first + corpus.config.seq_len] - ends[starts - first]))
 
 
 def evaluate_run(run_dir: Path, data: str | None = None, which: str = "best",
@@ -70,7 +72,8 @@ def evaluate_run(run_dir: Path, data: str | None = None, which: str = "best",
     state = create_train_state(cfg, precision, products=products).with_eval_params(run.params)
     dataset = Dataset(replicate(jax.numpy.asarray(corpus.ids), mesh), corpus.splits,
                       corpus.tokenizer)
-    validation = Loop(cfg=cfg, data=dataset, mesh=mesh, steps_per_epoch=1, show_progress=False)
+    every_window = Clock.of(cfg.replace(eval_windows=0), corpus.splits)  # not training's sample
+    validation = Loop(cfg=cfg, data=dataset, mesh=mesh, clock=every_window, show_progress=False)
     tokens = corpus.splits.num_val * cfg.seq_len
     mean = evaluate(validation, replicate(state, mesh))
     chars = target_chars(corpus, corpus.splits.validation_starts())

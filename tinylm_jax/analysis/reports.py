@@ -38,7 +38,7 @@ from tinylm_jax.analysis.attention_stats import (
 )
 from tinylm_jax.analysis.budget import budget_markdown, reference_curve, run_curve
 from tinylm_jax.analysis.corpus import RunCorpus, open_corpus
-from tinylm_jax.analysis.inference import REFERENCE_PROMPTS, predicted_vs_actual, top_k_table
+from tinylm_jax.analysis.inference import corpus_prompts, predicted_vs_actual, top_k_table
 from tinylm_jax.analysis.runs import (
     comparison_table,
     epoch_table,
@@ -53,8 +53,6 @@ from tinylm_jax.core.files import write_csv_atomic, write_text_atomic
 from tinylm_jax.reference.table1 import REFERENCE_VAL_PPL
 from tinylm_jax.run.checkpoint import LoadedRun, load_run
 from tinylm_jax.run.folder import RunFolder
-
-SAMPLE_PROMPT = REFERENCE_PROMPTS[0]
 
 
 def output_folder(path: Path) -> Path:
@@ -230,7 +228,8 @@ def write_attention_epochs(run_dir: Path) -> list[Path]:
 def samples_markdown(run: LoadedRun, corpus: RunCorpus, which: str, seed: int = 0,
                      max_new_tokens: int = 100, temperature: float = 0.9) -> str:
     continuation = predicted_vs_actual(run, corpus, window=0, temperature=temperature, seed=seed)
-    prompt_ids = corpus.encode_prompt(SAMPLE_PROMPT)
+    prompt = corpus_prompts(corpus)[0]  # the top-k table's first
+    prompt_ids = corpus.encode_prompt(prompt)
     sample = corpus.decode(generate(run.model, run.params, prompt_ids, max_new_tokens,
                                     temperature=temperature, seed=seed))
     fence = "```"
@@ -242,7 +241,7 @@ def samples_markdown(run: LoadedRun, corpus: RunCorpus, which: str, seed: int = 
         f"{corpus.config.seq_len} tokens (temperature {temperature}, seed {seed}).", "",
         "Actual:", "", fence, continuation.actual, fence, "",
         "Predicted:", "", fence, continuation.predicted, fence, "",
-        f"## Sample: {max_new_tokens} tokens after {SAMPLE_PROMPT!r}", "",
+        f"## Sample: {max_new_tokens} tokens after {prompt!r}", "",
         f"Temperature {temperature}, all tokens, seed {seed}.", "",
         fence, sample, fence, ""])
 
@@ -263,7 +262,7 @@ def analyze_run(run_dir: Path, data: str | None = None, which: str = "best",
     folder.read_history()
     read_attention_record(folder)
     windows = stat_windows(corpus, num_windows)
-    for prompt in REFERENCE_PROMPTS:  # the top-k table's, and the sample's first
+    for prompt in corpus_prompts(corpus):  # the top-k table's, and the sample's first
         corpus.encode_prompt(prompt)
     run = load_run(run_dir, which)
     return (write_tokenizer_study(run_dir, corpus) + write_curves(run_dir)

@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from tinylm_jax.analysis.corpus import RunCorpus
+import numpy as np
+
+from tinylm_jax.analysis.corpus import SPACING_TOKENS, RunCorpus
 from tinylm_jax.analysis.detokenize import separator_accuracy
 
 
@@ -19,7 +21,9 @@ class TokenizerStudy:
     top_tokens: list[tuple[str, int]]  # commonest BPE tokens and their counts
     top_words: list[tuple[str, int]]  # commonest lower-cased Whitespace pre-tokens
     missed_words: list[str]  # of `top_words`, those that are not a single BPE token
-    spacing_scores: dict[str, float]  # separator_accuracy on the validation text
+    # separator_accuracy on the validation text (its first SPACING_TOKENS tokens); empty for a
+    # byte-level tokenizer, whose decoder restores the text exactly
+    spacing_scores: dict[str, float]
 
 
 def tokenizer_study(corpus: RunCorpus, num_tokens: int = 20, num_words: int = 100
@@ -27,19 +31,40 @@ def tokenizer_study(corpus: RunCorpus, num_tokens: int = 20, num_words: int = 10
     """The reference's counts: `Counter.most_common`, so ties keep first-seen order as in the
     reference."""
     tokenizer, text = corpus.tokenizer, corpus.text
-    top_ids = Counter(corpus.ids.tolist()).most_common(num_tokens)
-    words = Counter(word.lower() for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(text))
-    top_words = words.most_common(num_words)
+    top_words = pre_token_counts(corpus).most_common(num_words)
     vocab = tokenizer.get_vocab()
-    val = slice(corpus.splits.num_train, None)
+    scores = {}
+    if corpus.spacing is not None:
+        first = corpus.splits.num_train
+        stop = min(len(corpus.ids), first + SPACING_TOKENS)
+        scores = separator_accuracy(text, corpus.ids[first:stop], corpus.offsets(first, stop),
+                                    tokenizer, corpus.spacing)
     return TokenizerStudy(
         num_chars=len(text), distinct_chars=len(set(text)), num_tokens=len(corpus.ids),
         vocab_size=tokenizer.get_vocab_size(),
-        top_tokens=[(tokenizer.id_to_token(i), n) for i, n in top_ids],
+        top_tokens=[(tokenizer.id_to_token(i), n) for i, n in commonest(corpus.ids, num_tokens)],
         top_words=top_words,
         missed_words=[word for word, _ in top_words if word not in vocab],
-        spacing_scores=separator_accuracy(text, corpus.ids[val], corpus.offsets[val], tokenizer,
-                                          corpus.spacing))
+        spacing_scores=scores)
+
+
+def commonest(ids: np.ndarray, count: int) -> list[tuple[int, int]]:
+    """`Counter(ids).most_common(count)` (ties in first-seen order), counted by numpy: a list of
+    a large corpus's ids would take gigabytes."""
+    values, first_seen, counts = np.unique(ids, return_index=True, return_counts=True)
+    order = np.lexsort((first_seen, -counts))[:count]
+    return [(int(values[i]), int(counts[i])) for i in order]
+
+
+def pre_token_counts(corpus: RunCorpus) -> Counter[str]:
+    """The lower-cased pre-tokens of the whole text, counted piece by piece (the pieces are cut
+    where the pre-tokenizer cuts anyway), in first-seen order as one pass over the text."""
+    words: Counter[str] = Counter()
+    bounds = [*corpus.tokens.pieces[:, 0].tolist(), len(corpus.text)]
+    for begin, end in zip(bounds[:-1], bounds[1:], strict=True):
+        piece = corpus.tokenizer.pre_tokenizer.pre_tokenize_str(corpus.text[begin:end])
+        words.update(word.lower() for word, _ in piece)
+    return words
 
 
 def md_token(token: str) -> str:
@@ -69,6 +94,10 @@ def tokenizer_report(study: TokenizerStudy, figure_name: str) -> str:
     lines += [f"| {rank} | {md_token(w)} | {n:,} | {'no' if w in missed else 'yes'} |"
               for rank, (w, n) in enumerate(s.top_words, 1)]
     sc = s.spacing_scores
+    if not sc:
+        lines += ["", "## Decoding", "", "The tokens are byte-level: they keep their whitespace, "
+                  "and the tokenizer's decoder restores the text exactly."]
+        return "\n".join(lines) + "\n"
     lines += ["", "## Decoding", "",
               "The pre-tokenizer drops whitespace, so decoded text must guess each token "
               "boundary's separator. On the validation text (learned from the training part):", "",

@@ -16,7 +16,12 @@ from tinylm_jax.analysis import reports
 from tinylm_jax.analysis.attention_stats import STAT_WINDOWS
 from tinylm_jax.analysis.corpus import open_corpus
 from tinylm_jax.analysis.evaluation import evaluate_run, evaluation_markdown
-from tinylm_jax.analysis.inference import REFERENCE_PROMPTS, predicted_vs_actual, top_k_table
+from tinylm_jax.analysis.inference import (
+    REFERENCE_PROMPTS,
+    corpus_prompts,
+    predicted_vs_actual,
+    top_k_table,
+)
 from tinylm_jax.analysis.sampling import generate
 from tinylm_jax.cli.console import OneLineParser, entry_point, print_paths
 from tinylm_jax.core.config import UserError, check_seed, require_positive
@@ -107,7 +112,8 @@ def analyze_parser() -> argparse.ArgumentParser:
     topk = sub.add_parser("topk", help="the k likeliest next tokens per prompt, with bars")
     _common(topk)
     topk.add_argument("--prompt", action="append", help="a prompt (repeatable; default the "
-                      f"reference's {', '.join(REFERENCE_PROMPTS)})")
+                      f"reference's {', '.join(REFERENCE_PROMPTS)} on its corpus, else the "
+                      "first words of three lines of the corpus's own validation text)")
     topk.add_argument("--k", type=int, default=5, help="tokens per prompt (default 5)")
     predict = sub.add_parser("predict", help="a validation window's start continued by the "
                              "model, beside the real text")
@@ -199,7 +205,7 @@ def analyze(args: argparse.Namespace) -> int:
     elif args.analysis == "head-similarity":
         print_paths(reports.write_head_similarity(run_dir, run, corpus, windows))
     elif args.analysis == "topk":
-        print(top_k_table(run, corpus, tuple(args.prompt or REFERENCE_PROMPTS), args.k), end="")
+        print(top_k_table(run, corpus, tuple(args.prompt or ()), args.k), end="")
     else:
         continuation = predicted_vs_actual(run, corpus, args.window, args.temperature,
                                            args.seed)
@@ -214,8 +220,9 @@ analyze_main = entry_point(analyze_parser, analyze)
 def generate_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="generate.py", description="Sample text from a run's checkpoint.")
     _common(parser)
-    parser.add_argument("--prompt", default=REFERENCE_PROMPTS[0],
-                        help=f"text to continue (default {REFERENCE_PROMPTS[0]!r})")
+    parser.add_argument("--prompt", help=f"text to continue (default {REFERENCE_PROMPTS[0]!r} "
+                        "on the reference's corpus, else the first words of a line of the "
+                        "corpus's own validation text)")
     parser.add_argument("--max-new-tokens", type=int, default=50,
                         help="tokens to generate (default 50, the reference's)")
     parser.add_argument("--top-k", type=int, default=0,
@@ -232,7 +239,8 @@ def generate_text(args: argparse.Namespace) -> int:
     if not 0 <= args.top_k <= vocab_size:
         raise UserError(f"--top-k must lie in [0, {vocab_size}] (0: all tokens), got "
                         f"{args.top_k}")
-    prompt_ids = corpus.encode_prompt(args.prompt)
+    prompt = corpus_prompts(corpus)[0] if args.prompt is None else args.prompt
+    prompt_ids = corpus.encode_prompt(prompt)
     run = load_run(args.run_dir, args.which)
     ids = generate(run.model, run.params, prompt_ids, args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)

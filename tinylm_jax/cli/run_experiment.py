@@ -39,6 +39,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         "--set lr=1e-3 --set positions=rope (repeatable; values are read as "
                         "TOML: 1e-3, 64, true, or a bare word)")
     parser.add_argument("--max-epochs", type=int, help="override the experiment's num_epochs")
+    parser.add_argument("--max-steps", type=int, help="override the experiment's max_steps: "
+                        "a budget in optimiser steps")
     parser.add_argument("--max-steps-per-epoch", type=int,
                         help="train at most this many steps per epoch (quick runs)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -48,7 +50,25 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         "from the cpu extra), xla, or auto (mkl where it loads, else xla)")
     parser.add_argument("--steps-per-chunk", type=int, help="training steps per compiled call "
                         "(default: 100 on GPU/TPU, 10 on CPU); results do not depend on it")
+    parser.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also "
+                        "checkpoint every this many optimiser steps (an epoch's end always is)")
+    parser.add_argument("--checkpoint-minutes", type=float, metavar="MINUTES", help="also "
+                        "checkpoint once this many minutes have passed since the last one")
+    parser.add_argument("--log-every", type=int, default=10, metavar="STEPS", help="steps "
+                        "between the training metrics written to metrics.csv and TensorBoard "
+                        "(default: 10)")
+    parser.add_argument("--no-metrics", action="store_true", help="write no metrics.csv or "
+                        "TensorBoard events")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def training_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `RunOptions` that `add_training_arguments`'s flags set, by keyword."""
+    return dict(data=args.data, precision=args.precision, products=args.products,
+                max_steps_per_epoch=args.max_steps_per_epoch, progress=not args.no_progress,
+                steps_per_chunk=args.steps_per_chunk, checkpoint_every=args.checkpoint_every,
+                checkpoint_minutes=args.checkpoint_minutes, log_every=args.log_every,
+                metrics=not args.no_metrics)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def overrides(args: argparse.Namespace, seed: int | None = None) -> dict[str, Any]:
-    """The fields the command line sets: --set's, then --seed's and --max-epochs'."""
+    """The fields the command line sets: --set's, then --seed's, --max-epochs' and
+    --max-steps'."""
     fields = dict(parse_override(text) for text in args.overrides)
-    named = {"seed": seed, "num_epochs": args.max_epochs}
+    named = {"seed": seed, "num_epochs": args.max_epochs, "max_steps": args.max_steps}
     return {**fields, **{key: value for key, value in named.items() if value is not None}}
 
 
@@ -129,12 +150,9 @@ def run(args: argparse.Namespace) -> int | Stop:
     several = args.experiment == "all" or args.seeds is not None
     prepared = []
     for name, seed, out in _runs(args):  # validate every run before training any
-        opts = RunOptions(out_dir=out, data=args.data, precision=args.precision,
-                          products=args.products,
-                          max_steps_per_epoch=args.max_steps_per_epoch, resume=args.resume,
-                          overwrite=args.overwrite, progress=not args.no_progress,
-                          steps_per_chunk=args.steps_per_chunk, devices=args.devices,
-                          stop_at_step=args.stop_at_step)
+        opts = RunOptions(out_dir=out, resume=args.resume, overwrite=args.overwrite,
+                          devices=args.devices, stop_at_step=args.stop_at_step,
+                          **training_options(args))
         prepared.append(prepare(_config(name, args, seed), set_member(opts) if several else opts,
                                 dry_run=args.dry_run))
     if args.dry_run:

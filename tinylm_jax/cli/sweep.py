@@ -10,7 +10,7 @@ from tinylm_jax.analysis import reports
 from tinylm_jax.api.runs import train_in_order
 from tinylm_jax.api.sweep import parse_grid, prepare_sweep
 from tinylm_jax.cli.console import OneLineParser, entry_point, print_paths
-from tinylm_jax.cli.run_experiment import add_training_arguments, overrides
+from tinylm_jax.cli.run_experiment import add_training_arguments, overrides, training_options
 from tinylm_jax.core.bf16 import keep_host_buffers
 from tinylm_jax.core.config import require_positive
 from tinylm_jax.run.experiment import describe
@@ -45,10 +45,8 @@ def run(args: argparse.Namespace) -> int | Stop:
     require_positive("--max-epochs", args.max_epochs)
     out = args.out or Path("runs") / f"sweep-{Path(args.experiment).stem}"
     prepared = prepare_sweep(args.experiment, out, parse_grid(args.grid), args.seeds,
-                             args.dry_run, **overrides(args), data=args.data,
-                             precision=args.precision, products=args.products,
-                             max_steps_per_epoch=args.max_steps_per_epoch, resume=args.resume,
-                             progress=not args.no_progress, steps_per_chunk=args.steps_per_chunk)
+                             args.dry_run, **overrides(args), resume=args.resume,
+                             **training_options(args))
     if args.dry_run:
         print("\n\n".join(describe(one) for one in prepared))
         return 0

@@ -28,6 +28,8 @@ CHOICES = {
     "mlp": ("gelu", "swiglu", "relu2"),
     "schedule": ("plateau", "cosine", "wsd"),
     "optimizer": ("adamw", "muon"),
+    "tokenizer": ("bpe", "byte_bpe"),
+    "tokenizer_text": ("all", "train"),
 }
 # Keys that config.json files written by earlier versions use, and their names now.
 RENAMED_KEYS = {"positional_encoding": "positions"}
@@ -50,6 +52,17 @@ class ExperimentConfig:
     vocab_size: int = 500  # BPE vocabulary size, special tokens [PAD] and [UNK] included
     seq_len: int = 64  # tokens per training window; also the model's max_seq_len
     train_fraction: float = 0.8  # leading share of the windows used for training; the rest validate
+    # The tokenizer: "bpe" (the reference's: BPE over the Whitespace pre-tokenizer, which keeps
+    # every character it sees, so vocab_size must exceed the text's distinct characters) or
+    # "byte_bpe" (GPT-2's byte-level BPE: any UTF-8 text at any vocab_size of 258 or more).
+    tokenizer: str = "bpe"
+    # The text the tokenizer learns from: "all" (the reference's: the whole text, validation
+    # included) or "train" (the first train_fraction of its characters, so that the validation
+    # text does not leak into the vocabulary).
+    tokenizer_text: str = "all"
+    # Learn the tokenizer from at most this many characters of that text, taken as evenly spaced
+    # pieces of about 1 MB cut at line ends (SentencePiece's input_sentence_size); 0: all of it.
+    tokenizer_sample: int = 0
     # --- model ---
     d_model: int = 128  # width of the residual stream and of the token embedding
     n_layers: int = 2  # number of pre-norm Transformer blocks
@@ -114,6 +127,20 @@ class ExperimentConfig:
     plateau_patience: int = 1  # bad epochs tolerated before a cut (torch ReduceLROnPlateau's sense)
     plateau_threshold: float = 1e-4  # relative improvement that counts as better (torch 'rel' mode)
     seed: int = 0  # seeds parameter init, the per-epoch shuffling and the dropout stream
+    # --- step-based protocol, for corpora far larger than the reference's (0: the reference's) ---
+    # An "epoch" of the protocol is the training between two evaluations: one pass over the
+    # training windows by default, eval_every optimiser steps when set (Keras's steps_per_epoch).
+    # The patience of the plateau and the early stop is counted in these epochs, and history.csv
+    # has a row per evaluation.
+    max_steps: int = 0  # the budget in optimiser steps (0: num_epochs passes over the windows)
+    eval_every: int = 0  # optimiser steps between evaluations (0: one pass over the windows)
+    # Validation windows each evaluation reads: a fixed random sample of this many, the same for
+    # every run on the corpus (0: all of them, in order, the reference's).
+    eval_windows: int = 0
+    # Training windows start every train_stride tokens (1: at every token, the reference's;
+    # seq_len: windows that do not overlap), so a pass over a large corpus is not thousands of
+    # steps of near-duplicate windows.
+    train_stride: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,14 +163,15 @@ class ExperimentConfig:
 _FIELD_TYPES = typing.get_type_hints(ExperimentConfig)
 POSITIVE_FIELDS = ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff",
                    "batch_size", "num_epochs", "early_stop_patience", "lr", "muon_lr", "adam_eps",
-                   "grad_clip_norm", "grad_scale", "rope_base", "embed_init_std")
+                   "grad_clip_norm", "grad_scale", "rope_base", "embed_init_std", "train_stride")
 # (field, smallest allowed value; None: above 0) for fields that must also stay below 1.
 FRACTION_FIELDS = (("train_fraction", None), ("plateau_factor", None),
                    ("plateau_threshold", None), ("adam_b1", 0.0), ("adam_b2", None),
                    ("weight_decay", 0.0), ("dropout", 0.0), ("attention_dropout", 0.0),
                    ("ema_decay", 0.0))
 SHARE_FIELDS = ("lr_floor", "decay_fraction")  # in [0, 1]
-NON_NEGATIVE_FIELDS = ("plateau_patience", "grad_scale_growth_interval", "warmup_steps")
+NON_NEGATIVE_FIELDS = ("plateau_patience", "grad_scale_growth_interval", "warmup_steps",
+                       "max_steps", "eval_every", "eval_windows", "tokenizer_sample")
 MAX_SEED = 2**31 - 1
 # Upper bounds far above any model this kit trains: a typo (an extra zero or ten) is refused in one
 # line instead of hanging or crashing inside the tokenizer or XLA. Other integers stop at MAX_SEED.

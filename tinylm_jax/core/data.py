@@ -1,9 +1,11 @@
 """Corpus, tokenizer and batches.
 
 The corpus is found through `--data`, `$TINYLM_DATA` or a verified download cache. It is tokenised
-with a 500-entry BPE (the reference's recipe) into one int32 array that stays on the device;
-windows are never materialised. Window `i` is `x = ids[i:i+L]`, `y = ids[i+1:i+L+1]`; the first
-`int(train_fraction * N)` of the `N = len(ids) - L` windows train, the rest validate.
+with a 500-entry BPE (the reference's recipe; `tokenizer = "byte_bpe"` for any other text) into one
+int32 array that stays on the device; windows are never materialised. The tokenizer and the ids
+are cached on disk (`core.token_cache`), so a corpus is tokenised once, in pieces of about 1 MB.
+Window `i` is `x = ids[i:i+L]`, `y = ids[i+1:i+L+1]`; the first `int(train_fraction * N)` of the
+`N = len(ids) - L` windows train, the rest validate.
 
 A batch is a fixed-shape set of window starts plus a weight per window (1 real, 0 padding), so the
 last partial batch of a split needs no new compilation and counts every window exactly once.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import re
 import tempfile
 import urllib.request
 from collections.abc import Iterator
@@ -23,14 +26,23 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tinylm_jax.core.config import ExperimentConfig, UserError
+from tinylm_jax.core.token_cache import CorpusTokens, TokenCache, ids_key, tokenizer_key
 
 CORPUS_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/"
               "data/tinyshakespeare/input.txt")
 CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]"]
+BYTE_ALPHABET = 256  # the byte-level BPE's initial vocabulary: one entry per byte
+PIECE_CHARS = 1 << 20  # about how many characters of text are encoded (or sampled) at a time
+ENCODE_BATCH = 8  # pieces per `encode_batch_fast` call: the tokenizer spreads them over the cores
+# Where the text may be cut into pieces: after a newline between two non-whitespace characters,
+# or inside such a CRLF. Both pre-tokenizers make that newline (or that \r and that \n) a
+# pre-token of its own wherever the text is cut, so the pieces' ids are exactly the whole text's.
+# (After a blank line they are not: byte-level BPE joins a run of newlines that ends a text.)
+SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)|(?<=\S\r)(?=\n\S)")
 
 
 def default_cache_path() -> Path:
@@ -40,6 +52,11 @@ def default_cache_path() -> Path:
 
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    """The sha256 of `text`'s UTF-8 bytes: its file's, for a corpus read by `read_corpus`."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def download_corpus(dest: Path, url: str = CORPUS_URL, sha256: str = CORPUS_SHA256) -> Path:
@@ -94,14 +111,148 @@ def read_corpus(path: Path) -> str:
     return text
 
 
-def train_tokenizer(text: str, vocab_size: int) -> Tokenizer:
-    """The reference's tokenizer: BPE on the whole text, Whitespace pre-tokenizer."""
-    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+def train_tokenizer(text: str | list[str], vocab_size: int, kind: str = "bpe") -> Tokenizer:
+    """A tokenizer trained on `text` (one string, or pieces of one): "bpe" is the reference's (BPE
+    over the Whitespace pre-tokenizer, [PAD] and [UNK]); "byte_bpe" is GPT-2's byte-level BPE,
+    whose 256 bytes spell any UTF-8 text, so that no character is unknown at any vocab_size."""
+    if kind == "byte_bpe":
+        smallest = BYTE_ALPHABET + len(SPECIAL_TOKENS)
+        if vocab_size < smallest:
+            raise UserError(f"vocab_size {vocab_size} is too small for byte_bpe: it needs at least "
+                            f"{smallest} (the 256 bytes, [PAD] and [UNK])")
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        alphabet = {"initial_alphabet": pre_tokenizers.ByteLevel.alphabet()}
+    else:
+        tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        alphabet = {}
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  show_progress=False)
-    tokenizer.train_from_iterator([text], trainer=trainer)
+                                  show_progress=False, **alphabet)
+    tokenizer.train_from_iterator([text] if isinstance(text, str) else text, trainer=trainer)
     return tokenizer
+
+
+def is_byte_level(tokenizer: Tokenizer) -> bool:
+    """Whether `tokenizer` is byte-level: its tokens carry their own whitespace, and its decoder
+    restores the text exactly."""
+    return isinstance(tokenizer.pre_tokenizer, pre_tokenizers.ByteLevel)
+
+
+def tokenizer_settings(cfg: ExperimentConfig) -> dict[str, object]:
+    """The fields of `cfg` that shape its tokenizer (train_fraction only where it cuts the text)."""
+    settings: dict[str, object] = {"tokenizer": cfg.tokenizer, "vocab_size": cfg.vocab_size,
+                                   "tokenizer_text": cfg.tokenizer_text,
+                                   "tokenizer_sample": cfg.tokenizer_sample}
+    if cfg.tokenizer_text == "train":
+        settings["train_fraction"] = cfg.train_fraction
+    return settings
+
+
+def tokenizer_training_text(text: str, cfg: ExperimentConfig) -> list[str]:
+    """What `cfg`'s tokenizer learns from: the whole text or its first train_fraction of
+    characters, sampled down to tokenizer_sample characters when that is set and smaller."""
+    part = text if cfg.tokenizer_text == "all" else text[:int(cfg.train_fraction * len(text))]
+    if not cfg.tokenizer_sample or len(part) <= cfg.tokenizer_sample:
+        return [part]
+    return sample_pieces(part, cfg.tokenizer_sample)
+
+
+def sample_pieces(text: str, max_chars: int, size: int = PIECE_CHARS) -> list[str]:
+    """At most `max_chars` characters of `text`, as evenly spaced pieces of about `size`
+    characters from its start to its end, each from a line start to a line end where it has
+    them: a sample that sees the whole text's kinds of content, in a bounded memory."""
+    count = max(1, round(max_chars / size))
+    length = max_chars // count
+    stride = (len(text) - length) / max(count - 1, 1)
+    pieces = []
+    for index in range(count):
+        begin = _line_start(text, int(index * stride))
+        end = text.rfind("\n", begin, begin + length) + 1 or min(begin + length, len(text))
+        pieces.append(text[begin:end])
+    return [piece for piece in pieces if piece]
+
+
+def _line_start(text: str, position: int) -> int:
+    """The start of the first line at or after `position`."""
+    if position == 0 or text[position - 1] == "\n":
+        return position
+    return text.find("\n", position) + 1 or len(text)
+
+
+def piece_starts(text: str, size: int = PIECE_CHARS) -> list[int]:
+    """Where the pieces of `text` begin: each about `size` characters, cut where `SAFE_CUT` says
+    (a text with no such place in a stretch makes a longer piece, never a wrong one)."""
+    starts = [0]
+    while (cut := SAFE_CUT.search(text, starts[-1] + size)) is not None:
+        starts.append(cut.end())
+    return starts
+
+
+def encode_text(tokenizer: Tokenizer, text: str, size: int = PIECE_CHARS) -> CorpusTokens:
+    """`text`'s ids, encoded a few pieces at a time (memory bounded by the pieces, not the text),
+    uint16 where the vocabulary fits in it: exactly `tokenizer.encode(text).ids`."""
+    starts = piece_starts(text, size)
+    bounds = [*starts, len(text)]
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.int32
+    parts, token_starts, count = [], [], 0
+    for first in range(0, len(starts), ENCODE_BATCH):
+        batch = [text[bounds[i]:bounds[i + 1]]
+                 for i in range(first, min(first + ENCODE_BATCH, len(starts)))]
+        for encoding in tokenizer.encode_batch_fast(batch):  # no offsets: half the time
+            parts.append(np.asarray(encoding.ids, dtype=dtype))
+            token_starts.append(count)
+            count += len(parts[-1])
+    pieces = np.stack([np.asarray(starts), np.asarray(token_starts)], axis=1).astype(np.int64)
+    return CorpusTokens(np.concatenate(parts), pieces)
+
+
+def token_offsets(tokenizer: Tokenizer, text: str, tokens: CorpusTokens, first: int, stop: int
+                  ) -> np.ndarray:
+    """The character spans (stop - first, 2) of tokens [first, stop) in `text`, from encoding
+    only the pieces that hold them, a few at a time: the analyses need offsets for what they
+    show, not for a whole corpus (the reference's 23 GB for a 100 MB text)."""
+    if stop <= first:
+        return np.zeros((0, 2), np.int64)
+    token_starts = tokens.pieces[:, 1]
+    begin = int(np.searchsorted(token_starts, first, side="right")) - 1
+    end = int(np.searchsorted(token_starts, stop, side="left"))  # pieces [begin, end) hold them
+    bounds = [*tokens.pieces[:, 0].tolist(), len(text)]
+    spans = []
+    for batch in range(begin, end, ENCODE_BATCH):
+        which = range(batch, min(batch + ENCODE_BATCH, end))
+        encodings = tokenizer.encode_batch([text[bounds[i]:bounds[i + 1]] for i in which])
+        spans += [np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2) + bounds[i]
+                  for i, encoding in zip(which, encodings, strict=True)]
+    skip = first - int(token_starts[begin])
+    return np.concatenate(spans)[skip:skip + stop - first]
+
+
+def corpus_tokenizer(text: str, cfg: ExperimentConfig, corpus_sha256: str,
+                     cache: TokenCache | None = None) -> Tokenizer:
+    """`cfg`'s tokenizer for the corpus `text`: from the cache, else trained and cached."""
+    cache = cache or TokenCache()
+    key = tokenizer_key(corpus_sha256, tokenizer_settings(cfg))
+    tokenizer = cache.read_tokenizer(key)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(tokenizer_training_text(text, cfg), cfg.vocab_size,
+                                    cfg.tokenizer)
+        cache.write_tokenizer(key, tokenizer)
+    return tokenizer
+
+
+def corpus_tokens(text: str, tokenizer: Tokenizer, corpus_sha256: str,
+                  cache: TokenCache | None = None) -> CorpusTokens:
+    """The corpus's ids under `tokenizer`: from the cache (memory-mapped, nothing re-tokenised),
+    else encoded in pieces and cached."""
+    cache = cache or TokenCache()
+    key = ids_key(corpus_sha256, tokenizer)
+    tokens = cache.read_tokens(key)
+    if tokens is None:
+        tokens = encode_text(tokenizer, text)
+        cache.write_tokens(key, tokens)
+    return tokens
 
 
 def encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
@@ -136,23 +287,6 @@ class Splits:
 
 
 @dataclass(frozen=True)
-class EncodedCorpus:
-    """A corpus as token ids, with where each token came from and how the windows split."""
-
-    ids: np.ndarray  # (T,) int32
-    offsets: np.ndarray  # (T, 2) character span of each token in the text
-    splits: Splits
-
-
-def encode_corpus(text: str, tokenizer: Tokenizer, cfg: ExperimentConfig) -> EncodedCorpus:
-    """`text` tokenised, and its windows of `cfg.seq_len` split into training and validation."""
-    encoding = tokenizer.encode(text)
-    ids = np.asarray(encoding.ids, dtype=np.int32)
-    offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
-    return EncodedCorpus(ids, offsets, Splits.of(len(ids), cfg.seq_len, cfg.train_fraction))
-
-
-@dataclass(frozen=True)
 class Dataset:
     """Everything the training loop needs to know about the data."""
 
@@ -161,15 +295,23 @@ class Dataset:
     tokenizer: Tokenizer
 
 
-def build_dataset(text: str, cfg: ExperimentConfig, tokenizer: Tokenizer | None = None) -> Dataset:
-    """Tokenise `text` (training a tokenizer unless one is given) and check it fits `cfg`."""
-    tokenizer = tokenizer or train_tokenizer(text, cfg.vocab_size)
+def build_dataset(text: str, cfg: ExperimentConfig, tokenizer: Tokenizer | None = None,
+                  corpus_sha256: str | None = None) -> Dataset:
+    """The corpus `text` (whose sha256 is `corpus_sha256`, computed if not given) as `cfg`'s
+    dataset: its ids under `tokenizer` (a resume's own) or `cfg`'s tokenizer, both from the
+    token cache where it has them, checked to fit `cfg`."""
+    corpus_sha256 = corpus_sha256 or text_sha256(text)
+    cache = TokenCache()
+    tokenizer = tokenizer or corpus_tokenizer(text, cfg, corpus_sha256, cache)
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         # BPE keeps every character of the text, whatever vocab_size asks for.
         raise UserError(f"vocab_size {cfg.vocab_size} is too small: the tokenizer needs "
-                        f"{tokenizer.get_vocab_size()} entries for this corpus")
-    encoded = encode_corpus(text, tokenizer, cfg)
-    return Dataset(jnp.asarray(encoded.ids), encoded.splits, tokenizer)
+                        f"{tokenizer.get_vocab_size()} entries for this corpus"
+                        + ("" if cfg.tokenizer == "byte_bpe" else
+                           " (tokenizer = \"byte_bpe\" needs only 258)"))
+    ids = corpus_tokens(text, tokenizer, corpus_sha256, cache).ids
+    return Dataset(jnp.asarray(np.asarray(ids, dtype=np.int32)),
+                   Splits.of(len(ids), cfg.seq_len, cfg.train_fraction), tokenizer)
 
 
 def train_order(seed: int, epoch: int, num_train: int) -> np.ndarray:

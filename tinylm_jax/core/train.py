@@ -24,7 +24,7 @@ from flax.training import train_state
 
 from tinylm_jax.core import cpu_gemm
 from tinylm_jax.core.config import ExperimentConfig, UserError
-from tinylm_jax.core.data import Dataset, gather_windows, num_batches
+from tinylm_jax.core.data import gather_windows
 from tinylm_jax.core.model import build_model, init_params, on_cpu
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -250,8 +250,12 @@ def _train_step(state: TrainState, batch: dict[str, jax.Array]
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     updates = optax.tree.scale(state.plateau_state.scale, updates)
     params = optax.apply_updates(state.params, updates)
+    # What the metrics writer shows: this step's rate and its gradient's norm before clipping.
+    lr = state.lr_schedule(state.step) * state.plateau_state.scale
+    metrics = {"loss_sum": loss_sum, "tokens": tokens, "lr": jnp.asarray(lr, jnp.float32),
+               "grad_norm": optax.tree.norm(grads)}
     state = state.replace(step=state.step + 1, params=params, opt_state=opt_state).averaged()
-    return state, {"loss_sum": loss_sum, "tokens": tokens}
+    return state, metrics
 
 
 def _eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -309,9 +313,3 @@ def token_weighted_mean(loss_sums: Any, token_counts: Any) -> float:
 
 class TrainingDiverged(Exception):
     """A non-finite loss: the run stops, and the broken state is never checkpointed."""
-
-
-def epoch_steps(cfg: ExperimentConfig, data: Dataset, max_steps: int | None = None) -> int:
-    """Optimiser steps per epoch: every training window once, or `max_steps` if fewer."""
-    steps = num_batches(data.splits.num_train, cfg.batch_size)
-    return steps if max_steps is None else min(steps, max_steps)

@@ -26,11 +26,12 @@ from tinylm_jax.core.data import Dataset, build_dataset, file_sha256, read_corpu
 from tinylm_jax.core.metrics import best_epoch, should_stop
 from tinylm_jax.core.model import build_model, count_params, init_params
 from tinylm_jax.core.parallel import barrier, check_batch_fits, data_mesh, is_primary, replicate
+from tinylm_jax.core.protocol import Clock
+from tinylm_jax.core.token_cache import CacheUnwritable
 from tinylm_jax.core.train import (
     check_schedule,
     compute_dtype_name,
     create_train_state,
-    epoch_steps,
     products_for,
 )
 from tinylm_jax.core.versions import package_versions
@@ -38,6 +39,7 @@ from tinylm_jax.run import loop
 from tinylm_jax.run.checkpoint import RunCheckpoints
 from tinylm_jax.run.folder import RunFolder
 from tinylm_jax.run.loop import EpochHook, Stop
+from tinylm_jax.run.metrics_writer import MetricsWriter
 from tinylm_jax.run.signals import StopSignals
 
 
@@ -54,6 +56,10 @@ class RunOptions:
     steps_per_chunk: int | None = None  # steps per compiled call; None: the backend's default
     devices: int | None = None  # split batches over the first N devices; None: all of them
     stop_at_step: int | None = None  # checkpoint and stop once the run has taken this many steps
+    checkpoint_every: int | None = None  # also checkpoint every this many steps
+    checkpoint_minutes: float | None = None  # also checkpoint once this many minutes have passed
+    metrics: bool = True  # write metrics.csv and TensorBoard's event files into the run folder
+    log_every: int = 10  # steps between the training metrics written
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class PreparedRun:
     data: Dataset
     param_count: int
     mesh: Mesh  # the devices training splits each batch over
+    clock: Clock  # the run's steps, epochs and windows
     products: str = "xla"  # where the bf16 products run, resolved ("xla" or "mkl")
     products_why: str = ""  # why: one line
 
@@ -91,7 +98,10 @@ def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> P
     check_batch_fits(cfg.batch_size, mesh)
     for flag, value in (("--max-steps-per-epoch", opts.max_steps_per_epoch),
                         ("--steps-per-chunk", opts.steps_per_chunk),
-                        ("--stop-at-step", opts.stop_at_step)):
+                        ("--stop-at-step", opts.stop_at_step),
+                        ("--checkpoint-every", opts.checkpoint_every),
+                        ("--checkpoint-minutes", opts.checkpoint_minutes),
+                        ("--log-every", opts.log_every)):
         require_positive(flag, value)
     folder = RunFolder(opts.out_dir)
     if not dry_run:
@@ -107,20 +117,17 @@ def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> P
         if choice != products:
             products, products_why = _products_to_resume(opts, folder, began_on)
         tokenizer = folder.read_tokenizer()
-    try:
-        data = build_dataset(text, cfg, tokenizer)
+    try:  # the ids from the token cache where it has them: a resume tokenises nothing
+        data = build_dataset(text, cfg, tokenizer, corpus_sha256)
+    except CacheUnwritable:  # says which folder, and what to do
+        raise
     except UserError as err:  # the corpus cannot serve this config: say which corpus
         raise UserError(f"{corpus}: {err}") from None
-    check_schedule(cfg, total_steps(cfg, data, opts))
+    clock = Clock.of(cfg, data.splits, opts.max_steps_per_epoch)
+    check_schedule(cfg, clock.total_steps)
     params = jax.eval_shape(lambda: init_params(build_model(cfg), cfg.seed))
     return PreparedRun(cfg, opts, corpus, corpus_sha256, data, count_params(params), mesh,
-                       products, products_why)
-
-
-def total_steps(cfg: ExperimentConfig, data: Dataset, opts: RunOptions) -> int:
-    """The optimiser steps of the whole protocol, if it runs all its epochs: the length of a
-    per-step schedule."""
-    return cfg.num_epochs * epoch_steps(cfg, data, opts.max_steps_per_epoch)
+                       clock, products, products_why)
 
 
 def _products_to_resume(opts: RunOptions, folder: RunFolder, began_on: str) -> tuple[str, str]:
@@ -193,22 +200,23 @@ def train_prepared(run: PreparedRun, hooks: Sequence[EpochHook] = (),
         barrier("cleared")
         checkpoints = RunCheckpoints(folder)
         try:
-            steps = epoch_steps(run.cfg, run.data, opts.max_steps_per_epoch)
-            data = dataclasses.replace(run.data, tokens=replicate(run.data.tokens, run.mesh))
-            run_loop = loop.Loop(cfg=run.cfg, data=data, mesh=run.mesh, steps_per_epoch=steps,
-                                 hooks=tuple(hooks), steps_per_chunk=opts.steps_per_chunk,
-                                 stop_at_step=opts.stop_at_step, show_progress=opts.progress,
-                                 signals=signals, log=log)
-            log(f"matrix products: {run.products} ({run.products_why})")
-            fresh = replicate(create_train_state(run.cfg, opts.precision,
-                                                 total_steps=total_steps(run.cfg, run.data, opts),
-                                                 products=run.products), run.mesh)
-            position = loop.start(run_loop, checkpoints, fresh, opts.resume, _warn)
-            kept = _summary_of_ended_run(run, position)
-            if primary and kept is None:  # only now: a resume refused above has changed nothing
-                _write_run_files(run, position, hooks)
-            barrier("written")
-            stop = loop.run_epochs(run_loop, position, folder, checkpoints, began)
+            # The metrics writer joins once the resumed step is known.
+            with contextlib.ExitStack() as stack:
+                run_loop = _loop(run, hooks, signals, log)
+                log(f"matrix products: {run.products} ({run.products_why})")
+                fresh = replicate(create_train_state(run.cfg, opts.precision,
+                                                     total_steps=run.clock.total_steps,
+                                                     products=run.products), run.mesh)
+                position = loop.start(run_loop, checkpoints, fresh, opts.resume, _warn)
+                kept = _summary_of_ended_run(run, position)
+                resumed_at = position.steps_taken(run.clock) if opts.resume else None
+                writer = stack.enter_context(MetricsWriter(  # an ended run is left as it is
+                    folder.path, resumed_at, enabled=primary and opts.metrics and kept is None))
+                run_loop = dataclasses.replace(run_loop, writer=writer)
+                if primary and kept is None:  # only now: a refused resume has changed nothing
+                    _write_run_files(run, position, hooks)
+                barrier("written")
+                stop = loop.run_epochs(run_loop, position, folder, checkpoints, began)
         finally:
             checkpoints.close()
         if not stop.ended:  # stopped on request: --resume continues
@@ -222,11 +230,27 @@ def train_prepared(run: PreparedRun, hooks: Sequence[EpochHook] = (),
     return RunResult(stop, summary)
 
 
+def _loop(run: PreparedRun, hooks: Sequence[EpochHook], signals: StopSignals,
+          log: Callable[[str], None]) -> loop.Loop:
+    """The run's loop, its tokens placed on the run's devices (no metrics writer yet)."""
+    opts = run.opts
+    minutes = opts.checkpoint_minutes
+    return loop.Loop(cfg=run.cfg, mesh=run.mesh, clock=run.clock, hooks=tuple(hooks),
+                     data=dataclasses.replace(run.data,
+                                              tokens=replicate(run.data.tokens, run.mesh)),
+                     steps_per_chunk=opts.steps_per_chunk, stop_at_step=opts.stop_at_step,
+                     checkpoint_every=opts.checkpoint_every,
+                     checkpoint_seconds=None if minutes is None else 60 * minutes,
+                     show_progress=opts.progress, signals=signals, log=log,
+                     log_every=opts.log_every)
+
+
 def _summary_of_ended_run(run: PreparedRun, position: loop.Position) -> dict[str, Any] | None:
     """The summary of a run that had ended before this resume, kept as it is: its config,
     wall time and versions are the training's, not this session's. None when epochs are left,
     or when the summary is missing or unreadable (then it is written anew)."""
-    if position.progress is not None or not loop.protocol_ended(run.cfg, position.history):
+    if position.progress is not None or not loop.protocol_ended(run.cfg, position.history,
+                                                                 run.clock.epochs):
         return None
     try:
         return run.folder.read_summary()

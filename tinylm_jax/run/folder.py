@@ -5,7 +5,9 @@ A run folder holds:
   config.json              the experiment config and the run's settings (precision, step limit,
                            corpus sha256): what a resume must match
   tokenizer.json           the BPE the run was trained with
-  history.csv              one row per finished epoch (`HISTORY_FIELDS`)
+  history.csv              one row per finished epoch (`HISTORY_FIELDS`, and those of
+                           `OPTIONAL_HISTORY_FIELDS` its rows have)
+  metrics.csv, tensorboard/  the metrics a viewer reads, every few steps (`run.metrics_writer`)
   <hook>.csv               each epoch hook's rows (`run.loop.EpochHook`), e.g. the attention
                            statistics from initialisation on (attention_by_epoch.csv)
   summary.json             written when the run ends
@@ -41,13 +43,18 @@ from tinylm_jax.core.files import write_csv_atomic, write_text_atomic
 
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_ppl", "lr", "epoch_seconds",
                   "train_tokens_per_s")
+# Columns history.csv has since runs count steps (the steps taken at the epoch's end; its
+# validation pass's seconds): written when the rows have them, so that the folders of earlier
+# runs (results/) still read. A row without one (an epoch an earlier version trained, in a
+# resumed run) has an empty cell, and its dict has no such key. Any other column is refused.
+OPTIONAL_HISTORY_FIELDS = ("step", "val_seconds")
 # What every summary.json holds; a summary without one of these is unreadable.
 SUMMARY_FIELDS = ("experiment", "best_val_ppl", "best_val_loss", "best_epoch", "epochs_run",
                   "stopped_early", "param_count", "num_tokens", "train_windows", "val_windows",
                   "max_steps_per_epoch", "precision", "backend", "device_kind", "devices",
                   "versions", "wall_time_s")
 # Fields that may change when a run is resumed; any other difference is refused.
-RESUMABLE_CHANGES = ("name", "num_epochs", "early_stop_patience")
+RESUMABLE_CHANGES = ("name", "num_epochs", "max_steps", "early_stop_patience")
 # How config.json's run settings are named to the user.
 SETTING_FLAGS = {"precision": "--precision", "max_steps_per_epoch": "--max-steps-per-epoch",
                  "compute_dtype": "compute dtype", "products": "--products"}
@@ -126,10 +133,12 @@ class RunFolder:
             raise UserError(f"{path}: unreadable tokenizer ({err})") from None
 
     def read_history(self) -> list[dict[str, float]]:
-        """history.csv as rows of numbers (epoch as int)."""
+        """history.csv as rows of numbers (epoch and step as ints); the optional fields only
+        where the file has them (`OPTIONAL_HISTORY_FIELDS`)."""
         if not self.has_history():
             raise UserError(f"{self.path}: no {self.HISTORY} (has the run finished an epoch?)")
-        return _read_epoch_rows(self.file(self.HISTORY), HISTORY_FIELDS, "history")
+        return _read_epoch_rows(self.file(self.HISTORY), HISTORY_FIELDS, "history",
+                                optional=OPTIONAL_HISTORY_FIELDS)
 
     def read_rows(self, name: str, fields: tuple[str, ...], text_fields: tuple[str, ...] = ()
                   ) -> list[dict[str, Any]]:
@@ -171,7 +180,10 @@ class RunFolder:
         write_text_atomic(self.file(self.TOKENIZER), tokenizer.to_str(pretty=True))
 
     def write_history(self, history: list[dict[str, Any]]) -> None:
-        write_csv_atomic(self.file(self.HISTORY), HISTORY_FIELDS, history)
+        """history.csv: `HISTORY_FIELDS`, then the optional ones that any row has."""
+        optional = tuple(field for field in OPTIONAL_HISTORY_FIELDS
+                         if any(field in row for row in history))
+        write_csv_atomic(self.file(self.HISTORY), HISTORY_FIELDS + optional, history)
 
     def write_rows(self, name: str, fields: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
         """An epoch hook's rows, as `<name>.csv` with columns `fields`."""
@@ -257,19 +269,39 @@ def _writable(folder: Path) -> bool:
 
 
 def _read_epoch_rows(path: Path, fields: tuple[str, ...], what: str,
-                     text_fields: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """A per-epoch CSV's rows: `text_fields` as written, epoch as int, the rest as floats."""
+                     text_fields: tuple[str, ...] = (), optional: tuple[str, ...] | None = None
+                     ) -> list[dict[str, Any]]:
+    """A per-epoch CSV's rows: `text_fields` as written, epoch as int, the rest as floats.
+    With `optional` (history.csv), the file may have those columns too (an optional step as
+    int), and no others: an empty cell of one is left out of its row. Without it, a file's other
+    columns are ignored."""
     try:
         with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            extra = _unknown_columns(reader.fieldnames or [], fields, optional)
             rows = [{key: row[key] if key in text_fields else float(row[key]) for key in fields}
-                    for row in csv.DictReader(f)]
+                    | {key: float(row[key]) for key in optional or () if row.get(key)}
+                    for row in reader]
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{path}: unreadable {what} ({err!r})") from None
+    if extra:
+        raise UserError(f"{path}: unreadable {what} (unknown column {', '.join(extra)})")
     if not rows:
         raise UserError(f"{path}: no epochs recorded")
     for row in rows:
         row["epoch"] = int(row["epoch"])
+        if "step" in row and "step" in (optional or ()):
+            row["step"] = int(row["step"])
     return rows
+
+
+def _unknown_columns(header: list[str], fields: tuple[str, ...],
+                     optional: tuple[str, ...] | None) -> list[str]:
+    """The columns of `header` that are neither `fields` nor `optional` (none when `optional`
+    is None: such a file's other columns are ignored)."""
+    if optional is None:
+        return []
+    return [column for column in header if column not in fields + optional]
 
 
 class RunFolderLock:
