@@ -102,3 +102,14 @@ def test_a_step_based_run_stopped_mid_epoch_resumes_exactly(step_runs):
     one, two = (load_run(path, "latest") for path in step_runs)
     for x, y in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_checkpoints_between_evaluations_say_nothing(tmp_path, tiny_corpus, capfd):
+    """A checkpoint every 2 steps is unranked by design: orbax's warning that it has no metrics
+    is not shown."""
+    toml = tiny_toml_file(tmp_path / "steps.toml", max_steps=5, eval_every=5)
+    assert train_main([str(toml), "--data", str(tiny_corpus), "--no-progress", "--out",
+                       str(tmp_path / "run"), "--steps-per-chunk", "1",
+                       "--checkpoint-every", "2"]) == 0
+    assert "did not provide metrics" not in capfd.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["3"]

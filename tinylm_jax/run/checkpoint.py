@@ -21,6 +21,7 @@ Safety, on top of orbax's own write-to-temporary-then-rename:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -29,7 +30,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,22 @@ def _arrays_sha256(leaves: list[tuple[str, np.ndarray]]) -> str:
 
 def _record_sha256(record: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def _unranked_by_design(unranked: bool) -> Iterator[None]:
+    """Around a save without metrics (a stop's, or one every so many steps), orbax's warning
+    "Requested `tracked_metric`; did not provide metrics." is dropped: such a checkpoint is
+    unranked by design, and lives only as long as it is the latest."""
+    def filter_(record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+    if unranked:
+        logging.getLogger("absl").addFilter(filter_)
+    try:
+        yield
+    finally:
+        logging.getLogger("absl").removeFilter(filter_)
 
 
 class _QuietWhenDiskFull(logging.Filter):
@@ -202,7 +219,7 @@ class RunCheckpoints:
         history = record["history"]
         metrics = ({"new_best_epoch": len(history) if latest_is_best(history) else 0}
                    if epoch_end else None)
-        with _QuietWhenDiskFull() as quiet:
+        with _QuietWhenDiskFull() as quiet, _unranked_by_design(metrics is None):
             try:
                 saved = self.manager.save(number, metrics=metrics, args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state.arrays()),
