@@ -85,7 +85,7 @@ def step_runs(tmp_path_factory, corpus_text):
     assert train_main([*common, "--out", str(root / "straight")]) == 0
     assert train_main([*common, "--out", str(root / "split"), "--stop-at-step", "7"]) == 0
     assert train_main([*common, "--out", str(root / "split"), "--resume"]) == 0
-    return root / "straight", root / "split"
+    return root / "straight", root / "split", common
 
 
 def test_a_step_budget_evaluates_every_n_steps(step_runs):
@@ -95,13 +95,24 @@ def test_a_step_budget_evaluates_every_n_steps(step_runs):
 
 
 def test_a_step_based_run_stopped_mid_epoch_resumes_exactly(step_runs):
-    straight, split = (RunFolder(path).read_history() for path in step_runs)
+    straight, split = (RunFolder(path).read_history() for path in step_runs[:2])
     keys = ("epoch", "step", "train_loss", "val_loss", "lr")
     assert [[row[k] for k in keys] for row in straight] == [[row[k] for k in keys]
                                                             for row in split]
-    one, two = (load_run(path, "latest") for path in step_runs)
+    one, two = (load_run(path, "latest") for path in step_runs[:2])
     for x, y in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_a_step_based_run_keeps_its_budget_on_resume(step_runs, capsys):
+    """Its epochs' steps follow from the budget: a resume with another is refused, in one
+    line, and changes nothing."""
+    straight, _, common = step_runs
+    before = (straight / "history.csv").read_bytes()
+    assert train_main([*common, "--out", str(straight), "--resume", "--max-steps", "15"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "max_steps (11 -> 15)" in err
+    assert (straight / "history.csv").read_bytes() == before
 
 
 def test_checkpoints_between_evaluations_say_nothing(tmp_path, tiny_corpus, capfd):

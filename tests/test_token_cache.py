@@ -126,7 +126,8 @@ def test_a_second_build_reads_the_cache_and_tokenises_nothing(monkeypatch, own_c
         assert dataset.tokenizer.to_str() == first.tokenizer.to_str()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "no sidecar", "sidecar disagrees"])
+@pytest.mark.parametrize("damage", ["truncated", "no sidecar", "sidecar disagrees",
+                                    "sidecar unreadable", "an id changed"])
 def test_a_damaged_cache_entry_is_rebuilt_not_trusted(own_cache, damage):
     cfg = tiny_config(vocab_size=200)
     expected = np.asarray(build_dataset(TEXT, cfg).tokens)
@@ -136,9 +137,15 @@ def test_a_damaged_cache_entry_is_rebuilt_not_trusted(own_cache, damage):
         ids_file.write_bytes(ids_file.read_bytes()[:-10])
     elif damage == "no sidecar":
         sidecar.unlink()
-    else:
+    elif damage == "sidecar disagrees":
         record = json.loads(sidecar.read_text())
         sidecar.write_text(json.dumps({**record, "num_tokens": record["num_tokens"] - 1}))
+    elif damage == "sidecar unreadable":
+        sidecar.write_text(json.dumps({"dtype": None}))
+    else:  # the same size, one id flipped
+        raw = bytearray(ids_file.read_bytes())
+        raw[-1] ^= 0xFF
+        ids_file.write_bytes(bytes(raw))
     for tokenizer_file in (own_cache / "tokenizers").glob("*.json"):
         tokenizer_file.write_text('{"version": "1.0", "trunc')
     assert TokenCache().read_tokens(ids_file.stem) is None

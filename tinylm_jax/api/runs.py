@@ -6,8 +6,9 @@
     run = load_run("runs/baseline")
 
 Keyword overrides are fields of the experiment (`num_epochs`, `seed`, `lr`, ...) or options of
-the run (`precision`, `data`, `max_steps_per_epoch`, `resume`, `overwrite`, `progress`,
-`steps_per_chunk`, `devices`, `stop_at_step`). Every run records what the command line's does
+the run (`precision`, `products`, `data`, `max_steps_per_epoch`, `resume`, `overwrite`,
+`progress`, `steps_per_chunk`, `devices`, `stop_at_step`, `checkpoint_every`,
+`checkpoint_minutes`, `metrics`, `log_every`). Every run records what the command line's does
 (`default_hooks`). Bad input raises `UserError` before anything is written or trained.
 """
 

@@ -1,6 +1,6 @@
 """The protocol's clock: how many optimiser steps a run takes, where its evaluations fall, and
 which windows each step trains on and each evaluation reads. One rule, computed once, for the
-training loop, the length of a per-step schedule and the dry run.
+training loop, the length of a per-step schedule and what a run's summary records.
 
 Steps are counted from 0 over the whole run. A pass is one sweep over the training windows, in
 the shuffled order of (seed, pass). An epoch of the protocol is the training between two

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import tokenizers
 from tokenizers import Tokenizer
 
 from tinylm_jax.core.config import UserError
@@ -56,8 +57,9 @@ def _digest(*parts: Any) -> str:
 
 
 def tokenizer_key(corpus_sha256: str, settings: dict[str, Any]) -> str:
-    """The key of a tokenizer trained on a corpus with `settings` (every field that shapes it)."""
-    return _digest(corpus_sha256, sorted(settings.items()))
+    """The key of a tokenizer trained on a corpus with `settings` (every field that shapes it)
+    by this version of the tokenizers library (another may learn other merges)."""
+    return _digest(corpus_sha256, sorted(settings.items()), tokenizers.__version__)
 
 
 def ids_key(corpus_sha256: str, tokenizer: Tokenizer) -> str:
@@ -104,9 +106,10 @@ class TokenCache:
                 return None
             ids = np.load(ids_path, mmap_mode="r", allow_pickle=False)
             pieces = np.asarray(record["pieces"], dtype=np.int64).reshape(-1, 2)
+            if (ids.shape != (record["num_tokens"],) or ids.dtype != np.dtype(record["dtype"])
+                    or _sha256(ids) != record["sha256"]):
+                return None
         except (OSError, ValueError, KeyError, TypeError):
-            return None
-        if ids.shape != (record["num_tokens"],) or ids.dtype != np.dtype(record["dtype"]):
             return None
         return CorpusTokens(ids, pieces)
 
@@ -115,7 +118,8 @@ class TokenCache:
         ids_path = self._path("tokens", key, ".npy")
         self._write(ids_path, lambda f: np.save(f, tokens.ids, allow_pickle=False))
         record = {"num_tokens": len(tokens.ids), "dtype": tokens.ids.dtype.name,
-                  "bytes": ids_path.stat().st_size, "pieces": tokens.pieces.tolist()}
+                  "bytes": ids_path.stat().st_size, "sha256": _sha256(tokens.ids),
+                  "pieces": tokens.pieces.tolist()}
         self._write(self._path("tokens", key, ".json"),
                     lambda f: f.write(json.dumps(record).encode()))
 
@@ -141,3 +145,8 @@ class TokenCache:
         finally:
             if temporary is not None:
                 Path(temporary).unlink(missing_ok=True)
+
+
+def _sha256(ids: np.ndarray) -> str:
+    """The ids' checksum (a 100 MB corpus's 57 MB of ids hash in a fraction of a second)."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(ids))).hexdigest()

@@ -92,8 +92,13 @@ def _run_settings(opts: RunOptions, corpus_sha256: str, products: str) -> dict[s
 
 
 def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> PreparedRun:
-    """Validate everything and load the data; writes nothing. A dry run ignores the run folder."""
+    """Validate everything and load the data; writes nothing but the token cache (`core.
+    token_cache`). A dry run ignores the run folder."""
     products, products_why = products_for(opts.precision, opts.products)
+    if opts.checkpoint_minutes is not None and jax.process_count() > 1:
+        # Each process would read its own clock: they must all stop at the same chunk.
+        raise UserError("--checkpoint-minutes works in one process; with several, use "
+                        "--checkpoint-every")
     mesh = data_mesh(opts.devices)
     check_batch_fits(cfg.batch_size, mesh)
     for flag, value in (("--max-steps-per-epoch", opts.max_steps_per_epoch),
@@ -281,7 +286,7 @@ def _summary(run: PreparedRun, history: list[dict[str, Any]], wall: float) -> di
         "stopped_early": should_stop(history, run.cfg),
         "param_count": run.param_count,
         "num_tokens": run.data.splits.num_tokens,
-        "train_windows": run.data.splits.num_train,
+        "train_windows": run.clock.train_windows,  # with train_stride > 1, those of a pass
         "val_windows": run.data.splits.num_val,
         "max_steps_per_epoch": run.opts.max_steps_per_epoch,
         "precision": compute_dtype_name(run.opts.precision),

@@ -54,7 +54,7 @@ SUMMARY_FIELDS = ("experiment", "best_val_ppl", "best_val_loss", "best_epoch", "
                   "max_steps_per_epoch", "precision", "backend", "device_kind", "devices",
                   "versions", "wall_time_s")
 # Fields that may change when a run is resumed; any other difference is refused.
-RESUMABLE_CHANGES = ("name", "num_epochs", "max_steps", "early_stop_patience")
+RESUMABLE_CHANGES = ("name", "num_epochs", "early_stop_patience")
 # How config.json's run settings are named to the user.
 SETTING_FLAGS = {"precision": "--precision", "max_steps_per_epoch": "--max-steps-per-epoch",
                  "compute_dtype": "compute dtype", "products": "--products"}
@@ -220,9 +220,11 @@ class RunFolder:
         """Refuse to resume with another config or other `settings` (config.json's keys)."""
         stored, record = self.read_record()
         old, new = stored.to_dict(), cfg.to_dict()
-        # A per-step schedule's length is the protocol's: its epochs may not change either.
-        free = RESUMABLE_CHANGES if cfg.schedule == "plateau" else ("name",
-                                                                   "early_stop_patience")
+        # A per-step schedule's length is the protocol's: its epochs may not change either; nor
+        # may a step-based protocol's, whose epochs' steps follow from its budget.
+        epochs_free = cfg.schedule == "plateau" and not any(
+            config.max_steps or config.eval_every for config in (stored, cfg))
+        free = RESUMABLE_CHANGES if epochs_free else ("name", "early_stop_patience")
         changed = [f"{key} ({old[key]!r} -> {new[key]!r})" for key in old
                    if key not in free and old[key] != new[key]]
         for key, value in settings.items():

@@ -58,7 +58,7 @@ T = TypeVar("T")
 
 
 class StopReason(enum.Enum):
-    FINISHED = "finished"  # the epoch limit
+    FINISHED = "finished"  # the epoch limit, or the step budget
     EARLY_STOP = "early stop"  # the protocol's patience ran out
     STOP_AT_STEP = "stop at step"  # --stop-at-step: checkpointed, --resume continues
     SIGNAL = "signal"  # SIGTERM or SIGINT: checkpointed, --resume continues
@@ -157,7 +157,7 @@ class Position:
 
     def steps_taken(self, clock: Clock) -> int:
         """Optimiser steps taken since the run began."""
-        first, end = clock.epoch_span(len(self.history) + 1)
+        first = clock.epoch_span(len(self.history) + 1)[0]
         return (first + self.progress.steps_done if self.progress
                 else min(first, clock.total_steps))
 
