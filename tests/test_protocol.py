@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from conftest import TINY_CHARS, tiny_config, tiny_toml_file
 
+from tinylm_jax.analysis.budget import run_curve
+from tinylm_jax.analysis.runs import read_finished_runs
 from tinylm_jax.cli.run_experiment import main as train_main
 from tinylm_jax.core.data import Splits, batch_rows, train_order
 from tinylm_jax.core.protocol import Clock, validation_sample
@@ -92,6 +94,13 @@ def test_a_step_budget_evaluates_every_n_steps(step_runs):
     history = RunFolder(step_runs[0]).read_history()
     assert [row["step"] for row in history] == [4, 8, 11]
     assert [row["epoch"] for row in history] == [1, 2, 3]
+
+
+def test_the_budget_of_a_step_based_run_counts_its_steps(step_runs):
+    (run,) = read_finished_runs([step_runs[0]])
+    curve = run_curve(run)
+    np.testing.assert_array_equal(curve.spent["steps"], [4, 8, 11])
+    assert RunFolder(step_runs[0]).read_summary()["cpu"].endswith("cores)")
 
 
 def test_a_step_based_run_stopped_mid_epoch_resumes_exactly(step_runs):

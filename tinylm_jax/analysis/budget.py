@@ -79,9 +79,15 @@ def run_curve(run: FinishedRun) -> BudgetCurve:
     """A finished run's curve, from its history.csv, config.json and summary.json."""
     cfg, record = run.folder.read_record()
     history = run.folder.read_history()
+    ppl = np.array([r["val_ppl"] for r in history])
+    seconds = np.array([r["epoch_seconds"] for r in history])
+    if cfg.max_steps or cfg.eval_every:  # a step-based protocol: its epochs are not passes
+        steps = np.array([r["step"] for r in history], np.float64)
+        spent = {"steps": steps, "tokens": steps * cfg.batch_size * cfg.seq_len,
+                 "flops": steps * model_flops_per_step(cfg), "seconds": np.cumsum(seconds)}
+        return BudgetCurve(run.label, hardware(run.summary), ppl.astype(np.float64), spent)
     return _curve(run.label, hardware(run.summary), cfg, run.summary["train_windows"],
-                  record.get("max_steps_per_epoch"), np.array([r["val_ppl"] for r in history]),
-                  np.array([r["epoch_seconds"] for r in history]))
+                  record.get("max_steps_per_epoch"), ppl, seconds)
 
 
 def reference_curve(experiment: str) -> BudgetCurve:

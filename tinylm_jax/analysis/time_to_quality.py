@@ -47,7 +47,7 @@ class RunCurve:
     seconds: list[float]  # cumulative
     ppl: list[float]
     steps_per_epoch: int  # what a row without `step` counts
-    device: str  # summary.json's device_kind
+    device: str  # summary.json's cpu, else its device_kind
 
     def crossing(self, threshold: float) -> Crossing | None:
         """The first evaluation at or below `threshold`; None if the run never got there."""
@@ -135,7 +135,7 @@ def run_curve(run: SeedRun) -> RunCurve:
         seconds.append(total)
     return RunCurve(run.folder, run.seed, epochs, steps, seconds,
                     [row["val_ppl"] for row in run.history], per_epoch,
-                    str(run.summary.get("device_kind", "unknown")))
+                    str(run.summary.get("cpu") or run.summary.get("device_kind", "unknown")))
 
 
 def read_quality_sets(paths: list[Path]) -> list[QualitySet]:
@@ -189,8 +189,9 @@ def quality_markdown(sets: list[QualitySet], thresholds: tuple[float, ...], figu
              "history.csv's `step` where the run recorded it, else epoch x steps per epoch "
              "(ceil(train_windows / batch_size), capped by max_steps_per_epoch). Seconds: the "
              "sum of `epoch_seconds` up to that evaluation, so training only: validation time "
-             "is excluded. Device: summary.json's `device_kind` as recorded (on a CPU, jax "
-             "records only \"cpu\", no model name); on a shared machine seconds vary with the "
+             "is excluded. Device: summary.json's `cpu` (the CPU's model, recorded by runs of "
+             "this version on), else its `device_kind` (on a CPU, jax records only \"cpu\"); "
+             "on a shared machine seconds vary with the "
              "load. Mean, min and max are over the runs that reached the threshold.", "",
              "| Experiment | Set | Threshold | Reached | Steps mean | Steps min-max | "
              "Seconds mean | Seconds min-max | Device |",

@@ -43,7 +43,7 @@ from tinylm_jax.core.train import (
     products_for,
     train_chunk,
 )
-from tinylm_jax.core.versions import package_versions
+from tinylm_jax.core.versions import cpu_name, package_versions
 
 # Dense bf16 peak FLOP/s by device kind (vendor datasheets), for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -243,14 +243,8 @@ def random_batch(cfg: ExperimentConfig) -> dict[str, jax.Array]:
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
     device = jax.devices()[0]
-    return (f"{cpu} ({os.cpu_count()} cores); JAX on {jax.default_backend()}: "
+    return (f"{cpu_name()}; JAX on {jax.default_backend()}: "
             f"{jax.device_count()} x {device.device_kind}")
 
 

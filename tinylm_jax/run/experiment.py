@@ -34,7 +34,7 @@ from tinylm_jax.core.train import (
     create_train_state,
     products_for,
 )
-from tinylm_jax.core.versions import package_versions
+from tinylm_jax.core.versions import cpu_name, package_versions
 from tinylm_jax.run import loop
 from tinylm_jax.run.checkpoint import RunCheckpoints
 from tinylm_jax.run.folder import RunFolder
@@ -292,6 +292,7 @@ def _summary(run: PreparedRun, history: list[dict[str, Any]], wall: float) -> di
         "precision": compute_dtype_name(run.opts.precision),
         "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind,
+        "cpu": cpu_name(),
         "devices": int(run.mesh.devices.size),
         "versions": package_versions(),
         "wall_time_s": wall,

@@ -127,6 +127,10 @@ class EpochProgress:
     lr: float | None = None  # the learning rate at the epoch's first step (history's lr)
     seconds: float = 0.0  # training time spent on this epoch so far, over every session
     tokens_per_s: float = math.nan  # throughput of the latest session, compilation excluded
+    # What that throughput sums over the session's stretches of the epoch (a checkpoint every
+    # so many steps splits it); a new session starts them again.
+    session_tokens: float = dataclasses.field(default=0.0, metadata={"session": True})
+    session_seconds: float = dataclasses.field(default=0.0, metadata={"session": True})
 
     @property
     def finished(self) -> bool:
@@ -138,7 +142,9 @@ class EpochProgress:
         return token_weighted_mean(self.loss_sums, self.token_counts)
 
     def to_record(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """What a checkpoint keeps: every field but the session's own."""
+        return {key: value for key, value in dataclasses.asdict(self).items()
+                if not self.__dataclass_fields__[key].metadata.get("session")}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> EpochProgress:
@@ -382,7 +388,9 @@ def train_epoch(loop: Loop, state: TrainState, progress: EpochProgress, until: i
         _collect_one_behind(launched(), collect)
     progress.seconds += one_pass.seconds()
     if one_pass.items:
-        progress.tokens_per_s = one_pass.rate()
+        progress.session_tokens += one_pass.items
+        progress.session_seconds += one_pass.items / one_pass.rate()
+        progress.tokens_per_s = progress.session_tokens / progress.session_seconds
     return state
 
 
