@@ -28,6 +28,7 @@ from tinylm_jax.core.config import UserError, check_seed, require_positive
 from tinylm_jax.core.train import PRECISIONS
 from tinylm_jax.reference.interop import check_representable, save_torch_weights
 from tinylm_jax.run.checkpoint import load_run
+from tinylm_jax.run.published import publish
 
 # Analyses of several finished runs, written into --out (default: the first run's parent).
 SEVERAL_RUNS = {
@@ -296,6 +297,27 @@ def export_torch(args: argparse.Namespace) -> int:
 
 
 export_torch_main = entry_point(export_torch_parser, export_torch)
+
+
+def publish_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="publish.py", description="A run's weights (the average where it "
+                           "keeps one) as one safetensors file, with its config, tokenizer, "
+                           "history and summary: a folder that evaluate, generate and analyze "
+                           "read as they read the run.")
+    parser.add_argument("run_dir", type=Path, help="a run folder")
+    parser.add_argument("--out", type=Path, required=True, help="the folder to write (replaced "
+                        "if it holds an earlier publication)")
+    parser.add_argument("--which", choices=("best", "latest"), default="best",
+                        help="which checkpoint (default: best)")
+    return parser
+
+
+def publish_run(args: argparse.Namespace) -> int:
+    print_paths(publish(args.run_dir, args.out, args.which))
+    return 0
+
+
+publish_main = entry_point(publish_parser, publish_run)
 
 
 def evaluate_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,8 @@ COMMANDS = {
                        "heatmaps from an attention export"),
     "export-torch": ("analyze", "export_torch_main", "export_torch.py",
                      "a run's weights for the reference's PyTorch model"),
+    "publish": ("analyze", "publish_main", "publish.py",
+                "a run's weights as one safetensors file, with its config and tokenizer"),
     "bench": ("bench", "benchmark_main", "benchmark.py",
               "training speed beside the reference's PyTorch loop"),
     "profile-step": ("bench", "profile_main", "profile_step.py",

@@ -47,6 +47,7 @@ from tinylm_jax.core.metrics import latest_is_best
 from tinylm_jax.core.model import TinyTransformerLM, build_model
 from tinylm_jax.core.parallel import barrier, is_primary
 from tinylm_jax.core.train import TrainingDiverged, TrainState, compute_dtype, create_train_state
+from tinylm_jax.core.weights import read_weights
 from tinylm_jax.run.folder import RunFolder
 
 
@@ -338,6 +339,8 @@ def load_run(run_dir: str | Path, which: str = "best", precision: str = "fp32") 
         raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
     run = RunFolder(run_dir)
     cfg = run.read_config()
+    if run.file(run.MODEL).is_file() and not run.checkpoints.is_dir():
+        return _load_published(run, cfg, precision)
     checkpoints = RunCheckpoints(run, read_only=True)
     try:
         number = checkpoints.best() if which == "best" else checkpoints.latest()
@@ -348,3 +351,19 @@ def load_run(run_dir: str | Path, which: str = "best", precision: str = "fp32") 
         checkpoints.close()
     return LoadedRun(cfg, build_model(cfg, compute_dtype(precision)), state.eval_params(),
                      run.read_tokenizer(), number, record)
+
+
+def _load_published(run: RunFolder, cfg: ExperimentConfig, precision: str) -> LoadedRun:
+    """A published model (`run.published`): its one set of weights, with the history up to the
+    checkpoint they came from."""
+    params, metadata = read_weights(run.file(run.MODEL))
+    expected = jax.eval_shape(lambda: create_train_state(cfg, precision).params)
+    shapes = jax.tree.map(lambda leaf: tuple(leaf.shape), params)
+    if shapes != jax.tree.map(lambda leaf: tuple(leaf.shape), expected):
+        raise UserError(f"{run.file(run.MODEL)}: the weights do not fit the model of "
+                        f"{run.file(run.CONFIG)}")
+    history = run.read_history() if run.has_history() else []
+    epochs = int(metadata.get("epochs", len(history)))
+    return LoadedRun(cfg, build_model(cfg, compute_dtype(precision)), params,
+                     run.read_tokenizer(), int(metadata.get("checkpoint", 0)),
+                     {"history": history[:epochs], "epoch_in_progress": None})

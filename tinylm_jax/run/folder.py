@@ -8,6 +8,8 @@ A run folder holds:
   history.csv              one row per finished epoch (`HISTORY_FIELDS`, and those of
                            `OPTIONAL_HISTORY_FIELDS` its rows have)
   metrics.csv, tensorboard/  the metrics a viewer reads, every few steps (`run.metrics_writer`)
+  model.safetensors        a published model's weights (`run.published`), in a folder that has
+                           the files above but no checkpoints
   <hook>.csv               each epoch hook's rows (`run.loop.EpochHook`), e.g. the attention
                            statistics from initialisation on (attention_by_epoch.csv)
   summary.json             written when the run ends
@@ -53,6 +55,9 @@ SUMMARY_FIELDS = ("experiment", "best_val_ppl", "best_val_loss", "best_epoch", "
                   "stopped_early", "param_count", "num_tokens", "train_windows", "val_windows",
                   "max_steps_per_epoch", "precision", "backend", "device_kind", "devices",
                   "versions", "wall_time_s")
+# What summaries hold since this version (the CPU's model: jax's device_kind says only "cpu"):
+# written by every run, not required of the summaries of earlier runs.
+OPTIONAL_SUMMARY_FIELDS = ("cpu",)
 # Fields that may change when a run is resumed; any other difference is refused.
 RESUMABLE_CHANGES = ("name", "num_epochs", "early_stop_patience")
 # How config.json's run settings are named to the user.
@@ -82,6 +87,7 @@ class RunFolder:
     HISTORY = "history.csv"
     SUMMARY = "summary.json"
     CHECKPOINTS = "checkpoints"
+    MODEL = "model.safetensors"  # a published model's weights, in place of checkpoints/
     CORRUPT = "corrupt_checkpoints"
     LOCK = ".lock"
 
