@@ -307,8 +307,7 @@ def publish_parser() -> argparse.ArgumentParser:
     parser.add_argument("run_dir", type=Path, help="a run folder")
     parser.add_argument("--out", type=Path, required=True, help="the folder to write (replaced "
                         "if it holds an earlier publication)")
-    parser.add_argument("--which", choices=("best", "latest"), default="best",
-                        help="which checkpoint (default: best)")
+    _which(parser, "publish")
     return parser
 
 
@@ -326,8 +325,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
                            "every validation window of its corpus.")
     parser.add_argument("run_dir", type=Path, help="a run folder")
     parser.add_argument("--data", help="the run's corpus (default: $TINYLM_DATA, else the cache)")
-    parser.add_argument("--which", choices=("best", "latest"), default="best",
-                        help="which checkpoint (default: best)")
+    _which(parser, "evaluate")
     parser.add_argument("--precision", choices=PRECISIONS, help="compute precision (default: "
                         "the run's own, which reproduces its history's figure)")
     return parser

@@ -29,7 +29,13 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tinylm_jax.core.config import ExperimentConfig, UserError
-from tinylm_jax.core.token_cache import CorpusTokens, TokenCache, ids_key, tokenizer_key
+from tinylm_jax.core.token_cache import (
+    CorpusTokens,
+    TokenCache,
+    ids_key,
+    tokenizer_key,
+    user_cache_root,
+)
 
 CORPUS_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/"
               "data/tinyshakespeare/input.txt")
@@ -46,8 +52,7 @@ SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)|(?<=\S\r)(?=\n\S)")
 
 
 def default_cache_path() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "tinylm_jax" / "tinyshakespeare" / "input.txt"
+    return user_cache_root() / "tinyshakespeare" / "input.txt"
 
 
 def file_sha256(path: Path) -> str:

@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from tinylm_jax.core.config import ExperimentConfig
-from tinylm_jax.core.data import Splits, num_batches, padded_batches, train_order
+from tinylm_jax.core.data import Splits, batch_rows, num_batches, train_order
 
 # The validation sample (`eval_windows`) is drawn with this seed, not the run's, so that every run
 # on a corpus is judged on the same windows.
@@ -96,10 +96,7 @@ def validation_sample(num_val: int, windows: int) -> np.ndarray:
 
 
 def _rows(starts: np.ndarray, batch_size: int, rows: int) -> dict[str, np.ndarray]:
-    """`starts` as `rows` batches of `batch_size`, zero-weight padding filling the last."""
-    weights = np.ones(len(starts), np.float32)
-    batches = [parts for _, parts in padded_batches((starts.astype(np.int32), weights),
-                                                    batch_size)]
-    assert len(batches) == rows, (len(batches), rows)
-    return {"starts": np.stack([b[0] for b in batches]),
-            "weights": np.stack([b[1] for b in batches])}
+    """`starts` as the `rows` batches of `batch_size` that `batch_rows` makes of them."""
+    batches = batch_rows(starts, batch_size)
+    assert len(batches["starts"]) == rows, (len(batches["starts"]), rows)
+    return batches

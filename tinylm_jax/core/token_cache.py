@@ -20,7 +20,6 @@ one line, `CacheUnwritable`, before training starts.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -35,6 +34,7 @@ import tokenizers
 from tokenizers import Tokenizer
 
 from tinylm_jax.core.config import UserError
+from tinylm_jax.core.files import disk_full
 
 # Bumped when what a key names changes (how the text is cut into pieces, the sidecar's fields),
 # so that entries of an earlier layout are rebuilt rather than misread.
@@ -45,11 +45,17 @@ class CacheUnwritable(UserError):
     """The token cache cannot be written (read-only folder, full disk): said in one line."""
 
 
+def user_cache_root() -> Path:
+    """The package's folder in the user's cache (`$XDG_CACHE_HOME` honoured): the corpus
+    download's home, and the token cache's unless `$TINYLM_CACHE` says otherwise."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tinylm_jax"
+
+
 def cache_root() -> Path:
-    """`$TINYLM_CACHE`, else the user's cache folder (`$XDG_CACHE_HOME` honoured)."""
+    """`$TINYLM_CACHE`, else `user_cache_root()`."""
     if os.environ.get("TINYLM_CACHE"):
         return Path(os.environ["TINYLM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tinylm_jax"
+    return user_cache_root()
 
 
 def _digest(*parts: Any) -> str:
@@ -137,7 +143,7 @@ class TokenCache:
             temporary = None
         except OSError as err:
             why, fix = err.strerror or str(err), "set TINYLM_CACHE to a writable folder"
-            if err.errno == errno.ENOSPC:
+            if disk_full(err):
                 why = "the disk is full"
                 fix = "free some space, or set TINYLM_CACHE to a folder on another disk"
             raise CacheUnwritable(f"{path.parent}: cannot write the token cache ({why}); "

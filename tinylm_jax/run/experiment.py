@@ -205,18 +205,16 @@ def train_prepared(run: PreparedRun, hooks: Sequence[EpochHook] = (),
         barrier("cleared")
         checkpoints = RunCheckpoints(folder)
         try:
-            # The metrics writer joins once the resumed step is known.
-            with contextlib.ExitStack() as stack:
-                run_loop = _loop(run, hooks, signals, log)
-                log(f"matrix products: {run.products} ({run.products_why})")
-                fresh = replicate(create_train_state(run.cfg, opts.precision,
-                                                     total_steps=run.clock.total_steps,
-                                                     products=run.products), run.mesh)
-                position = loop.start(run_loop, checkpoints, fresh, opts.resume, _warn)
-                kept = _summary_of_ended_run(run, position)
-                resumed_at = position.steps_taken(run.clock) if opts.resume else None
-                writer = stack.enter_context(MetricsWriter(  # an ended run is left as it is
-                    folder.path, resumed_at, enabled=primary and opts.metrics and kept is None))
+            run_loop = _loop(run, hooks, signals, log)
+            log(f"matrix products: {run.products} ({run.products_why})")
+            fresh = replicate(create_train_state(run.cfg, opts.precision,
+                                                 total_steps=run.clock.total_steps,
+                                                 products=run.products), run.mesh)
+            position = loop.start(run_loop, checkpoints, fresh, opts.resume, _warn)
+            kept = _summary_of_ended_run(run, position)
+            resumed_at = position.steps_taken(run.clock) if opts.resume else None
+            with MetricsWriter(folder.path, resumed_at,  # an ended run is left as it is
+                               enabled=primary and opts.metrics and kept is None) as writer:
                 run_loop = dataclasses.replace(run_loop, writer=writer)
                 if primary and kept is None:  # only now: a refused resume has changed nothing
                     _write_run_files(run, position, hooks)

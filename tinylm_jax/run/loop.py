@@ -52,6 +52,7 @@ from tinylm_jax.core.train import (
 )
 from tinylm_jax.run.checkpoint import RunCheckpoints
 from tinylm_jax.run.folder import RunFolder
+from tinylm_jax.run.metrics_writer import MetricsWriter
 from tinylm_jax.run.signals import StopSignals
 
 T = TypeVar("T")
@@ -189,7 +190,7 @@ class Loop:
     show_progress: bool = True  # bars, on a terminal only
     signals: StopSignals = dataclasses.field(default_factory=StopSignals)  # polled between chunks
     log: Callable[[str], None] = print
-    writer: Any = None  # a `run.metrics_writer.MetricsWriter`, or None: no metrics written
+    writer: MetricsWriter | None = None  # None: no metrics written
     log_every: int = 10  # steps between the training metrics the writer receives
     # The chunk executables compiled so far, by (function, seq_len, chunk shape): one loop's,
     # never shared (`_Pass`).
@@ -310,7 +311,7 @@ def run_epochs(loop: Loop, position: Position, folder: RunFolder, checkpoints: R
         save(epoch_end=True)  # 5
         if is_primary():  # with several processes, process 0 writes the files
             write_epoch_files(folder, position, loop.hooks)
-        _log_epoch(loop, position.history, val_seconds)
+        _log_epoch(loop, position.history)
     # 6: the protocol has ended; a signal that came with its last epoch still stops what follows
     # (asked of every process, which all reach this line: none goes on alone).
     if loop.signals.requested():
@@ -525,15 +526,15 @@ def write_epoch_files(folder: RunFolder, position: Position,
         folder.write_rows(hook.name, hook.fields, position.hook_rows[hook.name])
 
 
-def _log_epoch(loop: Loop, history: list[dict[str, Any]], val_seconds: float) -> None:
-    """The epoch's line (validation's time is logged too)."""
+def _log_epoch(loop: Loop, history: list[dict[str, Any]]) -> None:
+    """The epoch's line."""
     row = history[-1]
     note = "new best" if latest_is_best(history) else "no improvement"
     at = f" (step {row['step']:,})" if loop.cfg.eval_every or loop.cfg.max_steps else ""
     loop.log(f"epoch {row['epoch']}/{loop.clock.epochs}{at}: train_loss={row['train_loss']:.4f} "
              f"val_loss={row['val_loss']:.4f} val_ppl={row['val_ppl']:.2f} lr={row['lr']:.2e} "
              f"train {row['epoch_seconds']:.1f}s at {row['train_tokens_per_s']:,.0f} tok/s, "
-             f"validation {val_seconds:.1f}s ({note})")
+             f"validation {row['val_seconds']:.1f}s ({note})")
 
 
 def _stopped(loop: Loop, progress: EpochProgress, first: int, saved: int | None,

@@ -25,7 +25,6 @@ file starts with that marker, a new run's at step 0: TensorBoard's Python reader
 from __future__ import annotations
 
 import csv
-import errno
 import functools
 import io
 import os
@@ -38,7 +37,7 @@ from types import SimpleNamespace, TracebackType
 from typing import IO, Any
 
 from tinylm_jax.core.config import UserError
-from tinylm_jax.core.files import write_csv_atomic
+from tinylm_jax.core.files import disk_full, write_csv_atomic
 
 METRICS_CSV = "metrics.csv"
 TENSORBOARD = "tensorboard"
@@ -229,7 +228,7 @@ def _event_file_name() -> str:
 
 def _write_error(path: Path, err: OSError) -> str:
     """The one line a failed metrics write is reported as."""
-    if err.errno == errno.ENOSPC:
+    if disk_full(err):
         return f"{path}: the disk is full; metrics not written: free some space, then --resume"
     reason = err.strerror or str(err)
     return f"{path}: cannot be written ({reason}); metrics not written"
