@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import refused, snapshot, tiny_toml_file
 
-from tinylm_jax.api.sweep import parse_grid, settings
+from tinylm_jax.api.sweep import ablation_settings, parse_ablation, parse_grid, settings
 from tinylm_jax.cli.run_experiment import main as train_main
 from tinylm_jax.cli.sweep import main as sweep_main
 from tinylm_jax.core.config import UserError, load_config, parse_override
@@ -128,7 +128,19 @@ def test_the_grid_is_every_combination_named_as_its_overrides():
     assert [point.name for point in settings({})] == ["base"]
 
 
+def test_an_ablation_is_one_setting_per_change_named_as_its_fields():
+    points = ablation_settings(parse_ablation(["dropout=0", "schedule=plateau,warmup_steps=0"]))
+    assert [point.name for point in points] == ["dropout=0", "schedule=plateau,warmup_steps=0"]
+    assert points[1].overrides == {"schedule": "plateau", "warmup_steps": 0}
+
+
 @pytest.mark.parametrize("argv, words", [
+    (["--ablate", "dropout=0", "--ablate", "dropout=0"], "'dropout=0' is given twice"),
+    (["--ablate", "dropout=0,dropout=0.1"], "sets 'dropout' twice"),
+    (["--ablate", "dropout"], "not of the form key=value"),
+    (["--ablate", "seed=3"], "seed is set for the whole sweep"),
+    (["--ablate", "dropout=0", "--grid", "lr=1e-3,2e-3"], "two designs"),
+    (["--ablate", "mlp=oops"], "'mlp' must be one of"),
     (["--grid", "lr=1e-3,oops"], "'lr' must be a number"),  # the second setting's, found first
     (["--grid", "lr=1e-3", "--grid", "lr=2e-3"], "'lr' is given twice"),
     (["--grid", "lr=1e-3,,2e-3"], "empty value"),

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from tinylm_jax.analysis.evaluation import evaluate_run
 from tinylm_jax.analysis.spread import (
     ExperimentSpread,
     SeedRun,
@@ -120,6 +121,57 @@ def test_a_set_reads_its_finished_members_and_reports_them(two_seeds, tmp_path, 
     report = (out / "spread.md").read_text()
     assert "| tiny (bfloat16) | 2 (0, 5) |" in report
     assert "## tiny (bfloat16), epoch by epoch" in report
+
+
+def test_the_spread_in_nats_agrees_with_evaluate_run_by_run(two_seeds, tiny_run, tmp_path):
+    """--nats: each run's best nats per token is its best validation loss, and per character
+    the loss over the characters `tinylm evaluate` counts; the last epoch's beside it."""
+    _, corpus = tiny_run
+    out = tmp_path / "report"
+    assert analyze_main(["spread", str(two_seeds), "--out", str(out), "--nats", "--data",
+                         str(corpus)]) == 0
+    report = (out / "spread.md").read_text()
+    evaluation = evaluate_run(two_seeds / "seed-0", str(corpus))
+    (group,) = read_sets([two_seeds])
+    per_token, per_char, last = group.nats(evaluation.chars / evaluation.tokens)
+    assert per_token.mean == pytest.approx(evaluation.nats_per_token, rel=1e-9)
+    assert per_char.mean == pytest.approx(evaluation.nats_per_char, rel=1e-9)
+    last_loss = group.runs[0].history[-1]["val_loss"]
+    assert last.mean == pytest.approx(last_loss * evaluation.tokens / evaluation.chars)
+    assert (f"| tiny (bfloat16) | {evaluation.chars / evaluation.tokens:.4f} | "
+            f"{evaluation.nats_per_token:.4f} ± 0.0000 | {evaluation.nats_per_char:.4f} ± 0.0000 |"
+            in report)
+    assert f"| {group.last.mean_and_sd()} |" in report  # the last epoch's PPL, in the main table
+
+
+def test_an_ablation_judges_each_element_against_the_full_recipe_s_seeds(two_seeds, tmp_path,
+                                                                         capsys):
+    """The full recipe's two seeds (one copy with its best moved to 61) against two ablated
+    sets: one worse than both seeds, one inside their range. Worth and the paired difference are
+    read against the right runs."""
+    summary_file = two_seeds / "seed-5" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    low = summary["best_val_ppl"]
+    summary_file.write_text(json.dumps({**summary, "best_val_ppl": low + 2}))
+    ablation = tmp_path / "ablation"
+    for name, change, seed in (("dropout=0", 3.0, 0), ("mlp=gelu", 1.0, 5)):
+        member = ablation / name / f"seed-{seed}"
+        shutil.copytree(two_seeds / "seed-0", member)
+        config = json.loads((member / "config.json").read_text())
+        config["experiment"].update(seed=seed, name=f"tiny [{name}]")
+        (member / "config.json").write_text(json.dumps(config))
+        (member / "summary.json").write_text(json.dumps({**summary, "best_val_ppl": low + change}))
+    out = tmp_path / "report"
+    assert analyze_main(["ablation", str(two_seeds), str(ablation / "dropout=0"),
+                         str(ablation / "mlp=gelu"), "--out", str(out)]) == 0
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in
+            (out / "ablation.md").read_text().splitlines() if line.startswith("| ")}
+    assert rows["| dropout=0"][5:] == ["+2.00", f"{2 / math.sqrt(2):+.1f}", "+3.00",
+                                       "yes: worse than every seed |"]
+    assert rows["| mlp=gelu"][5:8] == ["+0.00", "+0.0", "-1.00"]  # seed 5 was at +2
+    assert rows["| mlp=gelu"][8] == "no: inside the seeds' range |"
+    assert analyze_main(["ablation", str(two_seeds), "--out", str(out)]) == 2
+    assert "then the ablated sets" in capsys.readouterr().err
 
 
 def test_a_seed_counted_twice_is_refused(two_seeds, tiny_run):

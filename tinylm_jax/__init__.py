@@ -6,8 +6,9 @@ The API, typed, and imported on first use (so `import tinylm_jax` loads no jax):
                                     baseline, medium, wider, any experiments/*.toml, or a path
     train(config_or_name, out_dir, **overrides) -> Run  the protocol, as `tinylm train` runs it
     train_seeds(config_or_name, out_dir, seeds, **overrides) -> list[Run]
-    sweep(config_or_name, out_dir, grid, seeds, **overrides) -> list[Run]
-                                    every combination of `grid` ({field: [values]}) x seeds
+    sweep(config_or_name, out_dir, grid, seeds, ablation, **overrides) -> list[Run]
+                                    every combination of `grid` ({field: [values]}) x seeds,
+                                    or each change of `ablation` ([{field: value}]) alone
     load_run(path) -> Run                               config, history, summary, params
     evaluate_run(run_dir, data, which) -> Evaluation    perplexity, nats per token and per char
     create_train_state(cfg, precision, platform, total_steps, products) -> TrainState

@@ -55,6 +55,12 @@ def target_chars(corpus: RunCorpus, starts: np.ndarray) -> int:
     return int(np.sum(ends[starts - first + corpus.config.seq_len] - ends[starts - first]))
 
 
+def validation_characters(corpus: RunCorpus) -> tuple[int, int]:
+    """(target tokens, their characters) over every validation window of the run's corpus."""
+    starts = corpus.splits.validation_starts()
+    return len(starts) * corpus.config.seq_len, target_chars(corpus, starts)
+
+
 def evaluate_run(run_dir: Path, data: str | None = None, which: str = "best",
                  precision: str | None = None) -> Evaluation:
     """Score every validation window of the run's corpus with its `which` checkpoint, in
@@ -74,9 +80,8 @@ def evaluate_run(run_dir: Path, data: str | None = None, which: str = "best",
                       corpus.tokenizer)
     every_window = Clock.of(cfg.replace(eval_windows=0), corpus.splits)  # not training's sample
     validation = Loop(cfg=cfg, data=dataset, mesh=mesh, clock=every_window, show_progress=False)
-    tokens = corpus.splits.num_val * cfg.seq_len
     mean = evaluate(validation, replicate(state, mesh))
-    chars = target_chars(corpus, corpus.splits.validation_starts())
+    tokens, chars = validation_characters(corpus)
     return Evaluation(mean * tokens, tokens, chars)
 
 

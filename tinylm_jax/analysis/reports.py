@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from tinylm_jax.analysis import plots
+from tinylm_jax.analysis.ablation import ablation_markdown
 from tinylm_jax.analysis.attention import (
     export_attention,
     head_similarity,
@@ -38,6 +39,7 @@ from tinylm_jax.analysis.attention_stats import (
 )
 from tinylm_jax.analysis.budget import budget_markdown, reference_curve, run_curve
 from tinylm_jax.analysis.corpus import RunCorpus, open_corpus
+from tinylm_jax.analysis.evaluation import validation_characters
 from tinylm_jax.analysis.inference import corpus_prompts, predicted_vs_actual, top_k_table
 from tinylm_jax.analysis.runs import (
     comparison_table,
@@ -115,14 +117,36 @@ def write_budget(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     return [table, figure]
 
 
-def write_spread(paths: list[Path], out_dir: Path, command: str) -> list[Path]:
-    """The run-to-run spread of the sets of runs (or runs) under `paths`: spread.md, spread.png."""
+def write_spread(paths: list[Path], out_dir: Path, command: str, nats: bool = False,
+                 data: str | None = None) -> list[Path]:
+    """The run-to-run spread of the sets of runs (or runs) under `paths`: spread.md, spread.png;
+    with `nats`, its figures in nats per token and per character too, the characters counted in
+    each set's corpus (`data`, else each run's own)."""
     sets = read_sets(paths)
+    chars_per_token = None
+    if nats:
+        counts = {group.label: validation_characters(open_corpus(group.runs[0].folder, data))
+                  for group in sets}
+        chars_per_token = {label: chars / tokens for label, (tokens, chars) in counts.items()}
     output_folder(out_dir).mkdir(parents=True, exist_ok=True)
     figure = plots.spread_bands(sets, out_dir / "spread.png")
     report = out_dir / "spread.md"
-    write_text_atomic(report, spread_markdown(sets, figure.name, command))
+    write_text_atomic(report, spread_markdown(sets, figure.name, command, chars_per_token))
     return [report, figure]
+
+
+def write_ablation(paths: list[Path], out_dir: Path, command: str) -> list[Path]:
+    """An ablation's table (ablation.md): the first of `paths` is the full recipe's set of
+    seeds, the others the ablated settings' sets (a sweep's `--ablate` folders) or runs."""
+    if len(paths) < 2:
+        raise UserError("ablation: give the full recipe's set of seeds, then the ablated sets")
+    full = read_sets(paths[:1])
+    if len(full) > 1:
+        raise UserError(f"ablation: {paths[0]} holds runs of more than one protocol")
+    output_folder(out_dir).mkdir(parents=True, exist_ok=True)
+    report = out_dir / "ablation.md"
+    write_text_atomic(report, ablation_markdown(full[0], read_sets(paths[1:]), command))
+    return [report]
 
 
 def write_sweep(sweep_dir: Path, command: str) -> list[Path]:

@@ -38,9 +38,10 @@ class Spread:
     ci_low: float  # 95% percentile-bootstrap interval of the mean
     ci_high: float
 
-    def mean_and_sd(self) -> str:
+    def mean_and_sd(self, digits: int = 2) -> str:
         """The mean ± sd as the report and Table 1 print it: one value has no sd to print."""
-        return f"{self.mean:.2f}" if self.n < 2 else f"{self.mean:.2f} ± {self.std:.2f}"
+        mean = f"{self.mean:.{digits}f}"
+        return mean if self.n < 2 else f"{mean} ± {self.std:.{digits}f}"
 
     def range_text(self) -> str:
         """min-max; one value has no range, and a "58.54-58.54" would read as if it had one."""
@@ -86,6 +87,18 @@ class ExperimentSpread:
     @property
     def best(self) -> Spread:
         return spread([run.summary["best_val_ppl"] for run in self.runs])
+
+    @property
+    def last(self) -> Spread:
+        """The last epoch's validation perplexity, which selects nothing."""
+        return spread([run.history[-1]["val_ppl"] for run in self.runs])
+
+    def nats(self, chars_per_token: float) -> tuple[Spread, Spread, Spread]:
+        """Best nats per token, best and last-epoch nats per character, for validation targets
+        of `chars_per_token` characters on average."""
+        best = [run.summary["best_val_loss"] for run in self.runs]
+        return (spread(best), spread([loss / chars_per_token for loss in best]),
+                spread([run.history[-1]["val_loss"] / chars_per_token for run in self.runs]))
 
     @property
     def best_epochs(self) -> list[int]:
@@ -195,17 +208,21 @@ def where_it_falls(value: float, values: Spread) -> str:
     return f"{inside} the range, {(value - values.mean) / values.std:+.1f} sd from the mean"
 
 
-def spread_markdown(sets: list[ExperimentSpread], figure_name: str, command: str) -> str:
+def spread_markdown(sets: list[ExperimentSpread], figure_name: str, command: str,
+                    chars_per_token: dict[str, float] | None = None) -> str:
+    """The spread report; with `chars_per_token` (per set's label: the validation targets' mean
+    characters), its figures in nats per token and per character too."""
     lines = ["# Run-to-run spread", "",
              f"Runs of one protocol that differ only in the random seed (initialisation and data "
              f"order). Reproduce: `{command}`. Best PPL: each run's best validation perplexity; "
              "sd with n - 1; the interval is a 95% percentile bootstrap of the mean "
              f"({BOOTSTRAP_RESAMPLES:,} resamples); with three runs or fewer it is the range "
              "itself (a resample made only of the lowest value, or only of the highest, has a "
-             "chance of at least 1/27), so there the range is the figure to read.", "",
+             "chance of at least 1/27), so there the range is the figure to read. Last PPL: "
+             "each run's last epoch's, which selects nothing.", "",
              "| Experiment | Runs (seeds) | Best PPL mean ± sd | Min-max | 95% CI of the mean | "
-             "Best epochs | Reference best (epoch) | Reference against the runs |",
-             "|---|---|---:|---:|---:|---|---:|---|"]
+             "Best epochs | Last PPL mean ± sd | Reference best (epoch) | Reference against the "
+             "runs |", "|---|---|---:|---:|---:|---|---:|---:|---|"]
     for group in sets:
         best = group.best
         seeds = ", ".join(str(run.seed) for run in group.runs)
@@ -214,8 +231,10 @@ def spread_markdown(sets: list[ExperimentSpread], figure_name: str, command: str
         falls = where_it_falls(reference[0], best) if reference else "-"
         lines.append(f"| {group.label} | {best.n} ({seeds}) | {best.mean_and_sd()} | "
                      f"{best.range_text()} | {best.interval_text()} | "
-                     f"{best_epochs_text(group.best_epochs, group.still_improving)} | {ref_text} | "
-                     f"{falls} |")
+                     f"{best_epochs_text(group.best_epochs, group.still_improving)} | "
+                     f"{group.last.mean_and_sd()} | {ref_text} | {falls} |")
+    if chars_per_token:
+        lines += nats_markdown(sets, chars_per_token)
     for group in sets:
         curve = REFERENCE_VAL_PPL.get(group.reference, ()) if group.reference else ()
         lines += ["", f"## {group.label}, epoch by epoch", "",
@@ -233,6 +252,26 @@ def spread_markdown(sets: list[ExperimentSpread], figure_name: str, command: str
     return "\n".join(lines)
 
 
+def nats_markdown(sets: list[ExperimentSpread], chars_per_token: dict[str, float]) -> list[str]:
+    """The spread in nats: per token (ln PPL), and per character of the validation targets'
+    own text, which does not depend on the tokenizer."""
+    lines = ["", "## In nats", "",
+             "Nats per character: each run's validation loss (nats per target token) over the "
+             "mean characters of a validation target, counted from the validation windows' own "
+             "text (`tinylm evaluate` counts them the same way).", "",
+             "| Experiment | Characters per target | Best nats/token mean ± sd | "
+             "Best nats/char mean ± sd | Min-max | Last-epoch nats/char mean ± sd |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for group in sets:
+        ratio = chars_per_token[group.label]
+        per_token, per_char, last = group.nats(ratio)
+        lines.append(f"| {group.label} | {ratio:.4f} | {per_token.mean_and_sd(4)} | "
+                     f"{per_char.mean_and_sd(4)} | "
+                     f"{'-' if per_char.n < 2 else f'{per_char.low:.4f}-{per_char.high:.4f}'} | "
+                     f"{last.mean_and_sd(4)} |")
+    return lines
+
+
 def sweep_markdown(sets: list[ExperimentSpread], figure_name: str, command: str) -> str:
     """A sweep's table: one row per setting (its set of seeds), with the spread's figures; the
     setting of the lowest mean best PPL is marked."""
@@ -246,7 +285,7 @@ def sweep_markdown(sets: list[ExperimentSpread], figure_name: str, command: str)
     for index, group in enumerate(sets):
         spread_ = group.best
         seeds = ", ".join(str(run.seed) for run in group.runs)
-        last = spread([run.history[-1]["val_ppl"] for run in group.runs])
+        last = group.last
         mark = "**" if index == best else ""
         lines.append(f"| {mark}{group.label}{mark} | {spread_.n} ({seeds}) | "
                      f"{mark}{spread_.mean_and_sd()}{mark} | {spread_.range_text()} | "

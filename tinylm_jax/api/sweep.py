@@ -3,6 +3,11 @@
     runs = sweep("baseline", "runs/sweep", {"lr": [1e-3, 3e-3], "dropout": [0, 0.1]}, "0-2",
                  num_epochs=3)
 
+An ablation is the other design: one setting per change, each taking one element away from the
+experiment (`--ablate dropout=0 --ablate schedule=plateau,warmup_steps=0`), rather than
+every combination; `sweep(..., ablation=[{"dropout": 0}])` trains those settings instead of a
+grid's.
+
 The members live in `out_dir/<setting>/seed-N`, a setting's folder named by its overrides as
 Hydra names a multirun's (`lr=0.001,dropout=0.1`), so that each setting is a set of seeds that
 the spread report reads as it is (`analysis.reports.write_sweep`). Every member is checked before
@@ -52,19 +57,47 @@ def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:
     return grid
 
 
+def parse_ablation(specs: Sequence[str]) -> list[dict[str, Any]]:
+    """`--ablate key=value[,key=value...]` flags as one change each: the fields one element of
+    the experiment is taken away by (a schedule, say, with its warmup)."""
+    changes = []
+    for spec in specs:
+        change: dict[str, Any] = {}
+        for part in spec.split(","):
+            key, value = parse_override(part, "--ablate")
+            if key in change:
+                raise UserError(f"--ablate: '{spec}' sets '{key}' twice")
+            change[key] = value
+        changes.append(change)
+    return changes
+
+
+def ablation_settings(changes: Sequence[dict[str, Any]]) -> list[Setting]:
+    """One setting per change, in order."""
+    if any(not change for change in changes):
+        raise UserError("--ablate: a change sets no field")
+    points = [_setting(dict(change), "--ablate") for change in changes]
+    names = [point.name for point in points]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UserError(f"--ablate: '{twice[0]}' is given twice")
+    return points
+
+
 def settings(grid: dict[str, list[Any]]) -> list[Setting]:
     """Every combination of the grid's values, the first key varying slowest."""
     keys = list(grid)
     combos = itertools.product(*(grid[key] for key in keys))
-    points = [Setting(dict(zip(keys, values, strict=True)),
-                      ",".join(f"{key}={_text(value)}" for key, value in zip(keys, values,
-                                                                           strict=True))
-                      or "base") for values in combos]
-    for point in points:
-        if not _FOLDER_SAFE.fullmatch(point.name):
-            raise UserError(f"--grid: the setting '{point.name}' cannot name a folder; use "
-                            "values of letters, digits and . + - _")
-    return points
+    return [_setting(dict(zip(keys, values, strict=True)), "--grid") for values in combos]
+
+
+def _setting(overrides: dict[str, Any], flag: str) -> Setting:
+    """The setting of `overrides`, its folder named by them ("base" for none)."""
+    name = ",".join(f"{key}={_text(value)}" for key, value in overrides.items()) or "base"
+    if not _FOLDER_SAFE.fullmatch(name):
+        raise UserError(f"{flag}: the setting '{name}' cannot name a folder; use values of "
+                        "letters, digits and . + - _")
+    return Setting(overrides, name)
 
 
 def _text(value: Any) -> str:
@@ -73,16 +106,22 @@ def _text(value: Any) -> str:
 
 def prepare_sweep(config: str | Path | ExperimentConfig, out_dir: str | Path,
                   grid: dict[str, list[Any]], seeds: str | Sequence[int], dry_run: bool = False,
-                  **overrides: Any) -> list[PreparedRun]:
-    """Every member of the sweep, checked and ready to train, settings in grid order and seeds
-    within each. `overrides` are fields or run options shared by all members; a dry run leaves
-    the members' folders unchecked, as a run's dry run does."""
+                  ablation: Sequence[dict[str, Any]] = (), **overrides: Any) -> list[PreparedRun]:
+    """Every member of the sweep, checked and ready to train, settings in grid order (or the
+    ablation's, when given instead of a grid) and seeds within each. `overrides` are fields or
+    run options shared by all members; a dry run leaves the members' folders unchecked, as a
+    run's dry run does."""
+    if grid and ablation:
+        raise UserError("--grid and --ablate are two designs: give one of them")
     spec = seeds if isinstance(seeds, str) else ",".join(str(seed) for seed in seeds)
-    clash = sorted(set(grid) & ({"seed"} | set(overrides)))
+    points = ablation_settings(ablation) if ablation else settings(grid)
+    flag = "--ablate" if ablation else "--grid"
+    clash = sorted({key for point in points for key in point.overrides}
+                   & ({"seed"} | set(overrides)))
     if clash:
-        raise UserError(f"--grid: {', '.join(clash)} is set for the whole sweep already")
+        raise UserError(f"{flag}: {', '.join(clash)} is set for the whole sweep already")
     prepared = []
-    for point in settings(grid):
+    for point in points:
         for seed in parse_seed_spec(spec):
             out = seed_member(Path(out_dir) / point.name, seed)
             cfg, opts = resolve(config, out, {**overrides, **point.overrides, "seed": seed})
@@ -93,9 +132,9 @@ def prepare_sweep(config: str | Path | ExperimentConfig, out_dir: str | Path,
 
 def sweep(config: str | Path | ExperimentConfig, out_dir: str | Path,
           grid: dict[str, list[Any]], seeds: str | Sequence[int] = "0",
-          **overrides: Any) -> list[Run]:
+          ablation: Sequence[dict[str, Any]] = (), **overrides: Any) -> list[Run]:
     """Train every member of the sweep (`prepare_sweep`) one after another; the list stops at
     the first member stopped on request (a resume continues from it)."""
-    prepared = prepare_sweep(config, out_dir, grid, seeds, **overrides)
+    prepared = prepare_sweep(config, out_dir, grid, seeds, ablation=ablation, **overrides)
     stops = train_in_order(prepared)
     return [load_run(one.opts.out_dir, stop) for one, stop in zip(prepared, stops, strict=False)]

@@ -34,7 +34,9 @@ from tinylm_jax.run.published import publish
 SEVERAL_RUNS = {
     "compare": lambda args, out: reports.write_comparison(args.run_dirs, out),
     "budget": lambda args, out: reports.write_budget(args.run_dirs, out),
-    "spread": lambda args, out: reports.write_spread(args.run_dirs, out, args.command_line),
+    "spread": lambda args, out: reports.write_spread(args.run_dirs, out, args.command_line,
+                                                     args.nats, args.data),
+    "ablation": lambda args, out: reports.write_ablation(args.run_dirs, out, args.command_line),
 }
 
 
@@ -88,9 +90,17 @@ def analyze_parser() -> argparse.ArgumentParser:
     _several_runs(sub.add_parser("budget", help="several runs: budget.md and budget.png, "
                                  "validation perplexity against training time, tokens and FLOPs "
                                  "(reference 5.2)"))
-    _several_runs(sub.add_parser("spread", help="sets of runs that differ only in the random seed "
-                                 "(--seeds folders, or run folders): spread.md and spread.png, "
-                                 "the run-to-run spread per experiment beside the reference"))
+    spread = sub.add_parser("spread", help="sets of runs that differ only in the random seed "
+                            "(--seeds folders, or run folders): spread.md and spread.png, the "
+                            "run-to-run spread per experiment beside the reference")
+    _several_runs(spread)
+    spread.add_argument("--nats", action="store_true", help="add the figures in nats per token "
+                        "and per character (reads each set's corpus)")
+    spread.add_argument("--data", help="with --nats: the sets' corpus (default: $TINYLM_DATA, "
+                        "else the verified download cache)")
+    _several_runs(sub.add_parser("ablation", help="the full recipe's set of seeds, then the "
+                                 "ablated settings' sets (sweep --ablate folders): ablation.md, "
+                                 "each element's worth against the seeds' spread"))
     attention = sub.add_parser("attention", help="attention.npz for one sequence, and its maps")
     _common(attention)
     source = attention.add_mutually_exclusive_group()

@@ -1,0 +1,75 @@
+"""An ablation's table: what each element of an experiment is worth, judged against the seed
+spread of the experiment itself.
+
+The full recipe is a set of runs that differ only in the seed; each ablated setting (a sweep's
+`--ablate` member, usually one seed) takes one element away. An element's worth is the ablated
+setting's mean best perplexity less the full recipe's mean (positive: the element helps). A
+difference "exceeds the spread" when the ablated mean falls outside the full recipe's range over
+its seeds: with three seeds or so, the range is the one honest measure of what the seed alone
+moves (`analysis.spread`'s note on the bootstrap).
+"""
+
+from __future__ import annotations
+
+from tinylm_jax.analysis.spread import ExperimentSpread, Spread, spread
+from tinylm_jax.core.config import UserError
+
+
+def _setting(group: ExperimentSpread, full: ExperimentSpread) -> str:
+    """The ablated setting's own part of its label: "beyond [dropout=0]" -> "dropout=0"."""
+    name = group.experiment
+    if name.startswith(full.experiment) and name.endswith("]") and "[" in name:
+        return name[name.index("[") + 1:-1]
+    return group.label
+
+
+def verdict(value: float, full: Spread) -> str:
+    """Whether `value` lies outside the full recipe's range over its seeds, and on which side."""
+    if full.n < 2:
+        return "- (the full recipe has one run: no spread)"
+    if value > full.high:
+        return "yes: worse than every seed"
+    if value < full.low:
+        return "yes: better than every seed"
+    return "no: inside the seeds' range"
+
+
+def ablation_markdown(full: ExperimentSpread, ablated: list[ExperimentSpread], command: str
+                      ) -> str:
+    if not ablated:
+        raise UserError("an ablation needs the full recipe's runs and at least one ablated set")
+    best = full.best
+    last = spread([run.history[-1]["val_ppl"] for run in full.runs])
+    by_seed = {run.seed: run.summary["best_val_ppl"] for run in full.runs}
+    seeds = ", ".join(str(run.seed) for run in full.runs)
+    params = full.runs[0].summary.get("param_count")
+    lines = [
+        "# Ablation", "",
+        f"Each row takes one element away from **{full.experiment}** and trains it again. "
+        f"Reproduce: `{command}`. Worth: the row's mean best validation perplexity less the full "
+        "recipe's mean (positive: the element helps). Same seed: less the full recipe's run of "
+        "the row's seed, where it has one (a paired difference: the same initialisation and data "
+        "order but for the change). A difference exceeds the spread when the row lies outside "
+        "the full recipe's range over its seeds.", "",
+        f"The full recipe: {best.n} runs (seeds {seeds}), best PPL {best.mean_and_sd()}, "
+        f"range {best.range_text()}; last epoch {last.mean_and_sd()}"
+        + (f"; {params:,} parameters." if params else "."), "",
+        "| Taken away (setting) | Runs (seeds) | Parameters | Best PPL | Last PPL | Worth | "
+        "Worth in sd | Same seed | Exceeds the spread |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for group in ablated:
+        value = group.best.mean
+        worth = value - best.mean
+        in_sd = f"{worth / best.std:+.1f}" if best.n > 1 and best.std else "-"
+        paired = [run.summary["best_val_ppl"] - by_seed[run.seed] for run in group.runs
+                  if run.seed in by_seed]
+        same = f"{sum(paired) / len(paired):+.2f}" if paired else "-"
+        group_params = group.runs[0].summary.get("param_count")
+        last_value = spread([run.history[-1]["val_ppl"] for run in group.runs]).mean
+        lines.append(
+            f"| {_setting(group, full)} | {group.best.n} "
+            f"({', '.join(str(run.seed) for run in group.runs)}) | "
+            f"{f'{group_params:,}' if group_params else '-'} | {group.best.mean_and_sd()} | "
+            f"{last_value:.2f} | {worth:+.2f} | {in_sd} | {same} | {verdict(value, best)} |")
+    lines.append("")
+    return "\n".join(lines)
