@@ -141,6 +141,7 @@ def test_an_ablation_is_one_setting_per_change_named_as_its_fields():
     (["--ablate", "seed=3"], "seed is set for the whole sweep"),
     (["--ablate", "dropout=0", "--grid", "lr=1e-3,2e-3"], "two designs"),
     (["--ablate", "mlp=oops"], "'mlp' must be one of"),
+    (["--ablate", "dropout=0.1", "--ablate", "lr=0.03"], "'lr=0.03' changes nothing"),
     (["--grid", "lr=1e-3,oops"], "'lr' must be a number"),  # the second setting's, found first
     (["--grid", "lr=1e-3", "--grid", "lr=2e-3"], "'lr' is given twice"),
     (["--grid", "lr=1e-3,,2e-3"], "empty value"),

@@ -120,6 +120,12 @@ def prepare_sweep(config: str | Path | ExperimentConfig, out_dir: str | Path,
                    & ({"seed"} | set(overrides)))
     if clash:
         raise UserError(f"{flag}: {', '.join(clash)} is set for the whole sweep already")
+    if ablation:
+        base, _ = resolve(config, Path(out_dir), overrides)
+        for point in points:
+            if all(getattr(base, key) == value for key, value in point.overrides.items()):
+                raise UserError(f"--ablate: '{point.name}' changes nothing: the experiment has "
+                                "it already")
     prepared = []
     for point in points:
         for seed in parse_seed_spec(spec):
