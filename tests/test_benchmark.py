@@ -39,7 +39,9 @@ def test_the_benchmark_measures_ours_beside_the_reference_loop(tiny_toml, tmp_pa
 
 def test_bad_flags_are_one_line(capsys):
     assert main(["baseline", "--steps", "0"]) == 2
-    assert capsys.readouterr().err == "error: --steps and --repeats must be positive\n"
+    assert capsys.readouterr().err == "error: --steps must be positive, got 0\n"
+    assert main(["baseline", "--repeats", "0"]) == 2
+    assert capsys.readouterr().err == "error: --repeats must be positive, got 0\n"
     assert main(["nosuch"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown experiment 'nosuch'")
 

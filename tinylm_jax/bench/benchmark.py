@@ -73,7 +73,7 @@ class PathResult:
                                                                      cfg.batch_size))
 
 
-def _timed(run: Callable[[], object], steps: int, repeats: int) -> list[float]:
+def timed(run: Callable[[], object], steps: int, repeats: int) -> list[float]:
     """Seconds per step of `run()` (which does `steps` steps and waits), after one warm-up."""
     run()
     times = []
@@ -110,8 +110,8 @@ def measure_ours(cfg: ExperimentConfig, data: Dataset, steps: int, repeats: int,
         state, metrics = train(state, tokens, train_in["starts"], train_in["weights"])
         jax.block_until_ready(metrics)
 
-    step_s = _timed(train_steps, steps, repeats)
-    eval_s = _timed(lambda: jax.block_until_ready(evaluate(state, tokens, val_in["starts"],
+    step_s = timed(train_steps, steps, repeats)
+    eval_s = timed(lambda: jax.block_until_ready(evaluate(state, tokens, val_in["starts"],
                                                            val_in["weights"])), steps, repeats)
     stats = jax.devices()[0].memory_stats() or {}
     path = OURS if products == "xla" else f"{OURS} ({products})"
@@ -177,8 +177,8 @@ def measure_reference_torch(cfg: ExperimentConfig, data: Dataset, steps: int, re
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    step_s = _timed(train_steps, steps, repeats)
-    eval_s = _timed(eval_steps, steps, repeats)
+    step_s = timed(train_steps, steps, repeats)
+    eval_s = timed(eval_steps, steps, repeats)
     peak = torch.cuda.max_memory_allocated() if cuda else None
     path = "PyTorch, reference's loop" + (", CPU bf16 autocast" if cpu_bf16 else "")
     return PathResult(path, step_s, eval_s, None, peak)

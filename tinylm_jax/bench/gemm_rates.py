@@ -4,12 +4,11 @@ the weight's (x^T @ g), as `bf16.product` runs them in a training step."""
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tinylm_jax.bench.benchmark import timed
 from tinylm_jax.core import cpu_gemm
 from tinylm_jax.core.bf16 import product
 from tinylm_jax.core.config import ExperimentConfig
@@ -33,12 +32,7 @@ def _rate(lhs: jax.Array, rhs: jax.Array, kernels: str, trans: tuple[bool, bool]
           repeats: int) -> float:
     """Median GFLOP/s of the product over `repeats` calls, after one."""
     call = jax.jit(lambda a, b: product(a, b, kernels, *trans))
-    jax.block_until_ready(call(lhs, rhs))
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        jax.block_until_ready(call(lhs, rhs))
-        times.append(time.perf_counter() - began)
+    times = timed(lambda: jax.block_until_ready(call(lhs, rhs)), 1, repeats)
     rows, inner = (lhs.shape[1], lhs.shape[0]) if trans[0] else lhs.shape
     cols = rhs.shape[0] if trans[1] else rhs.shape[1]
     return 2 * rows * inner * cols / float(np.median(times)) / 1e9

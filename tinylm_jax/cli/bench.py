@@ -69,8 +69,8 @@ def benchmark_parser() -> argparse.ArgumentParser:
 def benchmark(args: argparse.Namespace) -> int:
     keep_host_buffers()  # as training does
     steps = args.steps if args.steps is not None else default_steps_per_chunk()
-    if steps < 1 or args.repeats < 1:
-        raise UserError("--steps and --repeats must be positive")
+    require_positive("--steps", steps)
+    require_positive("--repeats", args.repeats)
     for name in args.experiments:
         load_config(name)
     if not args.no_torch and importlib.util.find_spec("torch") is None:
@@ -103,8 +103,7 @@ def profile_parser() -> argparse.ArgumentParser:
 
 def profile(args: argparse.Namespace) -> int:
     keep_host_buffers()  # as training does
-    if args.steps < 1:
-        raise UserError("--steps must be positive")
+    require_positive("--steps", args.steps)
     configs = [load_config(name) for name in args.experiments]
     products = products_for(args.precision, args.products)[0]
     report = profile_markdown([profile_step(cfg, args.precision, args.steps, products)
@@ -139,8 +138,10 @@ def scaling_parser() -> argparse.ArgumentParser:
 
 def _check(args: argparse.Namespace) -> tuple[ExperimentConfig, Plan]:
     """The experiment and every config to measure; bad input refused before anything runs."""
-    if min(args.lengths) < 1 or args.tokens < 1 or args.windows < 1 or args.repeats < 1:
-        raise UserError("--lengths, --tokens, --windows and --repeats must be positive")
+    require_positive("--lengths", min(args.lengths))
+    for flag, value in (("--tokens", args.tokens), ("--windows", args.windows),
+                        ("--repeats", args.repeats)):
+        require_positive(flag, value)
     if len(set(args.lengths)) != len(args.lengths) or len(args.lengths) < 2:
         raise UserError("--lengths needs two or more distinct lengths to fit an exponent")
     base = load_config(args.experiment)
