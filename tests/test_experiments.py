@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 from conftest import refused, snapshot, tiny_toml_file
 
-from tinylm_jax.api.sweep import ablation_settings, parse_ablation, parse_grid, settings
+from tinylm_jax.api.sweep import (
+    ablation_settings,
+    parse_ablation,
+    parse_grid,
+    prepare_sweep,
+    settings,
+)
 from tinylm_jax.cli.run_experiment import main as train_main
 from tinylm_jax.cli.sweep import main as sweep_main
 from tinylm_jax.core.config import UserError, load_config, parse_override
@@ -134,8 +140,26 @@ def test_an_ablation_is_one_setting_per_change_named_as_its_fields():
     assert points[1].overrides == {"schedule": "plateau", "warmup_steps": 0}
 
 
+def test_an_ablation_s_members_are_the_experiment_with_one_change_each(tmp_path, tiny_toml,
+                                                                       tiny_corpus, capsys):
+    out = tmp_path / "ablation"
+    assert sweep_main([str(tiny_toml), "--data", str(tiny_corpus), "--out", str(out), "--seeds",
+                       "0-1", "--ablate", "dropout=0.1", "--ablate",
+                       "schedule=cosine,warmup_steps=2", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("experiment: tiny [dropout=0.1]") == 2
+    assert printed.count("experiment: tiny [schedule=cosine,warmup_steps=2]") == 2
+    assert f"run folder: {out / 'schedule=cosine,warmup_steps=2' / 'seed-1'}" in printed
+    assert "  dropout = 0.1\n" in printed and "  schedule = 'cosine'\n" in printed
+    assert not out.exists()
+    with pytest.raises(UserError, match="nosuch is not a field"):  # the API's keys, checked
+        prepare_sweep(str(tiny_toml), out, seeds="0", ablation=[{"nosuch": 1}], dry_run=True,
+                      data=str(tiny_corpus))
+
+
 @pytest.mark.parametrize("argv, words", [
-    (["--ablate", "dropout=0", "--ablate", "dropout=0"], "'dropout=0' is given twice"),
+    (["--ablate", "dropout=0.1", "--ablate", "dropout=0.10"], "the same change as 'dropout=0.1'"),
+    (["--ablate", "dropout=0,"], "'dropout=0,' has an empty part"),
     (["--ablate", "dropout=0,dropout=0.1"], "sets 'dropout' twice"),
     (["--ablate", "dropout"], "not of the form key=value"),
     (["--ablate", "seed=3"], "seed is set for the whole sweep"),

@@ -9,6 +9,7 @@ from conftest import REPO
 
 from tinylm_jax.analysis import reports
 from tinylm_jax.analysis.attention_stats import AttentionRecord, read_attention_record
+from tinylm_jax.analysis.evaluation import evaluate_run
 from tinylm_jax.analysis.spread import read_sets
 from tinylm_jax.run.folder import RunFolder
 
@@ -60,3 +61,28 @@ def test_the_published_spread_is_what_the_committed_sets_of_seeds_give(tmp_path)
     for group in read_sets(sets):
         best = group.best
         assert f"| {best.mean_and_sd()} ({best.n}, " in table_1[group.reference]
+
+
+# --- beyond the reference (experiments/beyond.toml) -----------------------------------------
+
+BEYOND = RESULTS / "beyond"
+
+
+def test_the_beyond_spread_is_what_its_seeds_give_in_ppl_and_nats(corpus_path, tmp_path):
+    """results/beyond/spread.md follows its seed-N folders and the corpus's own characters:
+    when a member is added, regenerate it with the command it names."""
+    command = "python scripts/analyze.py spread results/beyond/spread --nats --out results/beyond"
+    paths = reports.write_spread([BEYOND / "spread"], tmp_path, command, nats=True,
+                                 data=str(corpus_path))
+    assert paths[0].read_text(encoding="utf-8") == \
+        (BEYOND / "spread.md").read_text(encoding="utf-8")
+
+
+def test_the_published_beyond_model_reproduces_its_seed_s_figure(corpus_path):
+    """`tinylm evaluate` (its API, which the command prints) on the committed weights gives the
+    validation perplexity that the spread report publishes for the seed they are, to 0.01, on
+    whichever products this machine has."""
+    model = BEYOND / "model"
+    seed = RunFolder(model).read_config().seed
+    published = RunFolder(BEYOND / "spread" / f"seed-{seed}").read_summary()["best_val_ppl"]
+    assert abs(evaluate_run(model, str(corpus_path)).perplexity - published) < 0.01

@@ -146,30 +146,43 @@ def test_the_spread_in_nats_agrees_with_evaluate_run_by_run(two_seeds, tiny_run,
 
 def test_an_ablation_judges_each_element_against_the_full_recipe_s_seeds(two_seeds, tmp_path,
                                                                          capsys):
-    """The full recipe's two seeds (one copy with its best moved to 61) against two ablated
-    sets: one worse than both seeds, one inside their range. Worth and the paired difference are
-    read against the right runs."""
+    """The full recipe's two seeds (one copy with its best moved up by 2) against two ablated
+    sets: one worse than both seeds, one inside their range, each row named by the field its
+    config changes. Worth and the paired difference are read against the right runs; a set that
+    changes nothing, or ran another precision, is refused."""
     summary_file = two_seeds / "seed-5" / "summary.json"
     summary = json.loads(summary_file.read_text())
     low = summary["best_val_ppl"]
     summary_file.write_text(json.dumps({**summary, "best_val_ppl": low + 2}))
     ablation = tmp_path / "ablation"
-    for name, change, seed in (("dropout=0", 3.0, 0), ("mlp=gelu", 1.0, 5)):
-        member = ablation / name / f"seed-{seed}"
-        shutil.copytree(two_seeds / "seed-0", member)
-        config = json.loads((member / "config.json").read_text())
-        config["experiment"].update(seed=seed, name=f"tiny [{name}]")
-        (member / "config.json").write_text(json.dumps(config))
-        (member / "summary.json").write_text(json.dumps({**summary, "best_val_ppl": low + change}))
+
+    def member(folder, seed, best, **changes):
+        path = ablation / folder / f"seed-{seed}"
+        shutil.copytree(two_seeds / "seed-0", path)
+        config = json.loads((path / "config.json").read_text())
+        config["experiment"].update(seed=seed, name=f"tiny [{folder}]", **changes.pop("cfg", {}))
+        config.update(changes)
+        (path / "config.json").write_text(json.dumps(config))
+        (path / "summary.json").write_text(json.dumps({**summary, "best_val_ppl": best}))
+        return path.parent
+
+    worse = member("a", 0, low + 3.0, cfg={"dropout": 0.25})
+    inside = member("b", 5, low + 1.0, cfg={"mlp": "swiglu", "d_ff": 48})
     out = tmp_path / "report"
-    assert analyze_main(["ablation", str(two_seeds), str(ablation / "dropout=0"),
-                         str(ablation / "mlp=gelu"), "--out", str(out)]) == 0
+    assert analyze_main(["ablation", str(two_seeds), str(worse), str(inside), "--out",
+                         str(out)]) == 0
     rows = {line.split(" | ")[0]: line.split(" | ") for line in
             (out / "ablation.md").read_text().splitlines() if line.startswith("| ")}
-    assert rows["| dropout=0"][5:] == ["+2.00", f"{2 / math.sqrt(2):+.1f}", "+3.00",
-                                       "yes: worse than every seed |"]
-    assert rows["| mlp=gelu"][5:8] == ["+0.00", "+0.0", "-1.00"]  # seed 5 was at +2
-    assert rows["| mlp=gelu"][8] == "no: inside the seeds' range |"
+    assert rows["| dropout=0.25"][5:] == ["+2.00", f"{2 / math.sqrt(2):+.1f}", "+3.00",
+                                          "yes: worse than every seed |"]
+    assert rows["| d_ff=48,mlp=swiglu"][5:8] == ["+0.00", "+0.0", "-1.00"]  # seed 5 was at +2
+    assert rows["| d_ff=48,mlp=swiglu"][8] == "no: inside the seeds' range |"
+    for refused_set, words in ((member("c", 0, low), "takes nothing away"),
+                               (member("d", 0, low, cfg={"dropout": 0.25},
+                                       compute_dtype="float32"), "another precision")):
+        assert analyze_main(["ablation", str(two_seeds), str(refused_set), "--out",
+                             str(out)]) == 2
+        assert words in capsys.readouterr().err
     assert analyze_main(["ablation", str(two_seeds), "--out", str(out)]) == 2
     assert "then the ablated sets" in capsys.readouterr().err
 

@@ -11,16 +11,24 @@ moves (`analysis.spread`'s note on the bootstrap).
 
 from __future__ import annotations
 
-from tinylm_jax.analysis.spread import ExperimentSpread, Spread, spread
+from tinylm_jax.analysis.spread import ExperimentSpread, Spread
 from tinylm_jax.core.config import UserError
 
 
-def _setting(group: ExperimentSpread, full: ExperimentSpread) -> str:
-    """The ablated setting's own part of its label: "beyond [dropout=0]" -> "dropout=0"."""
-    name = group.experiment
-    if name.startswith(full.experiment) and name.endswith("]") and "[" in name:
-        return name[name.index("[") + 1:-1]
-    return group.label
+def changes(group: ExperimentSpread, full: ExperimentSpread) -> str:
+    """The fields in which `group`'s config differs from the full recipe's, as "key=value"
+    (its name and seed aside); refused where anything else of the protocol differs."""
+    assert group.config is not None and full.config is not None  # read_sets sets both
+    if group.setup != full.setup:
+        raise UserError(f"ablation: {group.label} ran another precision, step limit or corpus "
+                        f"than {full.label}: only the recipe may differ")
+    ours, theirs = group.config.to_dict(), full.config.to_dict()
+    differ = [f"{key}={ours[key]}" for key in ours
+              if key not in ("name", "seed") and ours[key] != theirs[key]]
+    if not differ:
+        raise UserError(f"ablation: {group.label} has the full recipe's config: it takes "
+                        "nothing away")
+    return ",".join(differ)
 
 
 def verdict(value: float, full: Spread) -> str:
@@ -36,10 +44,8 @@ def verdict(value: float, full: Spread) -> str:
 
 def ablation_markdown(full: ExperimentSpread, ablated: list[ExperimentSpread], command: str
                       ) -> str:
-    if not ablated:
-        raise UserError("an ablation needs the full recipe's runs and at least one ablated set")
+    """The ablation's table: a row per ablated set, named by what it changed."""
     best = full.best
-    last = spread([run.history[-1]["val_ppl"] for run in full.runs])
     by_seed = {run.seed: run.summary["best_val_ppl"] for run in full.runs}
     seeds = ", ".join(str(run.seed) for run in full.runs)
     params = full.runs[0].summary.get("param_count")
@@ -52,7 +58,7 @@ def ablation_markdown(full: ExperimentSpread, ablated: list[ExperimentSpread], c
         "order but for the change). A difference exceeds the spread when the row lies outside "
         "the full recipe's range over its seeds.", "",
         f"The full recipe: {best.n} runs (seeds {seeds}), best PPL {best.mean_and_sd()}, "
-        f"range {best.range_text()}; last epoch {last.mean_and_sd()}"
+        f"range {best.range_text()}; last epoch {full.last.mean_and_sd()}"
         + (f"; {params:,} parameters." if params else "."), "",
         "| Taken away (setting) | Runs (seeds) | Parameters | Best PPL | Last PPL | Worth | "
         "Worth in sd | Same seed | Exceeds the spread |",
@@ -65,11 +71,10 @@ def ablation_markdown(full: ExperimentSpread, ablated: list[ExperimentSpread], c
                   if run.seed in by_seed]
         same = f"{sum(paired) / len(paired):+.2f}" if paired else "-"
         group_params = group.runs[0].summary.get("param_count")
-        last_value = spread([run.history[-1]["val_ppl"] for run in group.runs]).mean
         lines.append(
-            f"| {_setting(group, full)} | {group.best.n} "
+            f"| {changes(group, full)} | {group.best.n} "
             f"({', '.join(str(run.seed) for run in group.runs)}) | "
             f"{f'{group_params:,}' if group_params else '-'} | {group.best.mean_and_sd()} | "
-            f"{last_value:.2f} | {worth:+.2f} | {in_sd} | {same} | {verdict(value, best)} |")
+            f"{group.last.mean:.2f} | {worth:+.2f} | {in_sd} | {same} | {verdict(value, best)} |")
     lines.append("")
     return "\n".join(lines)

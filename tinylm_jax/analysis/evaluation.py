@@ -21,7 +21,7 @@ import numpy as np
 from tinylm_jax.analysis.corpus import RunCorpus, open_corpus
 from tinylm_jax.core.data import Dataset
 from tinylm_jax.core.parallel import check_batch_fits, data_mesh, replicate
-from tinylm_jax.core.protocol import Clock
+from tinylm_jax.core.protocol import Clock, validation_sample
 from tinylm_jax.core.train import create_train_state, products_for
 from tinylm_jax.run.checkpoint import load_run
 from tinylm_jax.run.folder import RunFolder
@@ -55,9 +55,10 @@ def target_chars(corpus: RunCorpus, starts: np.ndarray) -> int:
     return int(np.sum(ends[starts - first + corpus.config.seq_len] - ends[starts - first]))
 
 
-def validation_characters(corpus: RunCorpus) -> tuple[int, int]:
-    """(target tokens, their characters) over every validation window of the run's corpus."""
-    starts = corpus.splits.validation_starts()
+def validation_characters(corpus: RunCorpus, windows: int = 0) -> tuple[int, int]:
+    """(target tokens, their characters) over the validation windows an evaluation of
+    `windows` reads (`eval_windows`; 0: every one) of the run's corpus."""
+    starts = corpus.splits.validation_starts(validation_sample(corpus.splits.num_val, windows))
     return len(starts) * corpus.config.seq_len, target_chars(corpus, starts)
 
 

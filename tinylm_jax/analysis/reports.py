@@ -120,13 +120,17 @@ def write_budget(run_dirs: list[Path], out_dir: Path) -> list[Path]:
 def write_spread(paths: list[Path], out_dir: Path, command: str, nats: bool = False,
                  data: str | None = None) -> list[Path]:
     """The run-to-run spread of the sets of runs (or runs) under `paths`: spread.md, spread.png;
-    with `nats`, its figures in nats per token and per character too, the characters counted in
-    each set's corpus (`data`, else each run's own)."""
+    with `nats`, its figures in nats per token and per character too, the characters of the
+    windows each set's validation read, counted with its first run's tokenizer in its corpus
+    (`data`, else $TINYLM_DATA or the cache, checked against the set's sha256)."""
+    if data is not None and not nats:
+        raise UserError("spread: --data is read only with --nats")
     sets = read_sets(paths)
     chars_per_token = None
     if nats:
-        counts = {group.label: validation_characters(open_corpus(group.runs[0].folder, data))
-                  for group in sets}
+        counts = {group.label: validation_characters(open_corpus(group.runs[0].folder, data),
+                                                     group.config.eval_windows)
+                  for group in sets if group.config is not None}
         chars_per_token = {label: chars / tokens for label, (tokens, chars) in counts.items()}
     output_folder(out_dir).mkdir(parents=True, exist_ok=True)
     figure = plots.spread_bands(sets, out_dir / "spread.png")

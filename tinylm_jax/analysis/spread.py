@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tinylm_jax.core.config import UserError
+from tinylm_jax.core.config import ExperimentConfig, UserError
 from tinylm_jax.core.metrics import latest_is_best
 from tinylm_jax.reference.table1 import REFERENCE_TABLE1, REFERENCE_VAL_PPL, reference_experiment
 from tinylm_jax.run.folder import RunFolder, seed_members
@@ -83,6 +83,8 @@ class ExperimentSpread:
     label: str  # the experiment's name, with its precision and any step limit
     experiment: str  # the config's name
     runs: list[SeedRun]
+    config: ExperimentConfig | None = None  # the runs' config, seed 0
+    setup: tuple[Any, ...] = ()  # what else the protocol is: precision, step limit, corpus
 
     @property
     def best(self) -> Spread:
@@ -139,11 +141,11 @@ def read_sets(paths: list[Path]) -> list[ExperimentSpread]:
             if not folder.has_summary():
                 continue
             cfg, record = folder.read_record()
-            protocol = json.dumps([cfg.replace(seed=0).to_dict(), record.get("compute_dtype"),
-                                   record.get("max_steps_per_epoch"),
-                                   record.get("corpus_sha256")], sort_keys=True)
-            group = groups.setdefault(protocol, ExperimentSpread(_label(cfg.name, record),
-                                                                 cfg.name, []))
+            setup = (record.get("compute_dtype"), record.get("max_steps_per_epoch"),
+                     record.get("corpus_sha256"))
+            protocol = json.dumps([cfg.replace(seed=0).to_dict(), *setup], sort_keys=True)
+            group = groups.setdefault(protocol, ExperimentSpread(
+                _label(cfg.name, record), cfg.name, [], cfg.replace(seed=0), setup))
             group.runs.append(SeedRun(member, cfg.seed, folder.read_history(),
                                       folder.read_summary()))
     if not groups:

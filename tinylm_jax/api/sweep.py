@@ -35,7 +35,8 @@ _FOLDER_SAFE = re.compile(r"[\w.+=,-]+", re.ASCII)
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One point of the grid: its overrides, and the folder (and label) they name."""
+    """One point of a grid, or one change of an ablation: its overrides, and the folder (and
+    label) they name."""
 
     overrides: dict[str, Any]
     name: str  # "lr=0.001,dropout=0.1"; "base" for an empty grid
@@ -64,6 +65,8 @@ def parse_ablation(specs: Sequence[str]) -> list[dict[str, Any]]:
     for spec in specs:
         change: dict[str, Any] = {}
         for part in spec.split(","):
+            if not part.strip():
+                raise UserError(f"--ablate: '{spec}' has an empty part")
             key, value = parse_override(part, "--ablate")
             if key in change:
                 raise UserError(f"--ablate: '{spec}' sets '{key}' twice")
@@ -76,12 +79,25 @@ def ablation_settings(changes: Sequence[dict[str, Any]]) -> list[Setting]:
     """One setting per change, in order."""
     if any(not change for change in changes):
         raise UserError("--ablate: a change sets no field")
-    points = [_setting(dict(change), "--ablate") for change in changes]
-    names = [point.name for point in points]
-    twice = sorted({name for name in names if names.count(name) > 1})
-    if twice:
-        raise UserError(f"--ablate: '{twice[0]}' is given twice")
-    return points
+    return [_setting(dict(change), "--ablate") for change in changes]
+
+
+def _check_ablation(base: ExperimentConfig, points: list[Setting]) -> None:
+    """Refuse a change that is not to the experiment's fields, or that leaves its config as it
+    is, or as another change leaves it."""
+    seen: list[tuple[ExperimentConfig, str]] = []
+    for point in points:
+        unknown = sorted(set(point.overrides) - set(base.to_dict()))
+        if unknown:
+            raise UserError(f"--ablate: {', '.join(unknown)} is not a field of the experiment")
+        changed = base.replace(**point.overrides)
+        if changed == base:
+            raise UserError(f"--ablate: '{point.name}' changes nothing: the experiment has it "
+                            "already")
+        same = [name for config, name in seen if config == changed]
+        if same:
+            raise UserError(f"--ablate: '{point.name}' is the same change as '{same[0]}'")
+        seen.append((changed, point.name))
 
 
 def settings(grid: dict[str, list[Any]]) -> list[Setting]:
@@ -105,8 +121,9 @@ def _text(value: Any) -> str:
 
 
 def prepare_sweep(config: str | Path | ExperimentConfig, out_dir: str | Path,
-                  grid: dict[str, list[Any]], seeds: str | Sequence[int], dry_run: bool = False,
-                  ablation: Sequence[dict[str, Any]] = (), **overrides: Any) -> list[PreparedRun]:
+                  grid: dict[str, list[Any]] | None = None, seeds: str | Sequence[int] = "0",
+                  dry_run: bool = False, ablation: Sequence[dict[str, Any]] = (),
+                  **overrides: Any) -> list[PreparedRun]:
     """Every member of the sweep, checked and ready to train, settings in grid order (or the
     ablation's, when given instead of a grid) and seeds within each. `overrides` are fields or
     run options shared by all members; a dry run leaves the members' folders unchecked, as a
@@ -114,18 +131,14 @@ def prepare_sweep(config: str | Path | ExperimentConfig, out_dir: str | Path,
     if grid and ablation:
         raise UserError("--grid and --ablate are two designs: give one of them")
     spec = seeds if isinstance(seeds, str) else ",".join(str(seed) for seed in seeds)
-    points = ablation_settings(ablation) if ablation else settings(grid)
+    points = ablation_settings(ablation) if ablation else settings(grid or {})
     flag = "--ablate" if ablation else "--grid"
     clash = sorted({key for point in points for key in point.overrides}
                    & ({"seed"} | set(overrides)))
     if clash:
         raise UserError(f"{flag}: {', '.join(clash)} is set for the whole sweep already")
     if ablation:
-        base, _ = resolve(config, Path(out_dir), overrides)
-        for point in points:
-            if all(getattr(base, key) == value for key, value in point.overrides.items()):
-                raise UserError(f"--ablate: '{point.name}' changes nothing: the experiment has "
-                                "it already")
+        _check_ablation(resolve(config, Path(out_dir), overrides)[0], points)
     prepared = []
     for point in points:
         for seed in parse_seed_spec(spec):
@@ -137,7 +150,7 @@ def prepare_sweep(config: str | Path | ExperimentConfig, out_dir: str | Path,
 
 
 def sweep(config: str | Path | ExperimentConfig, out_dir: str | Path,
-          grid: dict[str, list[Any]], seeds: str | Sequence[int] = "0",
+          grid: dict[str, list[Any]] | None = None, seeds: str | Sequence[int] = "0",
           ablation: Sequence[dict[str, Any]] = (), **overrides: Any) -> list[Run]:
     """Train every member of the sweep (`prepare_sweep`) one after another; the list stops at
     the first member stopped on request (a resume continues from it)."""
