@@ -2,12 +2,14 @@
 beside its config, tokenizer, history and summary, read by `load_run`, `tinylm evaluate` and
 `generate` as they read the run."""
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
 
 from tinylm_jax.analysis.evaluation import evaluate_run
-from tinylm_jax.cli.analyze import generate_main, publish_main
+from tinylm_jax.cli.analyze import analyze_main, generate_main, publish_main
 from tinylm_jax.run.checkpoint import load_run
 
 
@@ -21,7 +23,8 @@ def published(tiny_run, tmp_path_factory):
 
 def test_the_published_weights_are_the_best_checkpoint_s(published):
     run, _, out = published
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "history.csv",
+    assert sorted(p.name for p in out.iterdir()) == ["attention_by_epoch.csv", "config.json",
+                                                     "history.csv", "metrics.csv",
                                                      "model.safetensors", "summary.json",
                                                      "tokenizer.json"]
     best, copy = load_run(run), load_run(out)
@@ -35,6 +38,9 @@ def test_evaluate_and_generate_read_a_published_model_as_its_run(published, caps
     assert evaluate_run(out, str(corpus)) == evaluate_run(run, str(corpus))
     assert generate_main([str(out), "--data", str(corpus), "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip()
+    copy = shutil.copytree(out, out.parent / "analysed")  # `all` writes beside the weights
+    assert analyze_main(["all", str(copy), "--data", str(corpus)]) == 0
+    assert (copy / "samples.md").is_file() and (copy / "attention_by_epoch.png").is_file()
 
 
 def test_publishing_over_a_folder_that_is_not_a_publication_is_refused(published, tmp_path,

@@ -1,8 +1,9 @@
 """Publishing a run: its evaluation weights (the average where the run keeps one) from its best or
 latest checkpoint as one safetensors file (`core.weights`), beside copies of its config.json,
-tokenizer.json, history.csv and summary.json. The folder reads like a run folder: `tinylm
-evaluate`, `generate`, `analyze` and `load_run` take it as they take the run (`checkpoint.
-load_run`), and it is small enough to commit (4 bytes a parameter)."""
+tokenizer.json and summary.json and of every table it wrote (history.csv, metrics.csv, the
+epoch hooks' records such as attention_by_epoch.csv). The folder reads like a run folder:
+`tinylm evaluate`, `generate`, `analyze` and `load_run` take it as they take the run
+(`checkpoint.load_run`), and it is small enough to commit (4 bytes a parameter)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def publish(run_dir: Path, out: Path, which: str = "best") -> list[Path]:
     run = load_run(run_dir, which)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in COPIED:
+    tables = sorted(path.name for path in source.path.glob("*.csv"))
+    for name in dict.fromkeys([*COPIED, *tables]):
         if source.file(name).is_file():
             write_bytes_atomic(dest.file(name), source.file(name).read_bytes())
             written.append(dest.file(name))
