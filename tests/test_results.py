@@ -76,6 +76,10 @@ def test_the_beyond_spread_is_what_its_seeds_give_in_ppl_and_nats(corpus_path, t
                                  data=str(corpus_path))
     assert paths[0].read_text(encoding="utf-8") == \
         (BEYOND / "spread.md").read_text(encoding="utf-8")
+    (group,) = read_sets([BEYOND / "spread"])
+    row = next(line for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+               if line.startswith("| *Beyond the reference:* "))
+    assert row.endswith(f"| {group.best.mean_and_sd()} ({group.best.n}, bf16) |")
 
 
 def test_the_published_beyond_model_reproduces_its_seed_s_figure(corpus_path):
