@@ -80,11 +80,7 @@ class QualitySet:
     folder: Path
     label: str  # the experiment's name and protocol, as the spread report names it
     runs: list[RunCurve]
-
-    @property
-    def name(self) -> str:
-        """Short name for the figure's legend: the set's folder."""
-        return self.folder.name or str(self.folder)
+    name: str  # the figure's legend: the reference's short name (baseline...), else the config's
 
     def aggregate(self, threshold: float) -> Aggregate:
         crossings = [c for run in self.runs if (c := run.crossing(threshold)) is not None]
@@ -148,7 +144,9 @@ def read_quality_sets(paths: list[Path]) -> list[QualitySet]:
             raise UserError(f"{path}: holds runs of {len(groups)} protocols "
                             f"({', '.join(group.label for group in groups)}); give each its "
                             "own folder")
-        sets.append(QualitySet(path, groups[0].label, [run_curve(run) for run in groups[0].runs]))
+        group = groups[0]
+        sets.append(QualitySet(path, group.label, [run_curve(run) for run in group.runs],
+                               group.reference or group.experiment))
     return sets
 
 
