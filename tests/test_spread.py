@@ -173,10 +173,10 @@ def test_an_ablation_judges_each_element_against_the_full_recipe_s_seeds(two_see
                          str(out)]) == 0
     rows = {line.split(" | ")[0]: line.split(" | ") for line in
             (out / "ablation.md").read_text().splitlines() if line.startswith("| ")}
-    assert rows["| dropout=0.25"][5:] == ["+2.00", f"{2 / math.sqrt(2):+.1f}", "+3.00",
+    assert rows["| dropout=0.25"][6:] == ["+2.00", f"{2 / math.sqrt(2):+.1f}", "+3.00",
                                           "yes: worse than every seed |"]
-    assert rows["| d_ff=48,mlp=swiglu"][5:8] == ["+0.00", "+0.0", "-1.00"]  # seed 5 was at +2
-    assert rows["| d_ff=48,mlp=swiglu"][8] == "no: inside the seeds' range |"
+    assert rows["| d_ff=48,mlp=swiglu"][6:9] == ["+0.00", "+0.0", "-1.00"]  # seed 5 was at +2
+    assert rows["| d_ff=48,mlp=swiglu"][9] == "no: inside the seeds' range |"
     for refused_set, words in ((member("c", 0, low), "takes nothing away"),
                                (member("d", 0, low, cfg={"dropout": 0.25},
                                        compute_dtype="float32"), "another precision")):

@@ -11,7 +11,7 @@ moves (`analysis.spread`'s note on the bootstrap).
 
 from __future__ import annotations
 
-from tinylm_jax.analysis.spread import ExperimentSpread, Spread
+from tinylm_jax.analysis.spread import ExperimentSpread, Spread, best_epochs_text
 from tinylm_jax.core.config import UserError
 
 
@@ -58,11 +58,13 @@ def ablation_markdown(full: ExperimentSpread, ablated: list[ExperimentSpread], c
         "order but for the change). A difference exceeds the spread when the row lies outside "
         "the full recipe's range over its seeds.", "",
         f"The full recipe: {best.n} runs (seeds {seeds}), best PPL {best.mean_and_sd()}, "
-        f"range {best.range_text()}; last epoch {full.last.mean_and_sd()}"
+        f"range {best.range_text()}, best epochs "
+        f"{best_epochs_text(full.best_epochs, full.still_improving)}; last epoch "
+        f"{full.last.mean_and_sd()}"
         + (f"; {params:,} parameters." if params else "."), "",
-        "| Taken away (setting) | Runs (seeds) | Parameters | Best PPL | Last PPL | Worth | "
-        "Worth in sd | Same seed | Exceeds the spread |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        "| Taken away (setting) | Runs (seeds) | Parameters | Best PPL | Best epochs | Last PPL | "
+        "Worth | Worth in sd | Same seed | Exceeds the spread |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
     for group in ablated:
         value = group.best.mean
         worth = value - best.mean
@@ -75,6 +77,7 @@ def ablation_markdown(full: ExperimentSpread, ablated: list[ExperimentSpread], c
             f"| {changes(group, full)} | {group.best.n} "
             f"({', '.join(str(run.seed) for run in group.runs)}) | "
             f"{f'{group_params:,}' if group_params else '-'} | {group.best.mean_and_sd()} | "
+            f"{best_epochs_text(group.best_epochs, group.still_improving)} | "
             f"{group.last.mean:.2f} | {worth:+.2f} | {in_sd} | {same} | {verdict(value, best)} |")
     lines.append("")
     return "\n".join(lines)
