@@ -208,8 +208,23 @@ def test_auto_products_fall_back_to_xla_with_the_reason(monkeypatch):
     assert cpu_gemm.resolve_products("auto", True, True) == ("xla", "MKL is not installed")
     assert cpu_gemm.resolve_products("mkl", True, True) == ("", "MKL is not installed")
     monkeypatch.setattr(cpu_gemm, "load", lambda: None)
+    monkeypatch.setattr(cpu_gemm, "has_amx_bf16", lambda: True)
     assert cpu_gemm.resolve_products("auto", True, True)[0] == "mkl"
     assert cpu_gemm.resolve_products("auto", False, True)[0] == "xla"  # fp32
     assert cpu_gemm.resolve_products("auto", True, False)[0] == "xla"  # a GPU's program
     assert cpu_gemm.resolve_products("mkl", True, False)[0] == ""
     assert cpu_gemm.resolve_products("xla", True, True) == ("xla", "as asked")
+
+
+def test_auto_products_take_the_vendor_gemm_only_where_the_cpu_has_amx(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_gemm, "load", lambda: None)
+    flags = tmp_path / "cpuinfo"
+    monkeypatch.setattr(cpu_gemm, "CPU_FLAGS", flags)
+    for line, amx in [("flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile", True),
+                      ("flags\t\t: fpu avx512f avx512_bf16", False)]:
+        flags.write_text(f"processor\t: 0\n{line}\n")
+        cpu_gemm.has_amx_bf16.cache_clear()
+        assert cpu_gemm.has_amx_bf16() is amx
+        assert cpu_gemm.resolve_products("auto", True, True)[0] == ("mkl" if amx else "xla")
+        assert cpu_gemm.resolve_products("mkl", True, True)[0] == "mkl"  # asked for: taken
+    cpu_gemm.has_amx_bf16.cache_clear()

@@ -47,7 +47,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute precision; auto = bf16 (on a CPU, the fast path)")
     parser.add_argument("--products", default="auto", choices=PRODUCTS,
                         help="where a CPU's bf16 matrix products run: mkl (Intel MKL's GEMM, "
-                        "from the cpu extra), xla, or auto (mkl where it loads, else xla)")
+                        "from the cpu extra), xla, or auto (mkl where it loads on a CPU "
+                        "with AMX, else xla)")
     parser.add_argument("--steps-per-chunk", type=int, help="training steps per compiled call "
                         "(default: 100 on GPU/TPU, 10 on CPU); results do not depend on it")
     parser.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also "

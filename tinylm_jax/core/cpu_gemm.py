@@ -81,12 +81,27 @@ def gemm(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = Fals
 
 
 PRODUCTS = ("auto", "xla", "mkl")
+CPU_FLAGS = Path("/proc/cpuinfo")
+
+
+@functools.cache
+def has_amx_bf16() -> bool:
+    """Whether this CPU has AMX's bf16 tiles (Linux's `amx_bf16` flag): where MKL's GEMM measured
+    faster than XLA's products. Without AMX (an AVX512-BF16 AMD EPYC) it measured slower."""
+    try:
+        text = CPU_FLAGS.read_text()
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "amx_bf16" in line.split()
+               for line in text.splitlines())
+
+
 
 
 def resolve_products(choice: str, precision_is_bf16: bool, on_cpu: bool) -> tuple[str, str]:
     """The products a run's bf16 matrices take, and why, for `--products` `choice`: "mkl" (the
-    vendor GEMM: a CPU's bf16 only) or "xla". `auto` is the fastest correct one found: MKL's
-    where it loads (docs/performance.md), else XLA's."""
+    vendor GEMM: a CPU's bf16 only) or "xla". `auto` is the fastest correct one measured: MKL's
+    where it loads and the CPU has AMX, else XLA's (docs/performance.md)."""
     if choice not in PRODUCTS:
         raise ValueError(f"unknown products '{choice}'; choose one of {', '.join(PRODUCTS)}")
     if choice == "xla":
@@ -96,6 +111,8 @@ def resolve_products(choice: str, precision_is_bf16: bool, on_cpu: bool) -> tupl
             return "", "the vendor GEMM serves bf16 products on a CPU only"
         return "xla", "bf16 on a CPU only" if on_cpu else "a GPU or TPU's own libraries"
     why_not = load()
-    if why_not is None:
-        return "mkl", "Intel MKL's bf16 GEMM through jax.ffi"
-    return ("", why_not) if choice == "mkl" else ("xla", why_not)
+    if why_not is not None:
+        return ("", why_not) if choice == "mkl" else ("xla", why_not)
+    if choice == "auto" and not has_amx_bf16():
+        return "xla", "this CPU has no AMX, where MKL's GEMM measured slower than XLA's products"
+    return "mkl", "Intel MKL's bf16 GEMM through jax.ffi"
