@@ -17,8 +17,10 @@ from tinylm_jax.analysis.spread import (
     where_it_falls,
 )
 from tinylm_jax.cli.analyze import analyze_main
-from tinylm_jax.core.config import UserError
+from tinylm_jax.core.config import ExperimentConfig, UserError
 from tinylm_jax.run.folder import seed_members
+
+TINY = ExperimentConfig(name="tiny")  # the config a hand-built set carries: these tests read its runs
 
 
 def test_the_spread_of_known_numbers():
@@ -62,7 +64,7 @@ def test_a_run_still_improving_at_the_epoch_cap_has_its_best_epoch_read_as_a_low
                  for epoch in range(1, epochs_run + 1)]
         return SeedRun(tmp_path, 0, [{"epoch": i + 1, "val_ppl": v} for i, v in enumerate(curve)],
                        {"best_epoch": best_epoch})
-    group = ExperimentSpread("tiny", "tiny", [run(13, 14), run(20, 20)])
+    group = ExperimentSpread("tiny", "tiny", [run(13, 14), run(20, 20)], TINY)
     assert group.still_improving == [False, True]
     assert best_epochs_text(group.best_epochs, group.still_improving) == "13-20+ (13, 20+)"
     assert best_epochs_text([20, 20], [True, True]) == "20+ (20+, 20+)"
@@ -79,11 +81,11 @@ def test_the_band_over_every_run_stops_at_the_first_early_stop(tmp_path):
         return SeedRun(tmp_path, seed, [{"epoch": i + 1, "val_ppl": v} for i, v in
                                         enumerate(curve)], {})
     group = ExperimentSpread("tiny", "tiny", [run(0, [70.0, 63.0, 63.3]),
-                                              run(1, [71.0, 65.8, 65.5, 65.9])])
+                                              run(1, [71.0, 65.8, 65.5, 65.9])], TINY)
     assert [(epoch, band.n) for epoch, band in group.band()] == [(1, 2), (2, 2), (3, 2), (4, 1)]
     assert [(epoch, band.mean) for epoch, band in group.common_band()] == [
         (1, 70.5), (2, pytest.approx(64.4)), (3, pytest.approx(64.4))]
-    alone = ExperimentSpread("tiny", "tiny", [run(1, [71.0, 65.8, 65.5, 65.9])])
+    alone = ExperimentSpread("tiny", "tiny", [run(1, [71.0, 65.8, 65.5, 65.9])], TINY)
     assert [epoch for epoch, _ in alone.common_band()] == [1, 2, 3, 4]
 
 

@@ -18,7 +18,6 @@ from tinylm_jax.core.config import UserError
 def changes(group: ExperimentSpread, full: ExperimentSpread) -> str:
     """The fields in which `group`'s config differs from the full recipe's, as "key=value"
     (its name and seed aside); refused where anything else of the protocol differs."""
-    assert group.config is not None and full.config is not None  # read_sets sets both
     if group.setup != full.setup:
         raise UserError(f"ablation: {group.label} ran another precision, step limit or corpus "
                         f"than {full.label}: only the recipe may differ")

@@ -130,7 +130,7 @@ def write_spread(paths: list[Path], out_dir: Path, command: str, nats: bool = Fa
     if nats:
         counts = {group.label: validation_characters(open_corpus(group.runs[0].folder, data),
                                                      group.config.eval_windows)
-                  for group in sets if group.config is not None}
+                  for group in sets}
         chars_per_token = {label: chars / tokens for label, (tokens, chars) in counts.items()}
     output_folder(out_dir).mkdir(parents=True, exist_ok=True)
     figure = plots.spread_bands(sets, out_dir / "spread.png")

@@ -83,7 +83,7 @@ class ExperimentSpread:
     label: str  # the experiment's name, with its precision and any step limit
     experiment: str  # the config's name
     runs: list[SeedRun]
-    config: ExperimentConfig | None = None  # the runs' config, seed 0
+    config: ExperimentConfig  # the runs' config, seed 0
     setup: tuple[Any, ...] = ()  # what else the protocol is: precision, step limit, corpus
 
     @property
