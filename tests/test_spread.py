@@ -20,7 +20,7 @@ from tinylm_jax.cli.analyze import analyze_main
 from tinylm_jax.core.config import ExperimentConfig, UserError
 from tinylm_jax.run.folder import seed_members
 
-TINY = ExperimentConfig(name="tiny")  # the config a hand-built set carries: these tests read its runs
+TINY = ExperimentConfig(name="tiny")  # a hand-built set's config: these tests read its runs
 
 
 def test_the_spread_of_known_numbers():
@@ -163,22 +163,25 @@ def test_an_ablation_judges_each_element_against_the_full_recipe_s_seeds(two_see
         shutil.copytree(two_seeds / "seed-0", path)
         config = json.loads((path / "config.json").read_text())
         config["experiment"].update(seed=seed, name=f"tiny [{folder}]", **changes.pop("cfg", {}))
+        more = changes.pop("summary", {})
         config.update(changes)
         (path / "config.json").write_text(json.dumps(config))
-        (path / "summary.json").write_text(json.dumps({**summary, "best_val_ppl": best}))
+        (path / "summary.json").write_text(json.dumps({**summary, "best_val_ppl": best, **more}))
         return path.parent
 
     worse = member("a", 0, low + 3.0, cfg={"dropout": 0.25})
-    inside = member("b", 5, low + 1.0, cfg={"mlp": "swiglu", "d_ff": 48})
+    inside = member("b", 5, low + 1.0, cfg={"mlp": "swiglu", "d_ff": 48}, products="mkl",
+                    summary={"cpu": "elsewhere"})
     out = tmp_path / "report"
     assert analyze_main(["ablation", str(two_seeds), str(worse), str(inside), "--out",
                          str(out)]) == 0
     rows = {line.split(" | ")[0]: line.split(" | ") for line in
             (out / "ablation.md").read_text().splitlines() if line.startswith("| ")}
-    assert rows["| dropout=0.25"][6:] == ["+2.00", f"{2 / math.sqrt(2):+.1f}", "+3.00",
-                                          "yes: worse than every seed |"]
+    assert rows["| dropout=0.25"][6:10] == ["+2.00", f"{2 / math.sqrt(2):+.1f}", "+3.00",
+                                            "yes: worse than every seed"]
     assert rows["| d_ff=48,mlp=swiglu"][6:9] == ["+0.00", "+0.0", "-1.00"]  # seed 5 was at +2
-    assert rows["| d_ff=48,mlp=swiglu"][9] == "no: inside the seeds' range |"
+    assert rows["| d_ff=48,mlp=swiglu"][9] == "no: inside the seeds' range"
+    assert rows["| d_ff=48,mlp=swiglu"][10] == "elsewhere, mkl products |"  # another machine's
     for refused_set, words in ((member("c", 0, low), "takes nothing away"),
                                (member("d", 0, low, cfg={"dropout": 0.25},
                                        compute_dtype="float32"), "another precision")):

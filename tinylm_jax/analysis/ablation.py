@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from tinylm_jax.analysis.spread import ExperimentSpread, Spread, best_epochs_text
 from tinylm_jax.core.config import UserError
+from tinylm_jax.run.folder import RunFolder
 
 
 def changes(group: ExperimentSpread, full: ExperimentSpread) -> str:
@@ -28,6 +29,18 @@ def changes(group: ExperimentSpread, full: ExperimentSpread) -> str:
         raise UserError(f"ablation: {group.label} has the full recipe's config: it takes "
                         "nothing away")
     return ",".join(differ)
+
+
+def ran_on(group: ExperimentSpread) -> str:
+    """Where a set's runs trained: each distinct CPU (summary.json's `cpu`, else its
+    `device_kind`) with the products its matrices took, so rows from other machines show."""
+    places: list[str] = []
+    for run in group.runs:
+        device = run.summary.get("cpu") or run.summary.get("device_kind", "unknown")
+        place = f"{device}, {RunFolder(run.folder).recorded('products')} products"
+        if place not in places:
+            places.append(place)
+    return "; ".join(places)
 
 
 def verdict(value: float, full: Spread) -> str:
@@ -60,10 +73,10 @@ def ablation_markdown(full: ExperimentSpread, ablated: list[ExperimentSpread], c
         f"range {best.range_text()}, best epochs "
         f"{best_epochs_text(full.best_epochs, full.still_improving)}; last epoch "
         f"{full.last.mean_and_sd()}"
-        + (f"; {params:,} parameters." if params else "."), "",
+        + (f"; {params:,} parameters" if params else "") + f"; ran on {ran_on(full)}.", "",
         "| Taken away (setting) | Runs (seeds) | Parameters | Best PPL | Best epochs | Last PPL | "
-        "Worth | Worth in sd | Same seed | Exceeds the spread |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---|"]
+        "Worth | Worth in sd | Same seed | Exceeds the spread | Ran on |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---|---|"]
     for group in ablated:
         value = group.best.mean
         worth = value - best.mean
@@ -77,6 +90,7 @@ def ablation_markdown(full: ExperimentSpread, ablated: list[ExperimentSpread], c
             f"({', '.join(str(run.seed) for run in group.runs)}) | "
             f"{f'{group_params:,}' if group_params else '-'} | {group.best.mean_and_sd()} | "
             f"{best_epochs_text(group.best_epochs, group.still_improving)} | "
-            f"{group.last.mean:.2f} | {worth:+.2f} | {in_sd} | {same} | {verdict(value, best)} |")
+            f"{group.last.mean:.2f} | {worth:+.2f} | {in_sd} | {same} | {verdict(value, best)} | "
+            f"{ran_on(group)} |")
     lines.append("")
     return "\n".join(lines)
