@@ -13,11 +13,11 @@ from tinylm_jax.run.folder import SUMMARY_FIELDS, RunFolder, seed_member
 
 def write_run(path: Path, seed: int, ppl: list[float], seconds: list[float],
               steps: list[int] | None = None, train_windows: int = 1000,
-              max_steps_per_epoch: int | None = None) -> Path:
+              max_steps_per_epoch: int | None = None, eval_every: int = 0) -> Path:
     """A finished run folder of the baseline's config (batch size 512) with these epochs."""
     folder = RunFolder(path)
     path.mkdir(parents=True)
-    folder.write_record(load_config("baseline", {"seed": seed}),
+    folder.write_record(load_config("baseline", {"seed": seed, "eval_every": eval_every}),
                         {"precision": "fp32", "max_steps_per_epoch": max_steps_per_epoch,
                          "corpus_sha256": "0" * 64})
     rows = [{"epoch": epoch, "train_loss": 4.0, "val_loss": 4.0, "val_ppl": value, "lr": 3e-4,
@@ -52,6 +52,9 @@ def test_a_run_reaches_a_threshold_at_its_first_crossing_not_its_best(tmp_path):
 def test_steps_come_from_the_step_column_where_the_history_has_it(tmp_path):
     run = one_run(tmp_path, ppl=[70.0, 59.0], seconds=[1.0, 1.0], steps=[300, 600])
     assert run.steps == [300, 600] and run.crossing(60.0).step == 600
+    every = one_run(tmp_path / "every", ppl=[70.0, 59.0], seconds=[1.0, 1.0], steps=[175, 350],
+                    eval_every=175, train_windows=358_122)
+    assert every.steps_per_epoch == 175  # an epoch of the protocol: between two evaluations
 
 
 def test_without_the_step_column_an_epoch_is_a_pass_of_ceil_windows_over_batch(tmp_path):

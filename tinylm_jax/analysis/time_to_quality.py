@@ -46,7 +46,7 @@ class RunCurve:
     steps: list[int]
     seconds: list[float]  # cumulative
     ppl: list[float]
-    steps_per_epoch: int  # what a row without `step` counts
+    steps_per_epoch: int  # between evaluations; what a row without `step` counts
     device: str  # summary.json's cpu, else its device_kind
 
     def crossing(self, threshold: float) -> Crossing | None:
@@ -120,8 +120,10 @@ def steps_per_epoch(train_windows: int, batch_size: int, max_steps_per_epoch: in
 def run_curve(run: SeedRun) -> RunCurve:
     """One finished run's curve, from its history.csv, summary.json and config.json."""
     cfg = RunFolder(run.folder).read_config()
-    per_epoch = steps_per_epoch(int(run.summary["train_windows"]), cfg.batch_size,
-                                run.summary.get("max_steps_per_epoch"))
+    # An epoch of the protocol is the training between two evaluations (core.protocol.Clock).
+    per_epoch = cfg.eval_every or steps_per_epoch(int(run.summary["train_windows"]),
+                                                  cfg.batch_size,
+                                                  run.summary.get("max_steps_per_epoch"))
     epochs = [int(row["epoch"]) for row in run.history]
     steps = [int(row["step"]) if "step" in row else row["epoch"] * per_epoch
              for row in run.history]
@@ -184,8 +186,10 @@ def quality_markdown(sets: list[QualitySet], thresholds: tuple[float, ...], figu
     lines = ["# Time to quality", "", f"Reproduce: `{command}`.", "",
              "Optimiser steps and training seconds until validation perplexity first is at or "
              "below each threshold: the first evaluation that gets there, not the best. Steps: "
-             "history.csv's `step` where the run recorded it, else epoch x steps per epoch "
-             "(ceil(train_windows / batch_size), capped by max_steps_per_epoch). Seconds: the "
+             "history.csv's `step` where the run recorded it, else epoch x steps per epoch. "
+             "Steps per epoch: the steps between two evaluations, the config's `eval_every` "
+             "where it sets one, else a pass (ceil(train_windows / batch_size), capped by "
+             "max_steps_per_epoch). Seconds: the "
              "sum of `epoch_seconds` up to that evaluation, so training only: validation time "
              "is excluded. Device: summary.json's `cpu` (the CPU's model, recorded by runs of "
              "this version on), else its `device_kind` (on a CPU, jax records only \"cpu\"); "
