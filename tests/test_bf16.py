@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tinylm_jax.core import bf16, cpu_gemm
+from tinylm_jax.core import bf16, cpu_gemm, versions
 from tinylm_jax.core.bf16 import bf16_dense, bf16_matmul, causal_attention, transposed
 from tinylm_jax.core.model import build_model, init_params
 from tinylm_jax.core.train import create_train_state, eval_step, train_step, weighted_loss
@@ -219,12 +219,13 @@ def test_auto_products_fall_back_to_xla_with_the_reason(monkeypatch):
 def test_auto_products_take_the_vendor_gemm_only_where_the_cpu_has_amx(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_gemm, "load", lambda: None)
     flags = tmp_path / "cpuinfo"
-    monkeypatch.setattr(cpu_gemm, "CPU_FLAGS", flags)
+    monkeypatch.setattr(versions, "CPUINFO", flags)
     for line, amx in [("flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile", True),
                       ("flags\t\t: fpu avx512f avx512_bf16", False)]:
-        flags.write_text(f"processor\t: 0\n{line}\n")
+        flags.write_text(f"processor\t: 0\nmodel name\t: A Test CPU\n{line}\n")
         cpu_gemm.has_amx_bf16.cache_clear()
         assert cpu_gemm.has_amx_bf16() is amx
         assert cpu_gemm.resolve_products("auto", True, True)[0] == ("mkl" if amx else "xla")
         assert cpu_gemm.resolve_products("mkl", True, True)[0] == "mkl"  # asked for: taken
+        assert versions.cpu_name().startswith("A Test CPU (")  # the same reader names the chip
     cpu_gemm.has_amx_bf16.cache_clear()

@@ -213,3 +213,12 @@ def test_a_member_whose_summary_lacks_a_field_is_refused_naming_it(two_seeds, ca
     assert analyze_main(["spread", str(two_seeds), "--out", str(two_seeds / "report")]) == 2
     assert capsys.readouterr().err.strip().endswith("unreadable summary (no best_val_ppl)")
     assert not (two_seeds / "report").exists()
+
+
+def test_a_run_is_labelled_by_its_chip_where_recorded_else_by_jax_device_kind(tmp_path):
+    def device(**summary) -> str:
+        return SeedRun(tmp_path, 0, [], summary).device
+
+    assert device(cpu="AMD EPYC (2 cores)", device_kind="cpu") == "AMD EPYC (2 cores)"
+    assert device(cpu=None, device_kind="cpu") == "cpu"  # runs from before the chip was recorded
+    assert device() == "unknown"

@@ -32,12 +32,11 @@ def changes(group: ExperimentSpread, full: ExperimentSpread) -> str:
 
 
 def ran_on(group: ExperimentSpread) -> str:
-    """Where a set's runs trained: each distinct CPU (summary.json's `cpu`, else its
-    `device_kind`) with the products its matrices took, so rows from other machines show."""
+    """Where a set's runs trained: each distinct device (`SeedRun.device`) with the products its
+    matrices took, so rows from other machines show."""
     places: list[str] = []
     for run in group.runs:
-        device = run.summary.get("cpu") or run.summary.get("device_kind", "unknown")
-        place = f"{device}, {RunFolder(run.folder).recorded('products')} products"
+        place = f"{run.device}, {RunFolder(run.folder).recorded('products')} products"
         if place not in places:
             places.append(place)
     return "; ".join(places)

@@ -75,6 +75,12 @@ class SeedRun:
     history: list[dict[str, float]]
     summary: dict[str, Any]
 
+    @property
+    def device(self) -> str:
+        """Where it ran: summary.json's `cpu` (the chip, where this version recorded it), else its
+        `device_kind` (on a CPU, jax says only "cpu")."""
+        return str(self.summary.get("cpu") or self.summary.get("device_kind", "unknown"))
+
 
 @dataclass(frozen=True)
 class ExperimentSpread:

@@ -47,7 +47,7 @@ class RunCurve:
     seconds: list[float]  # cumulative
     ppl: list[float]
     steps_per_epoch: int  # between evaluations; what a row without `step` counts
-    device: str  # summary.json's cpu, else its device_kind
+    device: str  # SeedRun.device: summary.json's cpu, else its device_kind
 
     def crossing(self, threshold: float) -> Crossing | None:
         """The first evaluation at or below `threshold`; None if the run never got there."""
@@ -133,7 +133,7 @@ def run_curve(run: SeedRun) -> RunCurve:
         seconds.append(total)
     return RunCurve(run.folder, run.seed, epochs, steps, seconds,
                     [row["val_ppl"] for row in run.history], per_epoch,
-                    str(run.summary.get("cpu") or run.summary.get("device_kind", "unknown")))
+                    run.device)
 
 
 def read_quality_sets(paths: list[Path]) -> list[QualitySet]:

@@ -24,6 +24,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from tinylm_jax.core.versions import cpuinfo_field
+
 TARGET = "tinylm_bf16_gemm"
 EXTENSION = "tinylm_jax._cpu_gemm"
 LIBRARY_NAMES = ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so")
@@ -81,21 +83,13 @@ def gemm(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = Fals
 
 
 PRODUCTS = ("auto", "xla", "mkl")
-CPU_FLAGS = Path("/proc/cpuinfo")
 
 
 @functools.cache
 def has_amx_bf16() -> bool:
     """Whether this CPU has AMX's bf16 tiles (Linux's `amx_bf16` flag): where MKL's GEMM measured
     faster than XLA's products. Without AMX (an AVX512-BF16 AMD EPYC) it measured slower."""
-    try:
-        text = CPU_FLAGS.read_text()
-    except OSError:
-        return False
-    return any(line.startswith("flags") and "amx_bf16" in line.split()
-               for line in text.splitlines())
-
-
+    return "amx_bf16" in (cpuinfo_field("flags") or "").split()
 
 
 def resolve_products(choice: str, precision_is_bf16: bool, on_cpu: bool) -> tuple[str, str]:
