@@ -5,10 +5,12 @@ import re
 import pytest
 
 from tinylm_jax.bench.benchmark import model_flops_per_step, run_benchmark
-from tinylm_jax.bench.gemm_rates import dense_shapes, gemm_rates_markdown
+from tinylm_jax.bench.gemm_rates import gemm_rates_markdown
 from tinylm_jax.cli.bench import benchmark_main as main
+from tinylm_jax.core import versions
 from tinylm_jax.core.config import load_config
 from tinylm_jax.core.data import build_dataset, num_batches
+from tinylm_jax.core.products import dense_shapes
 
 
 def test_model_flops_follow_the_palm_accounting():
@@ -57,3 +59,14 @@ def test_the_gemm_rates_table_has_every_shape_in_every_form(tiny_cfg):
     for row in rows:
         rates = [cell.strip() for cell in row.split("|")[4:-1]]
         assert all(float(rate.rstrip("x").replace(",", "")) > 0 for rate in rates), row
+
+
+def test_figures_name_the_chip_from_cpuinfo_else_the_platform(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: A Test CPU\nflags\t\t: fpu avx2\n")
+    monkeypatch.setattr(versions, "CPUINFO", cpuinfo)
+    assert versions.cpu_name().startswith("A Test CPU (") and versions.cpu_name().endswith(
+        " cores)")
+    assert versions.cpuinfo_field("flags") == "fpu avx2"
+    monkeypatch.setattr(versions, "CPUINFO", tmp_path / "absent")
+    assert versions.cpuinfo_field("model name") is None and versions.cpu_name()

@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tinylm_jax.core import bf16, cpu_gemm, versions
+from tinylm_jax.core import bf16, cpu_gemm, products
 from tinylm_jax.core.bf16 import bf16_dense, bf16_matmul, causal_attention, transposed
+from tinylm_jax.core.config import load_config
 from tinylm_jax.core.model import build_model, init_params
+from tinylm_jax.core.products import resolve_products
 from tinylm_jax.core.train import create_train_state, eval_step, train_step, weighted_loss
 
 # Where the products run: XLA:CPU's canonical kernels, a GPU's plain layouts (run here on the
@@ -203,29 +205,41 @@ def test_the_vendor_gemm_equals_xlas_product_on_the_models_shapes(shape):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
+BIG = load_config("baseline")  # 64 GFLOP of dense products a step: enough to time
+
+
 def test_auto_products_fall_back_to_xla_with_the_reason(monkeypatch):
     monkeypatch.setattr(cpu_gemm, "load", lambda: "MKL is not installed")
-    assert cpu_gemm.resolve_products("auto", True, True) == ("xla", "MKL is not installed")
-    assert cpu_gemm.resolve_products("mkl", True, True) == ("", "MKL is not installed")
+    assert resolve_products("auto", True, True, BIG) == ("xla", "MKL is not installed")
+    assert resolve_products("mkl", True, True, BIG) == ("", "MKL is not installed")
     monkeypatch.setattr(cpu_gemm, "load", lambda: None)
-    monkeypatch.setattr(cpu_gemm, "has_amx_bf16", lambda: True)
-    assert cpu_gemm.resolve_products("auto", True, True)[0] == "mkl"
-    assert cpu_gemm.resolve_products("auto", False, True)[0] == "xla"  # fp32
-    assert cpu_gemm.resolve_products("auto", True, False)[0] == "xla"  # a GPU's program
-    assert cpu_gemm.resolve_products("mkl", True, False)[0] == ""
-    assert cpu_gemm.resolve_products("xla", True, True) == ("xla", "as asked")
+    monkeypatch.setattr(products, "products_seconds", lambda cfg, kernels: 1 / 0)  # not timed
+    assert resolve_products("auto", False, True, BIG)[0] == "xla"  # fp32
+    assert resolve_products("auto", True, False, BIG)[0] == "xla"  # a GPU's program
+    assert resolve_products("mkl", True, False, BIG)[0] == ""
+    assert resolve_products("xla", True, True, BIG) == ("xla", "as asked")
+    assert resolve_products("mkl", True, True, BIG)[0] == "mkl"  # asked for: taken
 
 
-def test_auto_products_take_the_vendor_gemm_only_where_the_cpu_has_amx(monkeypatch, tmp_path):
+def test_auto_products_take_the_vendor_gemm_only_where_it_times_clearly_faster(monkeypatch,
+                                                                                tiny_cfg):
     monkeypatch.setattr(cpu_gemm, "load", lambda: None)
-    flags = tmp_path / "cpuinfo"
-    monkeypatch.setattr(versions, "CPUINFO", flags)
-    for line, amx in [("flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile", True),
-                      ("flags\t\t: fpu avx512f avx512_bf16", False)]:
-        flags.write_text(f"processor\t: 0\nmodel name\t: A Test CPU\n{line}\n")
-        cpu_gemm.has_amx_bf16.cache_clear()
-        assert cpu_gemm.has_amx_bf16() is amx
-        assert cpu_gemm.resolve_products("auto", True, True)[0] == ("mkl" if amx else "xla")
-        assert cpu_gemm.resolve_products("mkl", True, True)[0] == "mkl"  # asked for: taken
-        assert versions.cpu_name().startswith("A Test CPU (")  # the same reader names the chip
-    cpu_gemm.has_amx_bf16.cache_clear()
+    for mkl_seconds, taken in [(0.5, "mkl"), (0.95, "xla"), (2.0, "xla")]:  # XLA's: 1.0
+        seconds = {"canonical": 1.0, "mkl": mkl_seconds}
+        monkeypatch.setattr(products, "products_seconds",
+                            lambda cfg, kernels, s=seconds: s[kernels])
+        monkeypatch.setattr(products, "_choices", {})
+        choice, why = resolve_products("auto", True, True, BIG)
+        assert choice == taken and f"MKL's {mkl_seconds * 1e3:.0f} ms" in why
+    monkeypatch.setattr(products, "products_seconds", lambda cfg, kernels: 1 / 0)
+    assert resolve_products("auto", True, True, BIG)[0] == "xla"  # timed once per shapes
+    choice, why = resolve_products("auto", True, True, tiny_cfg)  # too little work to time
+    assert choice == "xla" and why.startswith("too few dense products")
+
+
+def test_the_timing_runs_every_distinct_dense_product_of_the_model_on_the_kernels_asked(
+        monkeypatch):
+    calls = []
+    monkeypatch.setattr(products, "product", lambda a, b, k, *t: calls.append(k) or a[:1, :1])
+    assert products.products_seconds(BIG, "mkl", repeats=1) > 0
+    assert calls == ["mkl"] * 3 * len(products.dense_shapes(BIG))  # traced once

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from tinylm_jax.analysis.corpus import RunCorpus, open_corpus
+from tinylm_jax.core.config import UserError
 from tinylm_jax.core.data import Dataset
 from tinylm_jax.core.parallel import check_batch_fits, data_mesh, replicate
 from tinylm_jax.core.protocol import Clock, validation_sample
@@ -69,11 +70,13 @@ def evaluate_run(run_dir: Path, data: str | None = None, which: str = "best",
     had (else XLA's), through training's own validation pass."""
     folder = RunFolder(run_dir)
     precision = precision or folder.recorded("precision")
-    products = products_for(precision, "auto" if folder.recorded("products") == "mkl"
-                            else "xla")[0]
     corpus = open_corpus(run_dir, data)
     run = load_run(run_dir, which, precision)
     cfg = run.config
+    try:
+        products = products_for(precision, folder.recorded("products"), cfg)[0]
+    except UserError:  # the vendor GEMM is not here
+        products = "xla"
     mesh = data_mesh()
     check_batch_fits(cfg.batch_size, mesh)
     state = create_train_state(cfg, precision, products=products).with_eval_params(run.params)

@@ -298,11 +298,11 @@ def results_table(rows: list[tuple[ExperimentConfig, Dataset, PathResult]], prec
     return lines
 
 
-def _vendor_gemm_loads(precision: str) -> bool:
+def _vendor_gemm_loads(precision: str, cfg: ExperimentConfig) -> bool:
     """Whether the vendor GEMM can serve this precision here: measured even where `auto` would
     not take it, so that the table shows both paths."""
     try:
-        return products_for(precision, "mkl")[0] == "mkl"
+        return products_for(precision, "mkl", cfg)[0] == "mkl"
     except UserError:
         return False
 
@@ -312,7 +312,6 @@ def run_benchmark(names: list[str], corpus: Path, steps: int, repeats: int, prec
                   ) -> str:
     """Measure every experiment both ways (ours on XLA's products, and on the vendor GEMM where
     it loads); the whole Markdown report."""
-    our_products = ["xla"] + (["mkl"] if _vendor_gemm_loads(precision) else [])
     text = read_corpus(corpus)
     mesh = data_mesh(devices)
     tokenizers: dict[int, Tokenizer] = {}  # trained once per vocabulary size
@@ -322,7 +321,7 @@ def run_benchmark(names: list[str], corpus: Path, steps: int, repeats: int, prec
         data = build_dataset(text, cfg, tokenizers.get(cfg.vocab_size))
         tokenizers[cfg.vocab_size] = data.tokenizer
         check_batch_fits(cfg.batch_size, mesh)
-        for products in our_products:
+        for products in ["xla"] + (["mkl"] if _vendor_gemm_loads(precision, cfg) else []):
             log(f"{cfg.name}: tinylm-jax ({products} products), {steps} steps x {repeats}")
             rows.append((cfg, data, measure_ours(cfg, data, steps, repeats, precision, mesh,
                                                  products)))

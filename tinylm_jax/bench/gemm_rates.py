@@ -12,20 +12,7 @@ from tinylm_jax.bench.benchmark import timed
 from tinylm_jax.core import cpu_gemm
 from tinylm_jax.core.bf16 import product
 from tinylm_jax.core.config import ExperimentConfig
-
-# (form, lhs shape, rhs shape, transposes) for N rows, a (D, F) weight.
-FORMS = {
-    "forward x @ W": lambda n, d, f: ((n, d), (d, f), False, False),
-    "input grad g @ W^T": lambda n, d, f: ((n, f), (d, f), False, True),
-    "weight grad x^T @ g": lambda n, d, f: ((n, d), (n, f), True, False),
-}
-
-
-def dense_shapes(cfg: ExperimentConfig) -> list[tuple[str, int, int]]:
-    """(layer, D in, F out) of every dense product of the model's fast path."""
-    d, f = cfg.d_model, cfg.d_ff * (2 if cfg.mlp == "swiglu" else 1)
-    return [("q, k, v, out_proj", d, d), ("ff_in", d, f), ("ff_out", cfg.d_ff, d),
-            ("head", d, cfg.vocab_size)]
+from tinylm_jax.core.products import FORMS, dense_shapes
 
 
 def _rate(lhs: jax.Array, rhs: jax.Array, kernels: str, trans: tuple[bool, bool],

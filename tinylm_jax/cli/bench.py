@@ -33,9 +33,9 @@ from tinylm_jax.core.config import (
     load_config,
     require_positive,
 )
-from tinylm_jax.core.cpu_gemm import PRODUCTS
 from tinylm_jax.core.data import resolve_corpus
 from tinylm_jax.core.files import write_text_atomic
+from tinylm_jax.core.products import PRODUCTS
 from tinylm_jax.core.train import PRECISIONS, default_steps_per_chunk, products_for
 from tinylm_jax.core.versions import package_versions
 
@@ -105,9 +105,10 @@ def profile(args: argparse.Namespace) -> int:
     keep_host_buffers()  # as training does
     require_positive("--steps", args.steps)
     configs = [load_config(name) for name in args.experiments]
-    products = products_for(args.precision, args.products)[0]
-    report = profile_markdown([profile_step(cfg, args.precision, args.steps, products)
-                               for cfg in configs])
+    report = profile_markdown([
+        profile_step(cfg, args.precision, args.steps,
+                     products_for(args.precision, args.products, cfg)[0])
+        for cfg in configs])
     return _print_report(report, args.out)
 
 

@@ -21,8 +21,8 @@ from tinylm_jax.core.config import (
     parse_seeds,
     require_positive,
 )
-from tinylm_jax.core.cpu_gemm import PRODUCTS
 from tinylm_jax.core.parallel import initialize_distributed, is_primary
+from tinylm_jax.core.products import PRODUCTS
 from tinylm_jax.core.train import PRECISIONS
 from tinylm_jax.run.experiment import RunOptions, describe, prepare, set_member
 from tinylm_jax.run.folder import seed_member
@@ -47,8 +47,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute precision; auto = bf16 (on a CPU, the fast path)")
     parser.add_argument("--products", default="auto", choices=PRODUCTS,
                         help="where a CPU's bf16 matrix products run: mkl (Intel MKL's GEMM, "
-                        "from the cpu extra), xla, or auto (mkl where it loads on a CPU "
-                        "with AMX, else xla)")
+                        "from the cpu extra), xla, or auto (mkl where it loads and measures "
+                        "clearly faster on the model's products, else xla)")
     parser.add_argument("--steps-per-chunk", type=int, help="training steps per compiled call "
                         "(default: 100 on GPU/TPU, 10 on CPU); results do not depend on it")
     parser.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also "

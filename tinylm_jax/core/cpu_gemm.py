@@ -24,8 +24,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from tinylm_jax.core.versions import cpuinfo_field
-
 TARGET = "tinylm_bf16_gemm"
 EXTENSION = "tinylm_jax._cpu_gemm"
 LIBRARY_NAMES = ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so")
@@ -80,33 +78,3 @@ def gemm(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = Fals
     cols = b.shape[-2] if trans_b else b.shape[-1]
     out = jax.ShapeDtypeStruct((*a.shape[:-2], rows, cols), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out)(a, b, trans_a=trans_a, trans_b=trans_b)
-
-
-PRODUCTS = ("auto", "xla", "mkl")
-
-
-@functools.cache
-def has_amx_bf16() -> bool:
-    """Whether this CPU has AMX's bf16 tiles (Linux's `amx_bf16` flag): where MKL's GEMM measured
-    faster than XLA's products. Without AMX (an AVX512-BF16 AMD EPYC) it measured slower."""
-    return "amx_bf16" in (cpuinfo_field("flags") or "").split()
-
-
-def resolve_products(choice: str, precision_is_bf16: bool, on_cpu: bool) -> tuple[str, str]:
-    """The products a run's bf16 matrices take, and why, for `--products` `choice`: "mkl" (the
-    vendor GEMM: a CPU's bf16 only) or "xla". `auto` is the fastest correct one measured: MKL's
-    where it loads and the CPU has AMX, else XLA's (docs/performance.md)."""
-    if choice not in PRODUCTS:
-        raise ValueError(f"unknown products '{choice}'; choose one of {', '.join(PRODUCTS)}")
-    if choice == "xla":
-        return "xla", "as asked"
-    if not (precision_is_bf16 and on_cpu):
-        if choice == "mkl":
-            return "", "the vendor GEMM serves bf16 products on a CPU only"
-        return "xla", "bf16 on a CPU only" if on_cpu else "a GPU or TPU's own libraries"
-    why_not = load()
-    if why_not is not None:
-        return ("", why_not) if choice == "mkl" else ("xla", why_not)
-    if choice == "auto" and not has_amx_bf16():
-        return "xla", "this CPU has no AMX, where MKL's GEMM measured slower than XLA's products"
-    return "mkl", "Intel MKL's bf16 GEMM through jax.ffi"

@@ -22,10 +22,10 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from tinylm_jax.core import cpu_gemm
 from tinylm_jax.core.config import ExperimentConfig, UserError
 from tinylm_jax.core.data import gather_windows
 from tinylm_jax.core.model import build_model, init_params, on_cpu
+from tinylm_jax.core.products import resolve_products
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -199,12 +199,12 @@ def make_plateau(cfg: ExperimentConfig) -> optax.GradientTransformationExtraArgs
                                            rtol=cfg.plateau_threshold, atol=0.0, **per_step)
 
 
-def products_for(precision: str, choice: str = "auto", platform: str | None = None
-                 ) -> tuple[str, str]:
-    """The bf16 products a run takes (`cpu_gemm.resolve_products`) and why: one line. A choice
-    that cannot be had is refused."""
-    products, why = cpu_gemm.resolve_products(choice, compute_dtype(precision) == jnp.bfloat16,
-                                              on_cpu(platform))
+def products_for(precision: str, choice: str, cfg: ExperimentConfig,
+                 platform: str | None = None) -> tuple[str, str]:
+    """The bf16 products `cfg`'s run takes (`products.resolve_products`) and why: one line. A
+    choice that cannot be had is refused."""
+    products, why = resolve_products(choice, compute_dtype(precision) == jnp.bfloat16,
+                                     on_cpu(platform), cfg)
     if not products:
         raise UserError(f"--products {choice}: {why}")
     return products, why

@@ -94,7 +94,6 @@ def _run_settings(opts: RunOptions, corpus_sha256: str, products: str) -> dict[s
 def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> PreparedRun:
     """Validate everything and load the data; writes nothing but the token cache (`core.
     token_cache`). A dry run ignores the run folder."""
-    products, products_why = products_for(opts.precision, opts.products)
     if opts.checkpoint_minutes is not None and jax.process_count() > 1:
         # Each process would read its own clock: they must all stop at the same chunk.
         raise UserError("--checkpoint-minutes works in one process; with several, use "
@@ -115,12 +114,12 @@ def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> P
     text = read_corpus(corpus)
     corpus_sha256 = file_sha256(corpus)
     tokenizer = None
-    if opts.resume and not dry_run:
-        began_on = folder.recorded("products")
-        choice = began_on if opts.products == "auto" else products  # auto: the run's own
-        folder.check_resumable(cfg, _run_settings(opts, corpus_sha256, choice))
-        if choice != products:
-            products, products_why = _products_to_resume(opts, folder, began_on)
+    resuming = opts.resume and not dry_run
+    if resuming:  # under auto, the products the run began with: nothing is measured
+        products, products_why = (_products_to_resume(opts, folder, cfg)
+                                  if opts.products == "auto"
+                                  else products_for(opts.precision, opts.products, cfg))
+        folder.check_resumable(cfg, _run_settings(opts, corpus_sha256, products))
         tokenizer = folder.read_tokenizer()
     try:  # the ids from the token cache where it has them: a resume tokenises nothing
         data = build_dataset(text, cfg, tokenizer, corpus_sha256)
@@ -131,14 +130,18 @@ def prepare(cfg: ExperimentConfig, opts: RunOptions, dry_run: bool = False) -> P
     clock = Clock.of(cfg, data.splits, opts.max_steps_per_epoch)
     check_schedule(cfg, clock.total_steps)
     params = jax.eval_shape(lambda: init_params(build_model(cfg), cfg.seed))
+    if not resuming:  # last: `auto` times the products, once the rest is known to be sound
+        products, products_why = products_for(opts.precision, opts.products, cfg)
     return PreparedRun(cfg, opts, corpus, corpus_sha256, data, count_params(params), mesh,
                        clock, products, products_why)
 
 
-def _products_to_resume(opts: RunOptions, folder: RunFolder, began_on: str) -> tuple[str, str]:
+def _products_to_resume(opts: RunOptions, folder: RunFolder, cfg: ExperimentConfig
+                        ) -> tuple[str, str]:
     """The products a run began with, for `--resume` under `auto`, if they can be had here."""
+    began_on = folder.recorded("products")
     try:
-        return products_for(opts.precision, began_on)
+        return products_for(opts.precision, began_on, cfg)[0], "the run's own, as it began"
     except UserError as err:
         raise UserError(f"{folder}: the run trained on {began_on} products, which cannot be "
                         f"had here ({str(err).split(': ', 1)[-1]}); resume it with them, or "
