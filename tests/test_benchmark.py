@@ -10,7 +10,7 @@ from tinylm_jax.cli.bench import benchmark_main as main
 from tinylm_jax.core import versions
 from tinylm_jax.core.config import load_config
 from tinylm_jax.core.data import build_dataset, num_batches
-from tinylm_jax.core.products import dense_shapes
+from tinylm_jax.run.products import dense_shapes
 
 
 def test_model_flops_follow_the_palm_accounting():

@@ -8,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tinylm_jax.core import bf16, cpu_gemm, products
+from tinylm_jax.core import bf16, cpu_gemm
 from tinylm_jax.core.bf16 import bf16_dense, bf16_matmul, causal_attention, transposed
 from tinylm_jax.core.config import load_config
 from tinylm_jax.core.model import build_model, init_params
-from tinylm_jax.core.products import resolve_products
 from tinylm_jax.core.train import create_train_state, eval_step, train_step, weighted_loss
+from tinylm_jax.run import products
+from tinylm_jax.run.products import resolve_products
 
 # Where the products run: XLA:CPU's canonical kernels, a GPU's plain layouts (run here on the
 # CPU), and the vendor GEMM where the `cpu` extra is installed.

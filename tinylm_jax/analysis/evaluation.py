@@ -23,10 +23,11 @@ from tinylm_jax.core.config import UserError
 from tinylm_jax.core.data import Dataset
 from tinylm_jax.core.parallel import check_batch_fits, data_mesh, replicate
 from tinylm_jax.core.protocol import Clock, validation_sample
-from tinylm_jax.core.train import create_train_state, products_for
+from tinylm_jax.core.train import create_train_state
 from tinylm_jax.run.checkpoint import load_run
 from tinylm_jax.run.folder import RunFolder
 from tinylm_jax.run.loop import Loop, evaluate
+from tinylm_jax.run.products import products_for
 
 
 @dataclass(frozen=True)

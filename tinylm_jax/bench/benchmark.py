@@ -40,10 +40,10 @@ from tinylm_jax.core.train import (
     compute_dtype_name,
     create_train_state,
     eval_chunk,
-    products_for,
     train_chunk,
 )
 from tinylm_jax.core.versions import cpu_name, package_versions
+from tinylm_jax.run.products import products_for
 
 # Dense bf16 peak FLOP/s by device kind (vendor datasheets), for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -35,9 +35,9 @@ from tinylm_jax.core.config import (
 )
 from tinylm_jax.core.data import resolve_corpus
 from tinylm_jax.core.files import write_text_atomic
-from tinylm_jax.core.products import PRODUCTS
-from tinylm_jax.core.train import PRECISIONS, default_steps_per_chunk, products_for
+from tinylm_jax.core.train import PRECISIONS, default_steps_per_chunk
 from tinylm_jax.core.versions import package_versions
+from tinylm_jax.run.products import PRODUCTS, products_for
 
 
 def _print_report(report: str, out: Path | None) -> int:

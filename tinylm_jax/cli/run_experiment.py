@@ -22,11 +22,11 @@ from tinylm_jax.core.config import (
     require_positive,
 )
 from tinylm_jax.core.parallel import initialize_distributed, is_primary
-from tinylm_jax.core.products import PRODUCTS
 from tinylm_jax.core.train import PRECISIONS
 from tinylm_jax.run.experiment import RunOptions, describe, prepare, set_member
 from tinylm_jax.run.folder import seed_member
 from tinylm_jax.run.loop import Stop
+from tinylm_jax.run.products import PRODUCTS
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:

@@ -287,7 +287,7 @@ def build_model(cfg: ExperimentConfig, dtype: Any = jnp.float32,
 def model_kernels(platform: str | None = None, products: str = "xla") -> str:
     """Where a model's bf16 products run: a GPU's or TPU's libraries ("plain"), XLA:CPU's
     canonical kernels, or the vendor GEMM on a CPU (`products` "mkl", as resolved by
-    `products.resolve_products`)."""
+    `run.products.resolve_products`)."""
     if not on_cpu(platform):
         return "plain"
     return "mkl" if products == "mkl" else "canonical"

@@ -24,8 +24,7 @@ from flax.training import train_state
 
 from tinylm_jax.core.config import ExperimentConfig, UserError
 from tinylm_jax.core.data import gather_windows
-from tinylm_jax.core.model import build_model, init_params, on_cpu
-from tinylm_jax.core.products import resolve_products
+from tinylm_jax.core.model import build_model, init_params
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -197,17 +196,6 @@ def make_plateau(cfg: ExperimentConfig) -> optax.GradientTransformationExtraArgs
     return optax.contrib.reduce_on_plateau(factor=cfg.plateau_factor,
                                            patience=cfg.plateau_patience + 1,
                                            rtol=cfg.plateau_threshold, atol=0.0, **per_step)
-
-
-def products_for(precision: str, choice: str, cfg: ExperimentConfig,
-                 platform: str | None = None) -> tuple[str, str]:
-    """The bf16 products `cfg`'s run takes (`products.resolve_products`) and why: one line. A
-    choice that cannot be had is refused."""
-    products, why = resolve_products(choice, compute_dtype(precision) == jnp.bfloat16,
-                                     on_cpu(platform), cfg)
-    if not products:
-        raise UserError(f"--products {choice}: {why}")
-    return products, why
 
 
 def create_train_state(cfg: ExperimentConfig, precision: str = "auto",

@@ -32,7 +32,6 @@ from tinylm_jax.core.train import (
     check_schedule,
     compute_dtype_name,
     create_train_state,
-    products_for,
 )
 from tinylm_jax.core.versions import cpu_name, package_versions
 from tinylm_jax.run import loop
@@ -40,6 +39,7 @@ from tinylm_jax.run.checkpoint import RunCheckpoints
 from tinylm_jax.run.folder import RunFolder
 from tinylm_jax.run.loop import EpochHook, Stop
 from tinylm_jax.run.metrics_writer import MetricsWriter
+from tinylm_jax.run.products import products_for
 from tinylm_jax.run.signals import StopSignals
 
 

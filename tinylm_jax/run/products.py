@@ -18,7 +18,9 @@ import jax.numpy as jnp
 
 from tinylm_jax.core import cpu_gemm
 from tinylm_jax.core.bf16 import product
-from tinylm_jax.core.config import ExperimentConfig
+from tinylm_jax.core.config import ExperimentConfig, UserError
+from tinylm_jax.core.model import on_cpu
+from tinylm_jax.core.train import compute_dtype
 
 PRODUCTS = ("auto", "xla", "mkl")
 # The vendor GEMM is taken only when its products take at most this share of XLA's time: a
@@ -117,3 +119,14 @@ def resolve_products(choice: str, precision_is_bf16: bool, on_cpu: bool,
     if choice == "auto":
         return measured_choice(cfg)
     return "mkl", "Intel MKL's bf16 GEMM through jax.ffi"
+
+
+def products_for(precision: str, choice: str, cfg: ExperimentConfig,
+                 platform: str | None = None) -> tuple[str, str]:
+    """The bf16 products `cfg`'s run takes (`resolve_products`) and why: one line. A choice that
+    cannot be had is refused."""
+    products, why = resolve_products(choice, compute_dtype(precision) == jnp.bfloat16,
+                                     on_cpu(platform), cfg)
+    if not products:
+        raise UserError(f"--products {choice}: {why}")
+    return products, why
