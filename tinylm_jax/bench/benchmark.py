@@ -44,6 +44,7 @@ from tinylm_jax.core.train import (
 )
 from tinylm_jax.core.versions import cpu_name, package_versions
 from tinylm_jax.run.products import products_for
+from tinylm_jax.run.timing import timed
 
 # Dense bf16 peak FLOP/s by device kind (vendor datasheets), for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -71,17 +72,6 @@ class PathResult:
                                                              cfg.batch_size)
                 + statistics.median(self.eval_batch_s) * num_batches(data.splits.num_val,
                                                                      cfg.batch_size))
-
-
-def timed(run: Callable[[], object], steps: int, repeats: int) -> list[float]:
-    """Seconds per step of `run()` (which does `steps` steps and waits), after one warm-up."""
-    run()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - began) / steps)
-    return times
 
 
 OURS = "tinylm-jax"

@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinylm_jax.bench.benchmark import timed
 from tinylm_jax.core import cpu_gemm
 from tinylm_jax.core.bf16 import product
 from tinylm_jax.core.config import ExperimentConfig
 from tinylm_jax.run.products import FORMS, dense_shapes
+from tinylm_jax.run.timing import timed
 
 
 def _rate(lhs: jax.Array, rhs: jax.Array, kernels: str, trans: tuple[bool, bool],

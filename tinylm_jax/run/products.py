@@ -11,8 +11,6 @@ runs from changing their choice between processes.
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 
@@ -21,6 +19,7 @@ from tinylm_jax.core.bf16 import product
 from tinylm_jax.core.config import ExperimentConfig, UserError
 from tinylm_jax.core.model import on_cpu
 from tinylm_jax.core.train import compute_dtype
+from tinylm_jax.run.timing import timed
 
 PRODUCTS = ("auto", "xla", "mkl")
 # The vendor GEMM is taken only when its products take at most this share of XLA's time: a
@@ -67,13 +66,7 @@ def products_seconds(cfg: ExperimentConfig, kernels: str, repeats: int = REPEATS
     transposes = [(trans_lhs, trans_rhs) for _, _, trans_lhs, trans_rhs in specs]
     call = jax.jit(lambda pairs: [product(a, b, kernels, *trans)
                                   for (a, b), trans in zip(pairs, transposes, strict=True)])
-    jax.block_until_ready(call(operands))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(call(operands))
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timed(lambda: jax.block_until_ready(call(operands)), 1, repeats))
 
 
 # `auto`'s choices so far in this process, by the products' shapes: measured once each.
